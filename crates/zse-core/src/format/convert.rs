@@ -1,0 +1,317 @@
+//! `zse convert`: a GGUF file or a HF model directory in, a `.zse` file out.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use super::gguf::GgufFile;
+use super::gguf_tokenizer::tokenizer_json_from_gguf;
+use super::hf::HfDir;
+use super::zse::{keys, FORMAT_VERSION};
+use crate::error::{Error, Result};
+use crate::model::llama::check_tensor_set;
+use crate::model::ModelConfig;
+
+/// The weight precision asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    /// 4-bit blocks: Q4_K where rows allow it, else Q4_1; embeddings in Q8_0.
+    Int4,
+    /// Q8_0 blocks.
+    Int8,
+    Fp16,
+    /// The source's own block types.
+    Keep,
+}
+
+impl FromStr for Quant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "int4" => Quant::Int4,
+            "int8" => Quant::Int8,
+            "fp16" => Quant::Fp16,
+            "keep" => Quant::Keep,
+            other => {
+                return Err(Error::invalid_argument("quant", format!("'{other}' (expected int4, int8, fp16 or keep)")))
+            }
+        })
+    }
+}
+
+impl Quant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quant::Int4 => "int4",
+            Quant::Int8 => "int8",
+            Quant::Fp16 => "fp16",
+            Quant::Keep => "keep",
+        }
+    }
+
+    /// The block type a tensor gets. Vectors (norms, biases) always stay F32; a
+    /// matrix whose rows do not divide into blocks falls back to F16.
+    fn target(self, name: &str, shape: &[usize], stored: GgmlDType) -> GgmlDType {
+        if shape.len() < 2 {
+            return GgmlDType::F32;
+        }
+        let row = shape[shape.len() - 1];
+        let fits = |t: GgmlDType| row % t.block_size() == 0;
+        let or_f16 = |t: GgmlDType| if fits(t) { t } else { GgmlDType::F16 };
+        match self {
+            Quant::Keep => stored,
+            Quant::Fp16 => GgmlDType::F16,
+            Quant::Int8 => or_f16(GgmlDType::Q8_0),
+            Quant::Int4 if name == "token_embd.weight" || name == "output.weight" => or_f16(GgmlDType::Q8_0),
+            Quant::Int4 if fits(GgmlDType::Q4K) => GgmlDType::Q4K,
+            Quant::Int4 => or_f16(GgmlDType::Q4_1),
+        }
+    }
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub output: PathBuf,
+    pub tensors: usize,
+    pub bytes: u64,
+    pub quantization: String,
+    pub source_sha256: String,
+}
+
+/// Everything read from a source model, in GGUF conventions.
+struct Source {
+    name: String,
+    config: ModelConfig,
+    tokenizer_json: String,
+    chat_template: Option<String>,
+    bos_token_id: Option<u32>,
+    eos_token_ids: Vec<u32>,
+    /// Keys copied as they are, so llama.cpp can still read the output.
+    passthrough: Vec<(String, Value)>,
+    tensor_names: Vec<String>,
+    loader: Box<dyn Fn(&str) -> Result<QTensor>>,
+    shape_of: Box<dyn Fn(&str) -> Result<Vec<usize>>>,
+    hashed_files: Vec<PathBuf>,
+    extra_tensors: Vec<(String, QTensor)>,
+}
+
+fn gguf_source(path: &Path) -> Result<Source> {
+    let g = GgufFile::open(path)?;
+    let config = ModelConfig::from_gguf(&g)?;
+    // A `.zse` file can be converted again (e.g. to another precision).
+    let tokenizer_json = match g.get_str(keys::TOKENIZER_JSON) {
+        Some(t) => t.to_string(),
+        None => tokenizer_json_from_gguf(&g)?,
+    };
+    let chat_template = g
+        .get_str(keys::CHAT_TEMPLATE)
+        .or_else(|| g.get_str("tokenizer.chat_template"))
+        .map(str::to_string);
+    let bos_token_id = g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32);
+    let mut eos_token_ids: Vec<u32> = g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32).into_iter().collect();
+    if let Some(eot) = g.get_u64("tokenizer.ggml.eot_token_id") {
+        if !eos_token_ids.contains(&(eot as u32)) {
+            eos_token_ids.push(eot as u32);
+        }
+    }
+    let passthrough = g
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("zse.") && *k != "general.alignment" && *k != "general.file_type")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let tensor_names = g.tensors.iter().map(|t| t.name.clone()).collect();
+    let name = g.get_str("general.name").unwrap_or("model").to_string();
+    let shapes: std::collections::HashMap<String, Vec<usize>> =
+        g.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    Ok(Source {
+        shape_of: Box::new(move |n| {
+            shapes.get(n).cloned().ok_or_else(|| Error::Unsupported(format!("tensor '{n}' is missing")))
+        }),
+        name,
+        config,
+        tokenizer_json,
+        chat_template,
+        bos_token_id,
+        eos_token_ids,
+        passthrough,
+        tensor_names,
+        hashed_files: vec![path.to_path_buf()],
+        loader: Box::new(move |n| g.qtensor(n, &Device::Cpu)),
+        extra_tensors: Vec::new(),
+    })
+}
+
+fn hf_source(dir: &Path) -> Result<Source> {
+    let hf = HfDir::open(dir)?;
+    let c = hf.config.clone();
+    let a = c.architecture.clone();
+    let u32v = |v: usize| Value::U32(v as u32);
+    let passthrough = vec![
+        ("general.architecture".to_string(), Value::String(a.clone())),
+        (format!("{a}.context_length"), u32v(c.context_length)),
+        (format!("{a}.embedding_length"), u32v(c.hidden_size)),
+        (format!("{a}.block_count"), u32v(c.num_layers)),
+        (format!("{a}.feed_forward_length"), u32v(c.intermediate_size)),
+        (format!("{a}.attention.head_count"), u32v(c.num_heads)),
+        (format!("{a}.attention.head_count_kv"), u32v(c.num_kv_heads)),
+        (format!("{a}.rope.dimension_count"), u32v(c.head_dim)),
+        (format!("{a}.rope.freq_base"), Value::F32(c.rope_theta)),
+        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps)),
+    ];
+    let extra_tensors = match &hf.rope_factors {
+        Some(f) => {
+            let t = Tensor::from_slice(f, f.len(), &Device::Cpu)?;
+            vec![("rope_freqs.weight".to_string(), QTensor::quantize(&t, GgmlDType::F32)?)]
+        }
+        None => Vec::new(),
+    };
+    let hf = std::rc::Rc::new(hf);
+    let hf2 = hf.clone();
+    Ok(Source {
+        shape_of: Box::new(move |n| hf2.shape_of(n)),
+        name: hf.name.clone(),
+        config: c,
+        tokenizer_json: hf.tokenizer_json.clone(),
+        chat_template: hf.chat_template.clone(),
+        bos_token_id: hf.bos_token_id,
+        eos_token_ids: hf.eos_token_ids.clone(),
+        passthrough,
+        tensor_names: hf.tensor_names(),
+        hashed_files: hf.files.clone(),
+        loader: Box::new(move |n| hf.load(n)),
+        extra_tensors,
+    })
+}
+
+fn sha256_of(files: &[PathBuf]) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in files {
+        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p.display(), e))?;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(p.display(), e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Converts `src` (a `.gguf`/`.zse` file or a HF directory) into `out`. `progress` is
+/// called with (tensors done, tensors total, current tensor name); an error
+/// from it aborts the conversion. The output is
+/// written to a temporary file beside `out` and renamed at the end, so a failed
+/// conversion never leaves a half-written model behind.
+pub fn convert(src: &Path, out: &Path, quant: Quant, progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>) -> Result<ConvertReport> {
+    let source = if src.is_dir() {
+        hf_source(src)?
+    } else if src.is_file() {
+        gguf_source(src)?
+    } else {
+        return Err(Error::io(src.display(), std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+    };
+    // Check the tokenizer before spending minutes on tensors.
+    tokenizers::Tokenizer::from_str(&source.tokenizer_json).map_err(|e| Error::Tokenizer(e.to_string()))?;
+
+    // Check names and shapes before spending minutes on tensors.
+    let shapes: Vec<(String, Vec<usize>)> = source
+        .tensor_names
+        .iter()
+        .map(|n| Ok((n.clone(), (source.shape_of)(n)?)))
+        .collect::<Result<_>>()?;
+    check_tensor_set(&source.config, &shapes)?;
+    let total = source.tensor_names.len();
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total + source.extra_tensors.len());
+    for (i, name) in source.tensor_names.iter().enumerate() {
+        progress(i, total, name)?;
+        let qt = (source.loader)(name)?;
+        let target = quant.target(name, qt.shape().dims(), qt.dtype());
+        let qt = if target == qt.dtype() { qt } else { QTensor::quantize(&qt.dequantize(&Device::Cpu)?, target)? };
+        tensors.push((name.clone(), qt));
+    }
+    progress(total, total, "")?;
+    tensors.extend(source.extra_tensors);
+
+    let sha = sha256_of(&source.hashed_files)?;
+    let c = &source.config;
+    let config_json = serde_json::to_string(c).map_err(|e| Error::Compute(e.to_string()))?;
+    let source_name = source.hashed_files.first().map(|p| p.display().to_string()).unwrap_or_default();
+    let source_name = if src.is_dir() { src.display().to_string() } else { source_name };
+    let mut md: Vec<(String, Value)> = source.passthrough;
+    md.retain(|(k, _)| k != keys::MODEL_NAME);
+    let chat_template = source.chat_template.clone();
+    md.extend([
+        (keys::MODEL_NAME.to_string(), Value::String(source.name.clone())),
+        (keys::FORMAT_VERSION.to_string(), Value::U32(FORMAT_VERSION)),
+        (keys::CONFIG.to_string(), Value::String(config_json)),
+        (keys::TOKENIZER_JSON.to_string(), Value::String(source.tokenizer_json)),
+        (keys::QUANTIZATION.to_string(), Value::String(quant.name().to_string())),
+        (keys::SOURCE_NAME.to_string(), Value::String(source_name)),
+        (keys::SOURCE_SHA256.to_string(), Value::String(sha.clone())),
+        (keys::ZSE_VERSION.to_string(), Value::String(env!("CARGO_PKG_VERSION").to_string())),
+        (
+            keys::EOS_TOKEN_IDS.to_string(),
+            Value::Array(source.eos_token_ids.iter().map(|&i| Value::U32(i)).collect()),
+        ),
+    ]);
+    if let Some(t) = chat_template {
+        md.push((keys::CHAT_TEMPLATE.to_string(), Value::String(t)));
+    }
+    if let Some(b) = source.bos_token_id {
+        md.push((keys::BOS_TOKEN_ID.to_string(), Value::U32(b)));
+    }
+
+    let tmp = out.with_extension("zse.partial");
+    let result = (|| -> Result<u64> {
+        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(tmp.display(), e))?;
+        let mut w = std::io::BufWriter::new(f);
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut w, &md_refs, &t_refs)?;
+        w.flush().map_err(|e| Error::io(tmp.display(), e))?;
+        let f = w.into_inner().map_err(|e| Error::io(tmp.display(), e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(tmp.display(), e))?;
+        Ok(f.metadata().map_err(|e| Error::io(tmp.display(), e))?.len())
+    })();
+    let bytes = match result {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out.display(), e))?;
+    Ok(ConvertReport {
+        output: out.to_path_buf(),
+        tensors: tensors.len(),
+        bytes,
+        quantization: quant.name().to_string(),
+        source_sha256: sha,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quant_targets() {
+        use GgmlDType::*;
+        assert_eq!(Quant::Int4.target("blk.0.attn_q.weight", &[576, 576], Q8_0), Q4_1);
+        assert_eq!(Quant::Int4.target("blk.0.ffn_down.weight", &[576, 1536], F32), Q4K);
+        assert_eq!(Quant::Int4.target("token_embd.weight", &[100, 64], F32), Q8_0);
+        assert_eq!(Quant::Int8.target("x", &[4, 48], F32), F16);
+        assert_eq!(Quant::Keep.target("x", &[4, 64], Q4_1), Q4_1);
+        assert_eq!(Quant::Fp16.target("blk.0.attn_norm.weight", &[64], F32), F32);
+        assert!("int3".parse::<Quant>().is_err());
+    }
+}

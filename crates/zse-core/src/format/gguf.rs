@@ -1,0 +1,372 @@
+//! A bounds-checked reader for GGUF containers over a memory map.
+//!
+//! candle ships a GGUF reader, but it trusts the lengths it reads (a flipped bit in a
+//! string length becomes a multi-exabyte allocation and an abort). Every length and
+//! offset here is checked against the bytes that are actually there, so a truncated or
+//! corrupt file is an `Error::InvalidFile`, never a crash. Writing goes through
+//! candle's `gguf_file::write`, which is fine for data we produced ourselves.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Nested arrays deeper than this are not something any real file contains.
+const MAX_ARRAY_DEPTH: usize = 4;
+const MAX_DIMS: usize = 4;
+
+/// One tensor's entry in the header. `shape` is in candle's (row-major) order, the
+/// reverse of the `ne` order GGUF stores.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: GgmlDType,
+    /// Byte range of the tensor's data inside the file.
+    pub start: usize,
+    pub len: usize,
+}
+
+/// A parsed GGUF file whose tensor data stays in the memory map until asked for.
+pub struct GgufFile {
+    path: String,
+    map: memmap2::Mmap,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
+        // SAFETY: the map is read-only and private to this process; a file truncated
+        // underneath us by another process is the one hazard mmap cannot rule out.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&shown, e))?;
+        let (version, metadata, tensors) =
+            parse(&map).map_err(|message| Error::invalid_file(&shown, message))?;
+        Ok(Self { path: shown, map, version, metadata, tensors })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn file_size(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor, exactly as stored.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.map[info.start..info.start + info.len]
+    }
+
+    /// Loads a tensor into a `QTensor` on `device`, keeping its block type.
+    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| Error::invalid_file(&self.path, format!("tensor '{name}' is missing")))?;
+        Ok(qtensor_from_ggml(info.dtype, self.tensor_bytes(info), info.shape.clone(), device)?)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        match self.metadata.get(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        value_as_u64(self.metadata.get(key)?)
+    }
+
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        match self.metadata.get(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            other => value_as_u64(other).map(|v| v as f64),
+        }
+    }
+}
+
+pub fn value_as_u64(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(x) => Some(x as u64),
+        Value::U16(x) => Some(x as u64),
+        Value::U32(x) => Some(x as u64),
+        Value::U64(x) => Some(x),
+        Value::I8(x) => u64::try_from(x).ok(),
+        Value::I16(x) => u64::try_from(x).ok(),
+        Value::I32(x) => u64::try_from(x).ok(),
+        Value::I64(x) => u64::try_from(x).ok(),
+        Value::Bool(x) => Some(x as u64),
+        _ => None,
+    }
+}
+
+/// GGML's numeric type codes (ggml.h); candle keeps its own mapping private.
+pub fn dtype_from_code(code: u32) -> Option<GgmlDType> {
+    Some(match code {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// A cursor over the file's bytes whose every read is bounds-checked.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+type ParseResult<T> = std::result::Result<T, String>;
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> ParseResult<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
+            format!("file is truncated: {what} at byte {} needs {n} bytes", self.pos)
+        })?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> ParseResult<[u8; N]> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> ParseResult<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> ParseResult<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A count that must fit in what is left of the file, each item taking at least
+    /// `min_item_bytes`: this is what stops a corrupt count from allocating wildly.
+    fn count(&mut self, what: &str, min_item_bytes: usize) -> ParseResult<usize> {
+        let n = self.u64(what)?;
+        let left = (self.buf.len() - self.pos) as u64;
+        if n.saturating_mul(min_item_bytes as u64) > left {
+            return Err(format!("{what} is {n}, more than the file can hold (corrupt header?)"));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> ParseResult<String> {
+        let n = self.count(what, 1)?;
+        let bytes = self.take(n, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not valid UTF-8"))
+    }
+
+    fn value(&mut self, type_code: u32, depth: usize) -> ParseResult<Value> {
+        Ok(match type_code {
+            0 => Value::U8(self.array::<1>("u8 value")?[0]),
+            1 => Value::I8(self.array::<1>("i8 value")?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array("u16 value")?)),
+            3 => Value::I16(i16::from_le_bytes(self.array("i16 value")?)),
+            4 => Value::U32(self.u32("u32 value")?),
+            5 => Value::I32(i32::from_le_bytes(self.array("i32 value")?)),
+            6 => Value::F32(f32::from_le_bytes(self.array("f32 value")?)),
+            7 => match self.array::<1>("bool value")?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(format!("invalid bool byte {b}")),
+            },
+            8 => Value::String(self.string("string value")?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err("arrays nested too deeply".into());
+                }
+                let item_type = self.u32("array item type")?;
+                let n = self.count("array length", 1)?;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(item_type, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64("u64 value")?),
+            11 => Value::I64(i64::from_le_bytes(self.array("i64 value")?)),
+            12 => Value::F64(f64::from_le_bytes(self.array("f64 value")?)),
+            t => return Err(format!("unknown metadata value type {t}")),
+        })
+    }
+}
+
+type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>);
+
+fn parse(buf: &[u8]) -> ParseResult<Parsed> {
+    let mut r = Reader { buf, pos: 0 };
+    let magic = r.take(4, "magic").map_err(|_| "file is too small to be a GGUF/ZSE file".to_string())?;
+    if magic != GGUF_MAGIC {
+        return Err("not a GGUF/ZSE file (wrong magic bytes)".into());
+    }
+    let version = r.u32("version")?;
+    if !(2..=3).contains(&version) {
+        return Err(format!("unsupported GGUF version {version} (supported: 2, 3)"));
+    }
+    // A tensor entry takes at least 8 (name length) + 4 + 8 + 4 + 8 bytes.
+    let n_tensors = r.count("tensor count", 32)?;
+    let n_kv = r.count("metadata count", 12)?;
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n_kv {
+        let key = r.string("metadata key")?;
+        let t = r.u32("metadata type")?;
+        let v = r.value(t, 0).map_err(|e| format!("metadata '{key}': {e}"))?;
+        metadata.insert(key, v);
+    }
+    let mut raw = Vec::with_capacity(n_tensors);
+    for _ in 0..n_tensors {
+        let name = r.string("tensor name")?;
+        let n_dims = r.u32("tensor rank")? as usize;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(format!("tensor '{name}' has rank {n_dims}"));
+        }
+        let mut ne = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            ne.push(r.u64("tensor dimension")?);
+        }
+        let code = r.u32("tensor type")?;
+        let dtype = dtype_from_code(code)
+            .ok_or_else(|| format!("tensor '{name}' has unsupported type code {code}"))?;
+        let offset = r.u64("tensor offset")?;
+        raw.push((name, ne, dtype, offset));
+    }
+    let alignment = match metadata.get("general.alignment").and_then(value_as_u64) {
+        Some(a) if a.is_power_of_two() => a,
+        Some(a) => return Err(format!("general.alignment {a} is not a power of two")),
+        None => DEFAULT_ALIGNMENT,
+    };
+    let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+    let mut tensors = Vec::with_capacity(raw.len());
+    for (name, ne, dtype, offset) in raw {
+        let elems = ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let elems = elems.ok_or_else(|| format!("tensor '{name}' has an absurd shape {ne:?}"))?;
+        let block = dtype.block_size() as u64;
+        if ne[0] % block != 0 {
+            return Err(format!(
+                "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {block}",
+                ne[0]
+            ));
+        }
+        let len = (elems / block).checked_mul(dtype.type_size() as u64);
+        let start = data_start.checked_add(offset);
+        let end = match (start, len) {
+            (Some(s), Some(l)) => s.checked_add(l),
+            _ => None,
+        };
+        match end {
+            Some(end) if end <= buf.len() as u64 => {}
+            _ => {
+                return Err(format!(
+                    "tensor '{name}' lies beyond the end of the file ({} bytes): file is truncated",
+                    buf.len()
+                ))
+            }
+        }
+        let shape = ne.iter().rev().map(|&d| d as usize).collect();
+        // Both fit in usize: they are within `buf.len()`.
+        tensors.push(TensorInfo {
+            name,
+            shape,
+            dtype,
+            start: (data_start + offset) as usize,
+            len: len.unwrap_or(0) as usize,
+        });
+    }
+    Ok((version, metadata, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_file() -> Vec<u8> {
+        let t = candle_core::Tensor::arange(0f32, 64., &Device::Cpu).unwrap().reshape((2, 32)).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let mut out = std::io::Cursor::new(Vec::new());
+        let v = Value::String("llama".into());
+        candle_core::quantized::gguf_file::write(&mut out, &[("general.architecture", &v)], &[("w", &q)])
+            .unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn parses_what_candle_writes() {
+        let buf = tiny_file();
+        let (version, md, tensors) = parse(&buf).unwrap();
+        assert_eq!(version, 2);
+        assert!(matches!(md.get("general.architecture"), Some(Value::String(s)) if s == "llama"));
+        assert_eq!(tensors[0].shape, vec![2, 32]);
+        assert_eq!(tensors[0].len, 64 * 4);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let buf = tiny_file();
+        for cut in 0..buf.len() {
+            assert!(parse(&buf[..cut]).is_err(), "cut at {cut} parsed");
+        }
+    }
+
+    #[test]
+    fn bit_flips_never_panic() {
+        let buf = tiny_file();
+        for i in 0..buf.len() {
+            for bit in [0u8, 3, 7] {
+                let mut b = buf.clone();
+                b[i] ^= 1 << bit;
+                let _ = parse(&b);
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_magic_is_named() {
+        let mut buf = tiny_file();
+        buf[0] = b'X';
+        assert!(parse(&buf).unwrap_err().contains("magic"));
+    }
+}

@@ -1,0 +1,11 @@
+//! Model files: the `.zse` container (GGUF + `zse.*` keys), reading GGUF safely,
+//! and converting GGUF files and HF directories into `.zse`.
+
+pub mod convert;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod hf;
+pub mod zse;
+
+pub use convert::{convert, ConvertReport, Quant};
+pub use zse::ZseFile;

@@ -1,0 +1,124 @@
+//! The `.zse` file: a GGUF container (llama.cpp can read it) plus `zse.*` keys that
+//! hold everything the engine needs besides tensors — the architecture config, the
+//! HF `tokenizer.json`, the chat template, special token ids and provenance.
+
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file::Value, QTensor};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::gguf::{value_as_u64, GgufFile};
+use crate::error::{Error, Result};
+use crate::model::llama::TensorSource;
+use crate::model::ModelConfig;
+
+/// The metadata keys ZSE adds to a GGUF container.
+pub mod keys {
+    pub const FORMAT_VERSION: &str = "zse.format_version";
+    pub const CONFIG: &str = "zse.config";
+    pub const TOKENIZER_JSON: &str = "zse.tokenizer_json";
+    pub const CHAT_TEMPLATE: &str = "zse.chat_template";
+    pub const BOS_TOKEN_ID: &str = "zse.bos_token_id";
+    pub const EOS_TOKEN_IDS: &str = "zse.eos_token_ids";
+    pub const QUANTIZATION: &str = "zse.quantization";
+    pub const SOURCE_NAME: &str = "zse.source.name";
+    pub const SOURCE_SHA256: &str = "zse.source.sha256";
+    pub const ZSE_VERSION: &str = "zse.version";
+    pub const MODEL_NAME: &str = "general.name";
+}
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Where a `.zse` file came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provenance {
+    pub source_name: String,
+    pub source_sha256: String,
+    pub zse_version: String,
+}
+
+/// An opened, validated `.zse` file. Tensors stay in the memory map until loaded.
+#[derive(Debug)]
+pub struct ZseFile {
+    gguf: GgufFile,
+    pub config: ModelConfig,
+    pub name: String,
+    pub tokenizer_json: String,
+    pub chat_template: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub quantization: String,
+    pub provenance: Provenance,
+}
+
+impl ZseFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let gguf = GgufFile::open(path)?;
+        let p = gguf.path().to_string();
+        let version = gguf.get_u64(keys::FORMAT_VERSION).ok_or_else(|| {
+            Error::invalid_file(&p, "this is a GGUF file but not a .zse file (no zse.* metadata); run `zse convert` on it first")
+        })?;
+        if version > FORMAT_VERSION as u64 {
+            return Err(Error::invalid_file(
+                &p,
+                format!("format version {version} is newer than this ZSE reads ({FORMAT_VERSION}); upgrade zse"),
+            ));
+        }
+        let need_str = |k: &str| -> Result<String> {
+            gguf.get_str(k).map(str::to_string).ok_or_else(|| Error::invalid_file(&p, format!("{k} is missing")))
+        };
+        let config: ModelConfig = serde_json::from_str(&need_str(keys::CONFIG)?)
+            .map_err(|e| Error::invalid_file(&p, format!("{} is malformed: {e}", keys::CONFIG)))?;
+        config.validate()?;
+        let eos_token_ids = match gguf.get(keys::EOS_TOKEN_IDS) {
+            Some(Value::Array(items)) => items.iter().filter_map(value_as_u64).map(|v| v as u32).collect(),
+            _ => Vec::new(),
+        };
+        let opt_str = |k: &str| gguf.get_str(k).map(str::to_string).unwrap_or_default();
+        Ok(Self {
+            config,
+            name: gguf.get_str(keys::MODEL_NAME).unwrap_or("model").to_string(),
+            tokenizer_json: need_str(keys::TOKENIZER_JSON)?,
+            chat_template: gguf.get_str(keys::CHAT_TEMPLATE).map(str::to_string),
+            bos_token_id: gguf.get_u64(keys::BOS_TOKEN_ID).map(|v| v as u32),
+            eos_token_ids,
+            quantization: opt_str(keys::QUANTIZATION),
+            provenance: Provenance {
+                source_name: opt_str(keys::SOURCE_NAME),
+                source_sha256: opt_str(keys::SOURCE_SHA256),
+                zse_version: opt_str(keys::ZSE_VERSION),
+            },
+            gguf,
+        })
+    }
+
+    pub fn gguf(&self) -> &GgufFile {
+        &self.gguf
+    }
+
+    /// Tensor count per (kind, block type), e.g. ("attn_q", "Q4_1") -> 30, for `zse info`.
+    pub fn tensor_types(&self) -> Vec<(String, String, usize)> {
+        let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        for t in &self.gguf.tensors {
+            let kind = t.name.split('.').rev().nth(1).unwrap_or(&t.name).to_string();
+            *counts.entry((kind, format!("{:?}", t.dtype))).or_default() += 1;
+        }
+        counts.into_iter().map(|((k, d), n)| (k, d, n)).collect()
+    }
+}
+
+/// Loads tensors from the memory map onto a device.
+pub struct ZseTensors<'a> {
+    pub file: &'a ZseFile,
+    pub device: &'a Device,
+}
+
+impl TensorSource for ZseTensors<'_> {
+    fn load(&self, name: &str) -> Result<Option<QTensor>> {
+        if self.file.gguf.tensor_info(name).is_none() {
+            return Ok(None);
+        }
+        self.file.gguf.qtensor(name, self.device).map(Some)
+    }
+}

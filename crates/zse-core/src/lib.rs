@@ -1,0 +1,20 @@
+//! ZSE's engine core: pure Rust, no Python.
+//!
+//! - [`format`]: the `.zse` file (a GGUF container) and conversion into it;
+//! - [`model`]: the Llama-family transformer on candle;
+//! - [`kv`]: the per-sequence KV cache;
+//! - [`sample`]: logits processing and token choice;
+//! - [`text`]: tokenizer, chat template, detokenization, stop strings;
+//! - [`engine`]: the engine thread that ties them together.
+
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod kv;
+pub mod model;
+pub mod sample;
+pub mod text;
+
+pub use engine::{Engine, EngineOptions, Event, EventSink, FinishReason, GenerationRequest, ModelInfo, Usage};
+pub use error::{Error, Result};
+pub use sample::SamplingParams;

@@ -1,0 +1,258 @@
+//! The architecture description every model file carries (`zse.config`), and the
+//! translation from the two source formats' own descriptions into it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::gguf::GgufFile;
+
+/// How rotary embeddings pair up the dimensions of a head. GGUF Llama files store
+/// q/k weights permuted so that pairs are adjacent (llama.cpp's "normal" rope);
+/// Qwen2 (and HF checkpoints as such) pair dimension i with i + d/2 ("neox").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeStyle {
+    Interleaved,
+    Neox,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// GGUF architecture name: `llama` (Llama, Mistral, SmolLM) or `qwen2`.
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    pub rms_norm_eps: f32,
+    pub context_length: usize,
+    pub qkv_bias: bool,
+    pub tied_embeddings: bool,
+}
+
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
+impl ModelConfig {
+    pub fn rope_style_for(arch: &str) -> RopeStyle {
+        if arch == "qwen2" {
+            RopeStyle::Neox
+        } else {
+            RopeStyle::Interleaved
+        }
+    }
+
+    /// Checks the numbers are coherent, so the model code can rely on them.
+    pub fn validate(&self) -> Result<()> {
+        if !SUPPORTED_ARCHITECTURES.contains(&self.architecture.as_str()) {
+            return Err(Error::Unsupported(format!(
+                "architecture '{}' (supported: {})",
+                self.architecture,
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )));
+        }
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("context_length", self.context_length),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::Unsupported(format!("{name} is 0")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(Error::Unsupported(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::Unsupported(format!("odd head_dim {}", self.head_dim)));
+        }
+        if !(self.rope_theta > 0.0 && self.rms_norm_eps > 0.0) {
+            return Err(Error::Unsupported("rope_theta and rms_norm_eps must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads the `{arch}.*` keys llama.cpp writes.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g
+            .get_str("general.architecture")
+            .ok_or_else(|| Error::invalid_file(g.path(), "general.architecture is missing"))?
+            .to_string();
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(Error::Unsupported(format!(
+                "architecture '{arch}' (supported: {})",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )));
+        }
+        let need = |key: &str| -> Result<u64> {
+            g.get_u64(&format!("{arch}.{key}"))
+                .ok_or_else(|| Error::invalid_file(g.path(), format!("{arch}.{key} is missing")))
+        };
+        let hidden = need("embedding_length")? as usize;
+        let heads = need("attention.head_count")? as usize;
+        let kv_heads = g.get_u64(&format!("{arch}.attention.head_count_kv")).unwrap_or(heads as u64);
+        let embd = g
+            .tensor_info("token_embd.weight")
+            .ok_or_else(|| Error::invalid_file(g.path(), "tensor token_embd.weight is missing"))?;
+        let head_dim = match g.get_u64(&format!("{arch}.attention.key_length")) {
+            Some(d) => d as usize,
+            None if heads > 0 => hidden / heads,
+            None => 0,
+        };
+        let cfg = ModelConfig {
+            rope_style: Self::rope_style_for(&arch),
+            qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
+            tied_embeddings: g.tensor_info("output.weight").is_none(),
+            vocab_size: embd.shape[0],
+            hidden_size: hidden,
+            intermediate_size: need("feed_forward_length")? as usize,
+            num_layers: need("block_count")? as usize,
+            num_heads: heads,
+            num_kv_heads: kv_heads as usize,
+            head_dim,
+            rope_theta: g.get_f64(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rms_norm_eps: g
+                .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f32,
+            context_length: need("context_length")? as usize,
+            architecture: arch,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a HF `config.json`.
+    pub fn from_hf_config(json: &serde_json::Value) -> Result<Self> {
+        let bad = |m: String| Error::Unsupported(format!("config.json: {m}"));
+        let archs = json["architectures"].as_array().cloned().unwrap_or_default();
+        let hf_arch = archs.first().and_then(|a| a.as_str()).unwrap_or("");
+        let arch = match hf_arch {
+            "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
+            "Qwen2ForCausalLM" => "qwen2",
+            other => {
+                return Err(bad(format!(
+                    "architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+                )))
+            }
+        };
+        let int = |k: &str| json[k].as_u64().map(|v| v as usize);
+        let need = |k: &str| int(k).ok_or_else(|| bad(format!("'{k}' is missing")));
+        let hidden = need("hidden_size")?;
+        let heads = need("num_attention_heads")?;
+        let head_dim = int("head_dim").unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        let cfg = ModelConfig {
+            architecture: arch.to_string(),
+            vocab_size: need("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: need("intermediate_size")?,
+            num_layers: need("num_hidden_layers")?,
+            num_heads: heads,
+            num_kv_heads: int("num_key_value_heads").unwrap_or(heads),
+            head_dim,
+            rope_theta: json["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+            rope_style: Self::rope_style_for(arch),
+            rms_norm_eps: json["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+            context_length: int("max_position_embeddings").unwrap_or(4096),
+            qkv_bias: arch == "qwen2" || json["attention_bias"].as_bool().unwrap_or(false),
+            tied_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(false),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rough parameter count from the shapes (embeddings counted once when tied).
+    pub fn parameter_count(&self) -> u64 {
+        let (h, f, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let q = (self.num_heads * self.head_dim) as u64;
+        let kv = (self.num_kv_heads * self.head_dim) as u64;
+        let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
+        let layer = attn + 3 * h * f + 2 * h;
+        let head = if self.tied_embeddings { 0 } else { v * h };
+        v * h + self.num_layers as u64 * layer + h + head
+    }
+}
+
+/// Llama 3's frequency-dependent RoPE scaling, as one divisor per rotary pair
+/// (llama.cpp stores the same numbers as the `rope_freqs.weight` tensor).
+pub fn llama3_rope_factors(head_dim: usize, theta: f32, scaling: &serde_json::Value) -> Option<Vec<f32>> {
+    let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str())?;
+    if kind != "llama3" {
+        return None;
+    }
+    let factor = scaling["factor"].as_f64()? as f32;
+    let low = scaling["low_freq_factor"].as_f64().unwrap_or(1.0) as f32;
+    let high = scaling["high_freq_factor"].as_f64().unwrap_or(4.0) as f32;
+    let original = scaling["original_max_position_embeddings"].as_f64().unwrap_or(8192.0) as f32;
+    let low_wavelen = original / low;
+    let high_wavelen = original / high;
+    Some(
+        (0..head_dim / 2)
+            .map(|i| {
+                let freq = 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32);
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (original / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hf() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100, "max_position_embeddings": 256, "tie_word_embeddings": true
+        })
+    }
+
+    #[test]
+    fn hf_config_defaults() {
+        let c = ModelConfig::from_hf_config(&hf()).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rope_style, RopeStyle::Interleaved);
+        assert!(!c.qkv_bias && c.tied_embeddings);
+    }
+
+    #[test]
+    fn rejects_unknown_architecture_and_bad_heads() {
+        let mut j = hf();
+        j["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        assert!(ModelConfig::from_hf_config(&j).unwrap_err().to_string().contains("GPT2LMHeadModel"));
+        let mut j = hf();
+        j["num_key_value_heads"] = serde_json::json!(3);
+        assert!(ModelConfig::from_hf_config(&j).is_err());
+    }
+
+    #[test]
+    fn llama3_factors_span_one_to_factor() {
+        let s = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let f = llama3_rope_factors(128, 500_000.0, &s).unwrap();
+        assert_eq!(f[0], 1.0);
+        assert_eq!(*f.last().unwrap(), 8.0);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]));
+    }
+}

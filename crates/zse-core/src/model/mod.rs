@@ -1,0 +1,8 @@
+//! Model architectures. The Llama family (Llama, Mistral, SmolLM, Qwen2) shares one
+//! implementation; `ModelConfig` carries the differences.
+
+pub mod config;
+pub mod llama;
+
+pub use config::{ModelConfig, RopeStyle};
+pub use llama::{BatchItem, Llama};

@@ -1,0 +1,12 @@
+//! Text in and out of the model: tokenizer, chat template, incremental
+//! detokenization and stop-string matching.
+
+pub mod detok;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+
+pub use detok::IncrementalDecoder;
+pub use stop::StopMatcher;
+pub use template::{ChatMessage, ChatTemplate};
+pub use tokenizer::Tokenizer;

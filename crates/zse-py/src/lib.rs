@@ -1,0 +1,363 @@
+//! `zse._core`: the PyO3 bindings. Thin by design: argument conversion, error
+//! mapping, and releasing the GIL while the engine works. The Python API with its
+//! documentation lives in `python/zse/`.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::{create_exception, PyErr};
+use zse_core::engine::{Event, EventSink, RequestId};
+use zse_core::format::{self, Quant, ZseFile};
+use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
+
+create_exception!(_core, ZseError, PyException, "Base class of ZSE's own errors.");
+create_exception!(_core, ModelFileError, ZseError, "A model file that is missing pieces, truncated or corrupt.");
+create_exception!(_core, UnsupportedModelError, ZseError, "A model ZSE cannot run (architecture, tensor type).");
+create_exception!(_core, EngineStoppedError, ZseError, "The engine was shut down or failed.");
+create_exception!(_core, ContextLengthExceededError, PyValueError, "The prompt does not fit the context length.");
+create_exception!(_core, TemplateError, PyValueError, "The chat template failed to render.");
+
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::InvalidArgument { .. } | Error::Tokenizer(_) => PyValueError::new_err(msg),
+        Error::InvalidFile { .. } => ModelFileError::new_err(msg),
+        Error::Unsupported(_) => UnsupportedModelError::new_err(msg),
+        Error::ContextLengthExceeded { .. } => ContextLengthExceededError::new_err(msg),
+        Error::Template(_) => TemplateError::new_err(msg),
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+        Error::Io { .. } => PyOSError::new_err(msg),
+        Error::EngineStopped(_) | Error::Cancelled(_) | Error::Compute(_) => ZseError::new_err(msg),
+    }
+}
+
+fn json_err(e: serde_json::Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// One event of a request: new text and tokens, and on the last one the finish.
+#[pyclass(frozen, get_all, module = "zse._core")]
+struct Chunk {
+    text: String,
+    token_ids: Vec<u32>,
+    /// Per token: (token id, logprob, [(alternative id, logprob), ...]).
+    logprobs: Vec<(u32, f32, Vec<(u32, f32)>)>,
+    finish_reason: Option<String>,
+    error: Option<String>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl From<Event> for Chunk {
+    fn from(ev: Event) -> Self {
+        let (finish_reason, error, usage) = match ev.finish {
+            Some((reason, usage)) => {
+                let err = match &reason {
+                    zse_core::FinishReason::Error(m) => Some(m.clone()),
+                    _ => None,
+                };
+                (Some(reason.as_str().to_string()), err, usage)
+            }
+            None => (None, None, Default::default()),
+        };
+        Chunk {
+            text: ev.text,
+            token_ids: ev.tokens,
+            logprobs: ev.logprobs.into_iter().map(|l| (l.token, l.logprob, l.top)).collect(),
+            finish_reason,
+            error,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+        }
+    }
+}
+
+/// The events of one request. Iterating blocks (without the GIL) until the next
+/// event; `try_next` never blocks. Dropping it cancels the request.
+#[pyclass(module = "zse._core")]
+struct RequestStream {
+    id: RequestId,
+    engine: Arc<zse_core::Engine>,
+    rx: Mutex<Receiver<Event>>,
+    finished: bool,
+}
+
+impl RequestStream {
+    fn deliver(&mut self, ev: Event) -> Chunk {
+        if ev.finish.is_some() {
+            self.finished = true;
+        }
+        ev.into()
+    }
+}
+
+fn stopped() -> PyErr {
+    EngineStoppedError::new_err("the engine stopped before the request finished")
+}
+
+#[pymethods]
+impl RequestStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Chunk>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let rx = &self.rx;
+        let ev = py.detach(|| rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ())));
+        match ev {
+            Ok(ev) => Ok(Some(self.deliver(ev))),
+            Err(()) => Err(stopped()),
+        }
+    }
+
+    /// The next event if one is ready, else None.
+    fn try_next(&mut self) -> PyResult<Option<Chunk>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let ev = self.rx.lock().map_err(|_| stopped())?.try_recv();
+        match ev {
+            Ok(ev) => Ok(Some(self.deliver(ev))),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(stopped()),
+        }
+    }
+
+    #[getter]
+    fn finished(&self) -> bool {
+        self.finished
+    }
+
+    #[getter]
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Stops generation at the next step; a last chunk with finish_reason
+    /// "cancelled" follows.
+    fn cancel(&self) {
+        if !self.finished {
+            self.engine.cancel(self.id);
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.engine.cancel(self.id);
+        }
+    }
+}
+
+#[pyclass(frozen, module = "zse._core")]
+struct Engine {
+    inner: Arc<zse_core::Engine>,
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (path, *, context_length=None))]
+    fn new(py: Python<'_>, path: PathBuf, context_length: Option<usize>) -> PyResult<Self> {
+        let opts = EngineOptions { context_length, ..Default::default() };
+        let inner = py.detach(|| zse_core::Engine::load(&path, opts)).map_err(to_py)?;
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Model metadata as a JSON object string.
+    fn info_json(&self) -> String {
+        let i = self.inner.info();
+        serde_json::json!({
+            "name": i.name,
+            "path": i.path,
+            "config": i.config,
+            "context_length": i.context_length,
+            "quantization": i.quantization,
+            "source": i.provenance,
+            "file_size": i.file_size,
+            "chat_template": i.chat_template,
+            "bos_token": i.bos_token,
+            "eos_token_ids": i.eos_token_ids,
+            "parameters": i.config.parameter_count(),
+        })
+        .to_string()
+    }
+
+    fn tokenize(&self, text: &str) -> PyResult<Vec<u32>> {
+        self.inner.tokenizer().encode(text).map_err(to_py)
+    }
+
+    #[pyo3(signature = (ids, skip_special_tokens=true))]
+    fn detokenize(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
+        self.inner.tokenizer().decode(&ids, skip_special_tokens).map_err(to_py)
+    }
+
+    /// The vocabulary entry of one token, raw (e.g. "Ġthe"), or None.
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.tokenizer().id_to_token(id)
+    }
+
+    /// Renders `messages` (a JSON list of OpenAI-shaped messages) with the chat template.
+    fn apply_chat_template(&self, messages_json: &str, add_generation_prompt: bool) -> PyResult<String> {
+        let v: serde_json::Value = serde_json::from_str(messages_json).map_err(json_err)?;
+        let msgs = zse_core::text::ChatMessage::parse_list(&v).map_err(to_py)?;
+        self.inner.apply_chat_template(&msgs, add_generation_prompt).map_err(to_py)
+    }
+
+    #[pyo3(signature = (
+        prompt_ids, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+        presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, max_tokens=None,
+        stop=None, stop_token_ids=None, ignore_eos=false, logprobs=None, notify=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        prompt_ids: Vec<u32>,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        min_p: f32,
+        repetition_penalty: f32,
+        presence_penalty: f32,
+        frequency_penalty: f32,
+        logit_bias: Option<Vec<(u32, f32)>>,
+        seed: Option<u64>,
+        max_tokens: Option<usize>,
+        stop: Option<Vec<String>>,
+        stop_token_ids: Option<Vec<u32>>,
+        ignore_eos: bool,
+        logprobs: Option<usize>,
+        notify: Option<Py<PyAny>>,
+    ) -> PyResult<RequestStream> {
+        let req = GenerationRequest {
+            prompt: prompt_ids,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                repetition_penalty,
+                presence_penalty,
+                frequency_penalty,
+                logit_bias: logit_bias.unwrap_or_default(),
+                seed,
+            },
+            max_tokens,
+            stop: stop.unwrap_or_default(),
+            stop_token_ids: stop_token_ids.unwrap_or_default(),
+            ignore_eos,
+            logprobs,
+        };
+        // The hook runs on the engine thread: it takes the GIL only to make the call
+        // (which should be cheap, e.g. `loop.call_soon_threadsafe`); its errors are
+        // the caller's business, never the engine's.
+        let hook = notify.map(|cb| -> Box<dyn Fn() + Send> {
+            Box::new(move || {
+                Python::attach(|py| {
+                    if let Err(e) = cb.call0(py) {
+                        e.write_unraisable(py, None);
+                    }
+                })
+            })
+        });
+        let (sink, rx) = EventSink::channel(hook);
+        let id = self.inner.submit(req, sink).map_err(to_py)?;
+        Ok(RequestStream { id, engine: self.inner.clone(), rx: Mutex::new(rx), finished: false })
+    }
+
+    /// Teacher-forced top-`top` log-probabilities for every position of `tokens`.
+    fn score(&self, py: Python<'_>, tokens: Vec<u32>, top: usize) -> PyResult<Vec<Vec<(u32, f32)>>> {
+        py.detach(|| self.inner.score(&tokens, top)).map_err(to_py)
+    }
+
+    /// (running sequences, finished requests so far).
+    fn stats(&self) -> (usize, u64) {
+        let s = self.inner.stats();
+        (s.running.load(std::sync::atomic::Ordering::Relaxed), s.finished.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Stops the engine thread and waits for it (the GIL released meanwhile).
+    fn shutdown(&self, py: Python<'_>) {
+        py.detach(|| self.inner.shutdown());
+    }
+}
+
+/// Converts a GGUF file or HF directory to `.zse`. `progress(done, total, name)` is
+/// called per tensor; an exception it raises (KeyboardInterrupt) aborts the work.
+#[pyfunction]
+#[pyo3(signature = (src, out, quant="int4", progress=None))]
+fn convert(py: Python<'_>, src: PathBuf, out: PathBuf, quant: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
+    let quant: Quant = quant.parse().map_err(to_py)?;
+    let mut raised: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut cb = |done: usize, total: usize, name: &str| -> zse_core::Result<()> {
+            let Some(p) = &progress else { return Ok(()) };
+            Python::attach(|py| p.call1(py, (done, total, name)).map(|_| ())).map_err(|e| {
+                raised = Some(e);
+                Error::Cancelled("conversion stopped by the progress callback".into())
+            })
+        };
+        format::convert(&src, &out, quant, &mut cb)
+    });
+    if let Some(e) = raised {
+        return Err(e);
+    }
+    let r = result.map_err(to_py)?;
+    Ok(serde_json::json!({
+        "output": r.output, "tensors": r.tensors, "bytes": r.bytes,
+        "quantization": r.quantization, "source_sha256": r.source_sha256,
+    })
+    .to_string())
+}
+
+/// What is inside a `.zse` file, as a JSON object string, without loading weights.
+#[pyfunction]
+fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    let f = py.detach(|| ZseFile::open(&path)).map_err(to_py)?;
+    let tok = zse_core::text::Tokenizer::from_json(&f.tokenizer_json).map_err(to_py)?;
+    let tok_json: serde_json::Value = serde_json::from_str(&f.tokenizer_json).map_err(json_err)?;
+    let types: Vec<_> = f
+        .tensor_types()
+        .into_iter()
+        .map(|(kind, dtype, n)| serde_json::json!({"kind": kind, "dtype": dtype, "count": n}))
+        .collect();
+    Ok(serde_json::json!({
+        "name": f.name,
+        "config": f.config,
+        "parameters": f.config.parameter_count(),
+        "quantization": f.quantization,
+        "tensor_types": types,
+        "file_size": f.gguf().file_size(),
+        "tokenizer": {"type": tok_json["model"]["type"], "vocab_size": tok.vocab_size()},
+        "chat_template": f.chat_template,
+        "bos_token_id": f.bos_token_id,
+        "eos_token_ids": f.eos_token_ids,
+        "source": f.provenance,
+    })
+    .to_string())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Engine>()?;
+    m.add_class::<RequestStream>()?;
+    m.add_class::<Chunk>()?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add("ZseError", py.get_type::<ZseError>())?;
+    m.add("ModelFileError", py.get_type::<ModelFileError>())?;
+    m.add("UnsupportedModelError", py.get_type::<UnsupportedModelError>())?;
+    m.add("EngineStoppedError", py.get_type::<EngineStoppedError>())?;
+    m.add("ContextLengthExceededError", py.get_type::<ContextLengthExceededError>())?;
+    m.add("TemplateError", py.get_type::<TemplateError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+"""ZSE: serve an LLM from one file.
+
+>>> import zse
+>>> engine = zse.Engine()                      # the default model, fetched on first use
+>>> engine.chat([{"role": "user", "content": "Hi"}], max_tokens=16).text
+"""
+
+from ._core import (
+    ContextLengthExceededError,
+    EngineStoppedError,
+    ModelFileError,
+    TemplateError,
+    UnsupportedModelError,
+    ZseError,
+    __version__,
+)
+from .convert import convert, inspect
+from .engine import (
+    AsyncTextStream,
+    Completion,
+    Engine,
+    TextStream,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from .models import cache_dir, default_model_path, pull
+
+__all__ = [
+    "AsyncTextStream",
+    "Completion",
+    "ContextLengthExceededError",
+    "Engine",
+    "EngineStoppedError",
+    "ModelFileError",
+    "TemplateError",
+    "TextStream",
+    "TokenLogprob",
+    "TopLogprob",
+    "UnsupportedModelError",
+    "Usage",
+    "ZseError",
+    "__version__",
+    "cache_dir",
+    "convert",
+    "default_model_path",
+    "inspect",
+    "pull",
+]

@@ -1,0 +1,406 @@
+"""``zse.Engine``: load a ``.zse`` model and generate from Python.
+
+The native engine runs on its own thread; these methods only queue requests and
+wait for their events, with the GIL released while waiting, so other Python threads
+(and asyncio tasks, for the ``a*`` methods) keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .models import pull
+
+Message = Mapping[str, Any]
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's log-probability and the most likely alternatives."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    """``stop`` (EOS, stop token or stop string), ``length`` or ``cancelled``."""
+    usage: Usage
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class _Request:
+    """The arguments of one generation, checked before they reach the engine."""
+
+    kwargs: dict[str, Any]
+    want_logprobs: bool
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"invalid value for '{name}': {value!r} must be an integer")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ValueError(f"invalid value for '{name}': {value} must be {bound}")
+    return value
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"invalid value for '{name}': {value!r} must be a number")
+    return float(value)
+
+
+def _sampling(
+    *,
+    max_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int | str, float] | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    ignore_eos: bool = False,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+) -> _Request:
+    """Validates sampling arguments; ranges are checked again by the engine."""
+    kw: dict[str, Any] = {
+        "temperature": _check_float("temperature", temperature),
+        "top_p": _check_float("top_p", top_p),
+        "top_k": _check_int("top_k", top_k, 0),
+        "min_p": _check_float("min_p", min_p),
+        "repetition_penalty": _check_float("repetition_penalty", repetition_penalty),
+        "presence_penalty": _check_float("presence_penalty", presence_penalty),
+        "frequency_penalty": _check_float("frequency_penalty", frequency_penalty),
+        "ignore_eos": bool(ignore_eos),
+    }
+    if kw["temperature"] < 0:
+        raise ValueError(f"invalid value for 'temperature': {temperature} must be >= 0")
+    if not 0 < kw["top_p"] <= 1:
+        raise ValueError(f"invalid value for 'top_p': {top_p} must be in (0, 1]")
+    if max_tokens is not None:
+        kw["max_tokens"] = _check_int("max_tokens", max_tokens, 1)
+    if seed is not None:
+        # Any Python int is a valid seed; the engine takes 64 bits of it.
+        kw["seed"] = _check_int("seed", seed, -(2**63)) & (2**64 - 1)
+    if logit_bias:
+        try:
+            kw["logit_bias"] = [(int(k), float(v)) for k, v in logit_bias.items()]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid value for 'logit_bias': {e}") from None
+        if any(k < 0 for k, _ in kw["logit_bias"]):
+            raise ValueError("invalid value for 'logit_bias': token ids must be >= 0")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise ValueError("invalid value for 'stop': must be a string or a list of strings")
+        kw["stop"] = stops
+    if stop_token_ids:
+        kw["stop_token_ids"] = [_check_int("stop_token_ids", t, 0) for t in stop_token_ids]
+    _check_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
+    if logprobs or top_logprobs:
+        kw["logprobs"] = top_logprobs
+    return _Request(kw, bool(logprobs or top_logprobs))
+
+
+@dataclass
+class _Collector:
+    """Accumulates chunks into a `Completion`."""
+
+    engine: Engine
+    want_logprobs: bool
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    completion: Completion | None = None
+
+    def add(self, chunk: _core.Chunk) -> str:
+        if chunk.error is not None:
+            raise _core.ZseError(chunk.error)
+        self.text.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
+        if self.want_logprobs:
+            self.logprobs.extend(self.engine._token_logprob(*lp) for lp in chunk.logprobs)
+        if chunk.finish_reason is not None:
+            self.completion = Completion(
+                text="".join(self.text),
+                finish_reason=chunk.finish_reason,
+                usage=Usage(chunk.prompt_tokens, chunk.completion_tokens),
+                token_ids=self.token_ids,
+                logprobs=self.logprobs if self.want_logprobs else None,
+            )
+        return chunk.text
+
+
+class TextStream:
+    """Iterator of text deltas. After the last one, ``completion`` holds the whole
+    result (finish reason, usage). ``close()`` (or leaving a ``with`` block) cancels."""
+
+    def __init__(self, stream: _core.RequestStream, collector: _Collector) -> None:
+        self._stream = stream
+        self._collector = collector
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            chunk = next(self._stream)
+            text = self._collector.add(chunk)
+            if text:
+                return text
+            if chunk.finish_reason is not None:
+                raise StopIteration
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._collector.completion
+
+    def close(self) -> None:
+        self._stream.cancel()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncTextStream:
+    """Async twin of `TextStream`: the engine thread wakes the event loop through
+    ``call_soon_threadsafe``; no thread is parked per stream."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: _Request,
+        prompt_ids: list[int],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._collector = _Collector(engine, request.want_logprobs)
+        self._stream = engine._native.submit(prompt_ids, notify=self._notify, **request.kwargs)
+
+    def _notify(self) -> None:
+        # Runs on the engine thread.
+        try:
+            self._loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def _next_chunk(self) -> _core.Chunk:
+        while True:
+            chunk = self._stream.try_next()
+            if chunk is not None:
+                return chunk
+            if self._stream.finished:
+                raise StopAsyncIteration
+            self._wake.clear()
+            chunk = self._stream.try_next()
+            if chunk is not None:
+                return chunk
+            await self._wake.wait()
+
+    async def __anext__(self) -> str:
+        while True:
+            chunk = await self._next_chunk()
+            text = self._collector.add(chunk)
+            if text:
+                return text
+            if chunk.finish_reason is not None:
+                raise StopAsyncIteration
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._collector.completion
+
+    async def aclose(self) -> None:
+        self._stream.cancel()
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Engine:
+    """A loaded model and its engine thread.
+
+    ``Engine()`` with no path loads the default model, fetching it on first use.
+    Sampling keywords (all methods that generate): ``max_tokens``, ``temperature``
+    (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
+    ``seed``, ``stop`` (string or list), ``stop_token_ids``, ``ignore_eos``,
+    ``logprobs`` and ``top_logprobs`` (0-20).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        context_length: int | None = None,
+    ) -> None:
+        if context_length is not None:
+            _check_int("context_length", context_length, 1)
+        model = Path(path) if path is not None else pull()
+        self._native = _core.Engine(str(model), context_length=context_length)
+        self.metadata: dict[str, Any] = json.loads(self._native.info_json())
+
+    @property
+    def model_name(self) -> str:
+        name: str = self.metadata["name"]
+        return name
+
+    @property
+    def context_length(self) -> int:
+        n: int = self.metadata["context_length"]
+        return n
+
+    # Text ------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._native.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._native.detokenize(list(token_ids), skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = True
+    ) -> str:
+        return self._native.apply_chat_template(_messages_json(messages), add_generation_prompt)
+
+    def _prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("invalid value for 'prompt': must not be empty")
+            return self.tokenize(prompt)
+        return self.tokenize(self.apply_chat_template(prompt))
+
+    def _token_logprob(
+        self, token_id: int, logprob: float, top: list[tuple[int, float]]
+    ) -> TokenLogprob:
+        text = self._native.detokenize
+        return TokenLogprob(
+            token=text([token_id], False),
+            token_id=token_id,
+            logprob=logprob,
+            top_logprobs=[TopLogprob(text([t], False), t, lp) for t, lp in top],
+        )
+
+    # Generation -------------------------------------------------------------------
+
+    def _submit(self, prompt: str | Sequence[Message], sampling: dict[str, Any]) -> TextStream:
+        request = _sampling(**sampling)
+        native = self._native.submit(self._prompt_ids(prompt), **request.kwargs)
+        return TextStream(native, _Collector(self, request.want_logprobs))
+
+    def stream(self, prompt: str | Sequence[Message], **sampling: Any) -> TextStream:
+        """Text deltas as they are generated; ``prompt`` is raw text or chat messages."""
+        return self._submit(prompt, sampling)
+
+    def generate(self, prompt: str, **sampling: Any) -> Completion:
+        """Completes raw ``prompt`` text (no chat template)."""
+        if not isinstance(prompt, str):
+            raise ValueError("invalid value for 'prompt': must be a string")
+        return _drain(self._submit(prompt, sampling))
+
+    def chat(self, messages: Sequence[Message], **sampling: Any) -> Completion:
+        """Answers a chat: messages are ``{"role": ..., "content": ...}`` dicts."""
+        if isinstance(messages, str):
+            raise ValueError("invalid value for 'messages': must be a list of messages")
+        return _drain(self._submit(messages, sampling))
+
+    def astream(self, prompt: str | Sequence[Message], **sampling: Any) -> AsyncTextStream:
+        """Async iterator of text deltas (call inside a running event loop)."""
+        request = _sampling(**sampling)
+        return AsyncTextStream(self, request, self._prompt_ids(prompt))
+
+    async def agenerate(self, prompt: str, **sampling: Any) -> Completion:
+        if not isinstance(prompt, str):
+            raise ValueError("invalid value for 'prompt': must be a string")
+        return await _adrain(self.astream(prompt, **sampling))
+
+    async def achat(self, messages: Sequence[Message], **sampling: Any) -> Completion:
+        if isinstance(messages, str):
+            raise ValueError("invalid value for 'messages': must be a list of messages")
+        return await _adrain(self.astream(messages, **sampling))
+
+    def score(self, token_ids: Sequence[int], *, top: int = 10) -> list[list[tuple[int, float]]]:
+        """For every position of ``token_ids``, the ``top`` most likely next tokens
+        with their log-probabilities (teacher forcing)."""
+        _check_int("top", top, 1)
+        return self._native.score(list(token_ids), top)
+
+    def close(self) -> None:
+        """Stops the engine thread; requests still running end as cancelled."""
+        self._native.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _messages_json(messages: Sequence[Message]) -> str:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError("invalid value for 'messages': must be a list of messages")
+    try:
+        return json.dumps(list(messages))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid value for 'messages': {e}") from None
+
+
+def _drain(stream: TextStream) -> Completion:
+    for _ in stream:
+        pass
+    assert stream.completion is not None
+    return stream.completion
+
+
+async def _adrain(stream: AsyncTextStream) -> Completion:
+    async for _ in stream:
+        pass
+    assert stream.completion is not None
+    return stream.completion

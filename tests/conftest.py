@@ -1,0 +1,53 @@
+"""Shared fixtures: the default model (fetched into the user's cache once, as a user
+would), the llama.cpp reference outputs, and small models written by tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import zse
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = Path(os.environ.get("ZSE_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
+
+
+def load_reference(name: str) -> dict[str, Any]:
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        pytest.fail(f"reference file {path} is missing (set ZSE_REFERENCE_DIR)")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    return zse.pull(progress=False)
+
+
+@pytest.fixture(scope="session")
+def engine(default_model: Path) -> Iterator[zse.Engine]:
+    e = zse.Engine(default_model)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference tiny random Qwen2 model, converted to .zse with its F32 weights."""
+    out = tmp_path_factory.mktemp("qwen") / "qwen2-tiny.zse"
+    zse.convert(REFERENCE_DIR / "qwen2-tiny-random-f32.gguf", out, quant="keep", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(qwen_tiny: Path) -> Iterator[zse.Engine]:
+    """A fast model for API tests that need no real weights."""
+    e = zse.Engine(qwen_tiny)
+    yield e
+    e.close()

@@ -1,0 +1,52 @@
+"""The `zse` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REFERENCE_DIR
+
+
+def zse(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zse.cli", *args],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_convert_then_info(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.zse"
+    r = zse("convert", str(REFERENCE_DIR / "qwen2-tiny-random-f32.gguf"), str(out), "--quant", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and out.exists()
+    r = zse("info", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "qwen2" in r.stdout
+    assert "int8" in r.stdout
+    assert "Q8_0" in r.stdout
+    assert "BPE, 49152 tokens" in r.stdout
+
+
+def test_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
+    r = zse("convert", str(tmp_path / "missing.gguf"), str(tmp_path / "o.zse"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("zse: error:") and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.zse"
+    bad.write_bytes(b"nonsense")
+    r = zse("info", str(bad))
+    assert r.returncode == 1 and "magic" in r.stderr
+
+
+def test_chat_one_message(qwen_tiny: Path) -> None:
+    r = zse("chat", str(qwen_tiny), "-m", "Hello", "--max-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_pull_prints_the_cached_model(default_model: Path) -> None:
+    r = zse("pull")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == default_model
