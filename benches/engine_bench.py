@@ -46,12 +46,23 @@ def bench_zse(engine: zse.Engine, prompt: list[int], decode: int, runs: int) -> 
         n_prompt = stream.completion.usage.prompt_tokens
         prefill.append(n_prompt / (t1 - t0))
         decode_rates.append((stream.completion.usage.completion_tokens - 1) / (t2 - t1))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode_rates)}
+    return {
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode_rates),
+    }
 
 
-def bench_llama_cpp(python: str, prompt: list[int], decode: int, runs: int) -> dict[str, float] | None:
-    args = [python, str(LLAMA_RUNNER), str(default_gguf_path()), json.dumps(prompt), str(decode),
-            str(runs)]
+def bench_llama_cpp(
+    python: str, prompt: list[int], decode: int, runs: int
+) -> dict[str, float] | None:
+    args = [
+        python,
+        str(LLAMA_RUNNER),
+        str(default_gguf_path()),
+        json.dumps(prompt),
+        str(decode),
+        str(runs),
+    ]
     r = subprocess.run(args, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"llama-cpp-python failed:\n{r.stderr[-2000:]}", file=sys.stderr)
@@ -82,15 +93,19 @@ def main() -> None:
     else:
         print("(set ZSE_BENCH_LLAMA_PYTHON to a python with llama-cpp-python for the comparison)")
 
-    print(f"model: {engine.model_name}, prompt {len(prompt)} tokens, decode {args.decode_tokens} "
-          f"tokens, median of {args.runs} runs, zse load {load_s:.2f} s")
+    print(
+        f"model: {engine.model_name}, prompt {len(prompt)} tokens, decode {args.decode_tokens} "
+        f"tokens, median of {args.runs} runs, zse load {load_s:.2f} s"
+    )
     print(f"{'engine':<10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, r in rows:
         print(f"{name:<10} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}")
     if len(rows) == 2:
         a, b = rows[0][1], rows[1][1]
-        print(f"{'ratio':<10} {a['prefill_tok_s'] / b['prefill_tok_s']:>14.2f} "
-              f"{a['decode_tok_s'] / b['decode_tok_s']:>13.2f}")
+        print(
+            f"{'ratio':<10} {a['prefill_tok_s'] / b['prefill_tok_s']:>14.2f} "
+            f"{a['decode_tok_s'] / b['decode_tok_s']:>13.2f}"
+        )
 
 
 if __name__ == "__main__":

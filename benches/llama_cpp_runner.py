@@ -25,17 +25,21 @@ def main() -> None:
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
-        token = int(llm._scores[-1].argmax())  # noqa: SLF001 - greedy, as zse runs it
+        token = int(llm._scores[-1].argmax())
         for _ in range(decode):
             llm.eval([token])
-            token = int(llm._scores[-1].argmax())  # noqa: SLF001
+            token = int(llm._scores[-1].argmax())
         t2 = time.perf_counter()
         prefill.append(len(prompt) / (t1 - t0))
         decode_rates.append(decode / (t2 - t1))
-    print(json.dumps({
-        "prefill_tok_s": statistics.median(prefill[1:]),
-        "decode_tok_s": statistics.median(decode_rates[1:]),
-    }))
+    print(
+        json.dumps(
+            {
+                "prefill_tok_s": statistics.median(prefill[1:]),
+                "decode_tok_s": statistics.median(decode_rates[1:]),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

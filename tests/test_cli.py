@@ -13,13 +13,18 @@ from conftest import REFERENCE_DIR
 def zse(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "zse.cli", *args],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
 def test_convert_then_info(tmp_path: Path) -> None:
     out = tmp_path / "tiny.zse"
-    r = zse("convert", str(REFERENCE_DIR / "qwen2-tiny-random-f32.gguf"), str(out), "--quant", "int8")
+    r = zse(
+        "convert", str(REFERENCE_DIR / "qwen2-tiny-random-f32.gguf"), str(out), "--quant", "int8"
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and out.exists()
     r = zse("info", str(out))

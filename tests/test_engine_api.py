@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import zse
 
 CHAT = [{"role": "user", "content": "Tell me a story about a dragon."}]
@@ -30,7 +29,9 @@ def test_generate_result_shape(tiny_engine: zse.Engine) -> None:
     assert out.finish_reason == "length"
     assert len(out.token_ids) == 5
     assert out.usage.completion_tokens == 5
-    assert out.usage.prompt_tokens == len(tiny_engine.tokenize(tiny_engine.apply_chat_template(CHAT)))
+    assert out.usage.prompt_tokens == len(
+        tiny_engine.tokenize(tiny_engine.apply_chat_template(CHAT))
+    )
     assert out.usage.total_tokens == out.usage.prompt_tokens + 5
     assert out.text == tiny_engine.detokenize(out.token_ids)
     assert out.logprobs is None
@@ -62,7 +63,9 @@ def test_stop_string_cuts_text_and_never_streams(tiny_engine: zse.Engine) -> Non
     out = tiny_engine.chat(CHAT, temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
     assert out.text == expected
     assert out.finish_reason == "stop"
-    streamed = list(tiny_engine.stream(CHAT, temperature=0, max_tokens=24, ignore_eos=True, stop=stop))
+    streamed = list(
+        tiny_engine.stream(CHAT, temperature=0, max_tokens=24, ignore_eos=True, stop=stop)
+    )
     assert "".join(streamed) == expected
     assert all(stop not in d for d in streamed)
 
@@ -88,8 +91,10 @@ def test_async_twins_match_sync(tiny_engine: zse.Engine) -> None:
 
     async def main() -> tuple[zse.Completion, list[str]]:
         done = await tiny_engine.achat(CHAT, temperature=0, max_tokens=12, ignore_eos=True)
-        deltas = [d async for d in tiny_engine.astream(CHAT, temperature=0, max_tokens=12,
-                                                        ignore_eos=True)]
+        deltas = [
+            d
+            async for d in tiny_engine.astream(CHAT, temperature=0, max_tokens=12, ignore_eos=True)
+        ]
         return done, deltas
 
     done, deltas = asyncio.run(main())
@@ -102,10 +107,14 @@ def test_many_async_streams_share_one_loop(tiny_engine: zse.Engine) -> None:
     solo = [tiny_engine.generate(p, temperature=0, max_tokens=10, ignore_eos=True) for p in prompts]
 
     async def main() -> list[zse.Completion]:
-        return list(await asyncio.gather(*(
-            tiny_engine.agenerate(p, temperature=0, max_tokens=10, ignore_eos=True)
-            for p in prompts
-        )))
+        return list(
+            await asyncio.gather(
+                *(
+                    tiny_engine.agenerate(p, temperature=0, max_tokens=10, ignore_eos=True)
+                    for p in prompts
+                )
+            )
+        )
 
     threads_before = threading.active_count()
     together = asyncio.run(main())
@@ -201,7 +210,12 @@ def test_invalid_messages(tiny_engine: zse.Engine, messages: object) -> None:
 
 
 def test_text_parts_are_joined(tiny_engine: zse.Engine) -> None:
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}],
+        }
+    ]
     assert tiny_engine.apply_chat_template(parts) == tiny_engine.apply_chat_template(
         [{"role": "user", "content": "Hello"}]
     )
@@ -221,6 +235,8 @@ def test_engine_arguments_and_missing_file(tmp_path: Path, qwen_tiny: Path) -> N
         zse.Engine(tmp_path / "nope.zse")
     with pytest.raises(ValueError, match="context_length"):
         zse.Engine(qwen_tiny, context_length=0)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        zse.Engine(qwen_tiny, kv_cache_dtype="f8")  # type: ignore[arg-type]
 
 
 def test_tokenize_round_trip_keeps_unicode(engine: zse.Engine) -> None:

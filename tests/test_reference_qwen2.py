@@ -4,7 +4,6 @@ llama.cpp's teacher-forced log-probabilities on the tiny random model."""
 from __future__ import annotations
 
 import pytest
-
 import zse
 from conftest import load_reference
 

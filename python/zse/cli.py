@@ -56,7 +56,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("file size", _fmt_bytes(info["file_size"])),
         ("tokenizer", f"{info['tokenizer']['type']}, {info['tokenizer']['vocab_size']} tokens"),
         ("chat template", "yes" if info["chat_template"] else "no"),
-        ("source", f"{info['source']['source_name']} (sha256 {info['source']['source_sha256'][:16]})"),
+        (
+            "source",
+            f"{info['source']['source_name']} (sha256 {info['source']['source_sha256'][:16]})",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -95,8 +98,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.message is not None:
         answer(args.message)
         return 0
-    print(f"{engine.model_name}: /reset clears the chat, /system TEXT sets the system prompt, "
-          "/exit leaves. Ctrl-C stops an answer.")
+    print(
+        f"{engine.model_name}: /reset clears the chat, /system TEXT sets the system prompt, "
+        "/exit leaves. Ctrl-C stops an answer."
+    )
     while True:
         try:
             line = input("> ").strip()
@@ -111,7 +116,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = [m for m in history if m["role"] == "system"]
             continue
         if line.startswith("/system"):
-            history = [{"role": "system", "content": line[len("/system"):].strip()}]
+            history = [{"role": "system", "content": line[len("/system") :].strip()}]
             continue
         answer(line)
 
@@ -128,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a GGUF file or HF directory to .zse")
     s.add_argument("src", help="a .gguf file or a HF model directory")
     s.add_argument("out", help="the .zse file to write")
-    s.add_argument("--quant", choices=["int4", "int8", "fp16", "keep"], default="int4")
+    s.add_argument(
+        "--quant",
+        choices=["int4", "int8", "fp16", "keep", "q4_0", "q4_1", "q4_k", "q8_0"],
+        default="int4",
+        help="weight precision (default int4; keep = the source's block types)",
+    )
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("info", help="show what is inside a .zse file")

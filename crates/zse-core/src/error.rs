@@ -21,8 +21,13 @@ pub enum Error {
     Unsupported(String),
 
     /// The prompt (plus at least one generated token) does not fit the context.
-    #[error("the prompt has {prompt_tokens} tokens but the model's context length is {context_length}")]
-    ContextLengthExceeded { prompt_tokens: usize, context_length: usize },
+    #[error(
+        "the prompt has {prompt_tokens} tokens but the model's context length is {context_length}"
+    )]
+    ContextLengthExceeded {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
 
     #[error("chat template error: {0}")]
     Template(String),
@@ -31,7 +36,10 @@ pub enum Error {
     Tokenizer(String),
 
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 
     /// The engine thread is gone (shut down, or it failed).
     #[error("engine is not running: {0}")]
@@ -48,15 +56,24 @@ pub enum Error {
 
 impl Error {
     pub fn invalid_argument(param: impl Into<String>, message: impl fmt::Display) -> Self {
-        Error::InvalidArgument { param: param.into(), message: message.to_string() }
+        Error::InvalidArgument {
+            param: param.into(),
+            message: message.to_string(),
+        }
     }
 
     pub fn invalid_file(path: impl fmt::Display, message: impl fmt::Display) -> Self {
-        Error::InvalidFile { path: path.to_string(), message: message.to_string() }
+        Error::InvalidFile {
+            path: path.to_string(),
+            message: message.to_string(),
+        }
     }
 
     pub fn io(path: impl fmt::Display, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_string(), source }
+        Error::Io {
+            path: path.to_string(),
+            source,
+        }
     }
 }
 

@@ -15,6 +15,8 @@ pub mod model;
 pub mod sample;
 pub mod text;
 
-pub use engine::{Engine, EngineOptions, Event, EventSink, FinishReason, GenerationRequest, ModelInfo, Usage};
+pub use engine::{
+    Engine, EngineOptions, Event, EventSink, FinishReason, GenerationRequest, ModelInfo, Usage,
+};
 pub use error::{Error, Result};
 pub use sample::SamplingParams;

@@ -13,12 +13,42 @@ use zse_core::engine::{Event, EventSink, RequestId};
 use zse_core::format::{self, Quant, ZseFile};
 use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
 
-create_exception!(_core, ZseError, PyException, "Base class of ZSE's own errors.");
-create_exception!(_core, ModelFileError, ZseError, "A model file that is missing pieces, truncated or corrupt.");
-create_exception!(_core, UnsupportedModelError, ZseError, "A model ZSE cannot run (architecture, tensor type).");
-create_exception!(_core, EngineStoppedError, ZseError, "The engine was shut down or failed.");
-create_exception!(_core, ContextLengthExceededError, PyValueError, "The prompt does not fit the context length.");
-create_exception!(_core, TemplateError, PyValueError, "The chat template failed to render.");
+create_exception!(
+    _core,
+    ZseError,
+    PyException,
+    "Base class of ZSE's own errors."
+);
+create_exception!(
+    _core,
+    ModelFileError,
+    ZseError,
+    "A model file that is missing pieces, truncated or corrupt."
+);
+create_exception!(
+    _core,
+    UnsupportedModelError,
+    ZseError,
+    "A model ZSE cannot run (architecture, tensor type)."
+);
+create_exception!(
+    _core,
+    EngineStoppedError,
+    ZseError,
+    "The engine was shut down or failed."
+);
+create_exception!(
+    _core,
+    ContextLengthExceededError,
+    PyValueError,
+    "The prompt does not fit the context length."
+);
+create_exception!(
+    _core,
+    TemplateError,
+    PyValueError,
+    "The chat template failed to render."
+);
 
 fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
@@ -28,9 +58,12 @@ fn to_py(e: Error) -> PyErr {
         Error::Unsupported(_) => UnsupportedModelError::new_err(msg),
         Error::ContextLengthExceeded { .. } => ContextLengthExceededError::new_err(msg),
         Error::Template(_) => TemplateError::new_err(msg),
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(msg)
+        }
         Error::Io { .. } => PyOSError::new_err(msg),
-        Error::EngineStopped(_) | Error::Cancelled(_) | Error::Compute(_) => ZseError::new_err(msg),
+        Error::EngineStopped(_) => EngineStoppedError::new_err(msg),
+        Error::Cancelled(_) | Error::Compute(_) => ZseError::new_err(msg),
     }
 }
 
@@ -38,13 +71,15 @@ fn json_err(e: serde_json::Error) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
+/// Per token: (token id, logprob, [(alternative id, logprob), ...]).
+type TokenLogprobTuple = (u32, f32, Vec<(u32, f32)>);
+
 /// One event of a request: new text and tokens, and on the last one the finish.
 #[pyclass(frozen, get_all, module = "zse._core")]
 struct Chunk {
     text: String,
     token_ids: Vec<u32>,
-    /// Per token: (token id, logprob, [(alternative id, logprob), ...]).
-    logprobs: Vec<(u32, f32, Vec<(u32, f32)>)>,
+    logprobs: Vec<TokenLogprobTuple>,
     finish_reason: Option<String>,
     error: Option<String>,
     prompt_tokens: usize,
@@ -66,7 +101,11 @@ impl From<Event> for Chunk {
         Chunk {
             text: ev.text,
             token_ids: ev.tokens,
-            logprobs: ev.logprobs.into_iter().map(|l| (l.token, l.logprob, l.top)).collect(),
+            logprobs: ev
+                .logprobs
+                .into_iter()
+                .map(|l| (l.token, l.logprob, l.top))
+                .collect(),
             finish_reason,
             error,
             prompt_tokens: usage.prompt_tokens,
@@ -109,7 +148,11 @@ impl RequestStream {
             return Ok(None);
         }
         let rx = &self.rx;
-        let ev = py.detach(|| rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ())));
+        let ev = py.detach(|| {
+            rx.lock()
+                .map_err(|_| ())
+                .and_then(|r| r.recv().map_err(|_| ()))
+        });
         match ev {
             Ok(ev) => Ok(Some(self.deliver(ev))),
             Err(()) => Err(stopped()),
@@ -164,11 +207,33 @@ struct Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, *, context_length=None))]
-    fn new(py: Python<'_>, path: PathBuf, context_length: Option<usize>) -> PyResult<Self> {
-        let opts = EngineOptions { context_length, ..Default::default() };
-        let inner = py.detach(|| zse_core::Engine::load(&path, opts)).map_err(to_py)?;
-        Ok(Self { inner: Arc::new(inner) })
+    #[pyo3(signature = (path, *, context_length=None, kv_cache_dtype="f16"))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        context_length: Option<usize>,
+        kv_cache_dtype: &str,
+    ) -> PyResult<Self> {
+        let kv_dtype = match kv_cache_dtype {
+            "f16" => candle_core::DType::F16,
+            "f32" => candle_core::DType::F32,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "invalid value for 'kv_cache_dtype': '{other}' (expected 'f16' or 'f32')"
+                )))
+            }
+        };
+        let opts = EngineOptions {
+            context_length,
+            kv_dtype,
+            ..Default::default()
+        };
+        let inner = py
+            .detach(|| zse_core::Engine::load(&path, opts))
+            .map_err(to_py)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Model metadata as a JSON object string.
@@ -196,7 +261,10 @@ impl Engine {
 
     #[pyo3(signature = (ids, skip_special_tokens=true))]
     fn detokenize(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
-        self.inner.tokenizer().decode(&ids, skip_special_tokens).map_err(to_py)
+        self.inner
+            .tokenizer()
+            .decode(&ids, skip_special_tokens)
+            .map_err(to_py)
     }
 
     /// The vocabulary entry of one token, raw (e.g. "Ġthe"), or None.
@@ -205,10 +273,16 @@ impl Engine {
     }
 
     /// Renders `messages` (a JSON list of OpenAI-shaped messages) with the chat template.
-    fn apply_chat_template(&self, messages_json: &str, add_generation_prompt: bool) -> PyResult<String> {
+    fn apply_chat_template(
+        &self,
+        messages_json: &str,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
         let v: serde_json::Value = serde_json::from_str(messages_json).map_err(json_err)?;
         let msgs = zse_core::text::ChatMessage::parse_list(&v).map_err(to_py)?;
-        self.inner.apply_chat_template(&msgs, add_generation_prompt).map_err(to_py)
+        self.inner
+            .apply_chat_template(&msgs, add_generation_prompt)
+            .map_err(to_py)
     }
 
     #[pyo3(signature = (
@@ -269,18 +343,31 @@ impl Engine {
         });
         let (sink, rx) = EventSink::channel(hook);
         let id = self.inner.submit(req, sink).map_err(to_py)?;
-        Ok(RequestStream { id, engine: self.inner.clone(), rx: Mutex::new(rx), finished: false })
+        Ok(RequestStream {
+            id,
+            engine: self.inner.clone(),
+            rx: Mutex::new(rx),
+            finished: false,
+        })
     }
 
     /// Teacher-forced top-`top` log-probabilities for every position of `tokens`.
-    fn score(&self, py: Python<'_>, tokens: Vec<u32>, top: usize) -> PyResult<Vec<Vec<(u32, f32)>>> {
+    fn score(
+        &self,
+        py: Python<'_>,
+        tokens: Vec<u32>,
+        top: usize,
+    ) -> PyResult<Vec<Vec<(u32, f32)>>> {
         py.detach(|| self.inner.score(&tokens, top)).map_err(to_py)
     }
 
     /// (running sequences, finished requests so far).
     fn stats(&self) -> (usize, u64) {
         let s = self.inner.stats();
-        (s.running.load(std::sync::atomic::Ordering::Relaxed), s.finished.load(std::sync::atomic::Ordering::Relaxed))
+        (
+            s.running.load(std::sync::atomic::Ordering::Relaxed),
+            s.finished.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Stops the engine thread and waits for it (the GIL released meanwhile).
@@ -293,7 +380,13 @@ impl Engine {
 /// called per tensor; an exception it raises (KeyboardInterrupt) aborts the work.
 #[pyfunction]
 #[pyo3(signature = (src, out, quant="int4", progress=None))]
-fn convert(py: Python<'_>, src: PathBuf, out: PathBuf, quant: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
+fn convert(
+    py: Python<'_>,
+    src: PathBuf,
+    out: PathBuf,
+    quant: &str,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
     let quant: Quant = quant.parse().map_err(to_py)?;
     let mut raised: Option<PyErr> = None;
     let result = py.detach(|| {
@@ -354,9 +447,15 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add("ZseError", py.get_type::<ZseError>())?;
     m.add("ModelFileError", py.get_type::<ModelFileError>())?;
-    m.add("UnsupportedModelError", py.get_type::<UnsupportedModelError>())?;
+    m.add(
+        "UnsupportedModelError",
+        py.get_type::<UnsupportedModelError>(),
+    )?;
     m.add("EngineStoppedError", py.get_type::<EngineStoppedError>())?;
-    m.add("ContextLengthExceededError", py.get_type::<ContextLengthExceededError>())?;
+    m.add(
+        "ContextLengthExceededError",
+        py.get_type::<ContextLengthExceededError>(),
+    )?;
     m.add("TemplateError", py.get_type::<TemplateError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -27,6 +27,9 @@ pub enum Quant {
     Fp16,
     /// The source's own block types.
     Keep,
+    /// One GGML block type for the matrices (`q4_0`, `q4_1`, `q4_k`, `q8_0`), with
+    /// Q8_0 embeddings for the 4-bit ones, as llama.cpp's own files have.
+    Blocks(GgmlDType),
 }
 
 impl FromStr for Quant {
@@ -37,8 +40,17 @@ impl FromStr for Quant {
             "int8" => Quant::Int8,
             "fp16" => Quant::Fp16,
             "keep" => Quant::Keep,
+            "q4_0" => Quant::Blocks(GgmlDType::Q4_0),
+            "q4_1" => Quant::Blocks(GgmlDType::Q4_1),
+            "q4_k" => Quant::Blocks(GgmlDType::Q4K),
+            "q8_0" => Quant::Blocks(GgmlDType::Q8_0),
             other => {
-                return Err(Error::invalid_argument("quant", format!("'{other}' (expected int4, int8, fp16 or keep)")))
+                return Err(Error::invalid_argument(
+                    "quant",
+                    format!(
+                        "'{other}' (expected int4, int8, fp16, keep, q4_0, q4_1, q4_k or q8_0)"
+                    ),
+                ))
             }
         })
     }
@@ -51,6 +63,10 @@ impl Quant {
             Quant::Int8 => "int8",
             Quant::Fp16 => "fp16",
             Quant::Keep => "keep",
+            Quant::Blocks(GgmlDType::Q4_0) => "q4_0",
+            Quant::Blocks(GgmlDType::Q4_1) => "q4_1",
+            Quant::Blocks(GgmlDType::Q4K) => "q4_k",
+            Quant::Blocks(_) => "q8_0",
         }
     }
 
@@ -63,11 +79,14 @@ impl Quant {
         let row = shape[shape.len() - 1];
         let fits = |t: GgmlDType| row % t.block_size() == 0;
         let or_f16 = |t: GgmlDType| if fits(t) { t } else { GgmlDType::F16 };
+        let embedding = name == "token_embd.weight" || name == "output.weight";
         match self {
             Quant::Keep => stored,
+            Quant::Blocks(t) if embedding && t != GgmlDType::Q8_0 => or_f16(GgmlDType::Q8_0),
+            Quant::Blocks(t) => or_f16(t),
             Quant::Fp16 => GgmlDType::F16,
             Quant::Int8 => or_f16(GgmlDType::Q8_0),
-            Quant::Int4 if name == "token_embd.weight" || name == "output.weight" => or_f16(GgmlDType::Q8_0),
+            Quant::Int4 if embedding => or_f16(GgmlDType::Q8_0),
             Quant::Int4 if fits(GgmlDType::Q4K) => GgmlDType::Q4K,
             Quant::Int4 => or_f16(GgmlDType::Q4_1),
         }
@@ -84,6 +103,9 @@ pub struct ConvertReport {
     pub source_sha256: String,
 }
 
+/// A lookup of tensor data or facts by GGUF tensor name.
+type ByName<T> = Box<dyn Fn(&str) -> Result<T>>;
+
 /// Everything read from a source model, in GGUF conventions.
 struct Source {
     name: String,
@@ -95,8 +117,8 @@ struct Source {
     /// Keys copied as they are, so llama.cpp can still read the output.
     passthrough: Vec<(String, Value)>,
     tensor_names: Vec<String>,
-    loader: Box<dyn Fn(&str) -> Result<QTensor>>,
-    shape_of: Box<dyn Fn(&str) -> Result<Vec<usize>>>,
+    loader: ByName<QTensor>,
+    shape_of: ByName<Vec<usize>>,
     hashed_files: Vec<PathBuf>,
     extra_tensors: Vec<(String, QTensor)>,
 }
@@ -114,7 +136,11 @@ fn gguf_source(path: &Path) -> Result<Source> {
         .or_else(|| g.get_str("tokenizer.chat_template"))
         .map(str::to_string);
     let bos_token_id = g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32);
-    let mut eos_token_ids: Vec<u32> = g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32).into_iter().collect();
+    let mut eos_token_ids: Vec<u32> = g
+        .get_u64("tokenizer.ggml.eos_token_id")
+        .map(|v| v as u32)
+        .into_iter()
+        .collect();
     if let Some(eot) = g.get_u64("tokenizer.ggml.eot_token_id") {
         if !eos_token_ids.contains(&(eot as u32)) {
             eos_token_ids.push(eot as u32);
@@ -123,16 +149,24 @@ fn gguf_source(path: &Path) -> Result<Source> {
     let passthrough = g
         .metadata
         .iter()
-        .filter(|(k, _)| !k.starts_with("zse.") && *k != "general.alignment" && *k != "general.file_type")
+        .filter(|(k, _)| {
+            !k.starts_with("zse.") && *k != "general.alignment" && *k != "general.file_type"
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let tensor_names = g.tensors.iter().map(|t| t.name.clone()).collect();
     let name = g.get_str("general.name").unwrap_or("model").to_string();
-    let shapes: std::collections::HashMap<String, Vec<usize>> =
-        g.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let shapes: std::collections::HashMap<String, Vec<usize>> = g
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
     Ok(Source {
         shape_of: Box::new(move |n| {
-            shapes.get(n).cloned().ok_or_else(|| Error::Unsupported(format!("tensor '{n}' is missing")))
+            shapes
+                .get(n)
+                .cloned()
+                .ok_or_else(|| Error::Unsupported(format!("tensor '{n}' is missing")))
         }),
         name,
         config,
@@ -158,17 +192,26 @@ fn hf_source(dir: &Path) -> Result<Source> {
         (format!("{a}.context_length"), u32v(c.context_length)),
         (format!("{a}.embedding_length"), u32v(c.hidden_size)),
         (format!("{a}.block_count"), u32v(c.num_layers)),
-        (format!("{a}.feed_forward_length"), u32v(c.intermediate_size)),
+        (
+            format!("{a}.feed_forward_length"),
+            u32v(c.intermediate_size),
+        ),
         (format!("{a}.attention.head_count"), u32v(c.num_heads)),
         (format!("{a}.attention.head_count_kv"), u32v(c.num_kv_heads)),
         (format!("{a}.rope.dimension_count"), u32v(c.head_dim)),
         (format!("{a}.rope.freq_base"), Value::F32(c.rope_theta)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps),
+        ),
     ];
     let extra_tensors = match &hf.rope_factors {
         Some(f) => {
             let t = Tensor::from_slice(f, f.len(), &Device::Cpu)?;
-            vec![("rope_freqs.weight".to_string(), QTensor::quantize(&t, GgmlDType::F32)?)]
+            vec![(
+                "rope_freqs.weight".to_string(),
+                QTensor::quantize(&t, GgmlDType::F32)?,
+            )]
         }
         None => Vec::new(),
     };
@@ -211,16 +254,25 @@ fn sha256_of(files: &[PathBuf]) -> Result<String> {
 /// from it aborts the conversion. The output is
 /// written to a temporary file beside `out` and renamed at the end, so a failed
 /// conversion never leaves a half-written model behind.
-pub fn convert(src: &Path, out: &Path, quant: Quant, progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>) -> Result<ConvertReport> {
+pub fn convert(
+    src: &Path,
+    out: &Path,
+    quant: Quant,
+    progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
+) -> Result<ConvertReport> {
     let source = if src.is_dir() {
         hf_source(src)?
     } else if src.is_file() {
         gguf_source(src)?
     } else {
-        return Err(Error::io(src.display(), std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+        return Err(Error::io(
+            src.display(),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
     };
     // Check the tokenizer before spending minutes on tensors.
-    tokenizers::Tokenizer::from_str(&source.tokenizer_json).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    tokenizers::Tokenizer::from_str(&source.tokenizer_json)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
 
     // Check names and shapes before spending minutes on tensors.
     let shapes: Vec<(String, Vec<usize>)> = source
@@ -230,12 +282,17 @@ pub fn convert(src: &Path, out: &Path, quant: Quant, progress: &mut dyn FnMut(us
         .collect::<Result<_>>()?;
     check_tensor_set(&source.config, &shapes)?;
     let total = source.tensor_names.len();
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total + source.extra_tensors.len());
+    let mut tensors: Vec<(String, QTensor)> =
+        Vec::with_capacity(total + source.extra_tensors.len());
     for (i, name) in source.tensor_names.iter().enumerate() {
         progress(i, total, name)?;
         let qt = (source.loader)(name)?;
         let target = quant.target(name, qt.shape().dims(), qt.dtype());
-        let qt = if target == qt.dtype() { qt } else { QTensor::quantize(&qt.dequantize(&Device::Cpu)?, target)? };
+        let qt = if target == qt.dtype() {
+            qt
+        } else {
+            QTensor::quantize(&qt.dequantize(&Device::Cpu)?, target)?
+        };
         tensors.push((name.clone(), qt));
     }
     progress(total, total, "")?;
@@ -244,23 +301,49 @@ pub fn convert(src: &Path, out: &Path, quant: Quant, progress: &mut dyn FnMut(us
     let sha = sha256_of(&source.hashed_files)?;
     let c = &source.config;
     let config_json = serde_json::to_string(c).map_err(|e| Error::Compute(e.to_string()))?;
-    let source_name = source.hashed_files.first().map(|p| p.display().to_string()).unwrap_or_default();
-    let source_name = if src.is_dir() { src.display().to_string() } else { source_name };
+    let source_name = source
+        .hashed_files
+        .first()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let source_name = if src.is_dir() {
+        src.display().to_string()
+    } else {
+        source_name
+    };
     let mut md: Vec<(String, Value)> = source.passthrough;
     md.retain(|(k, _)| k != keys::MODEL_NAME);
     let chat_template = source.chat_template.clone();
     md.extend([
-        (keys::MODEL_NAME.to_string(), Value::String(source.name.clone())),
+        (
+            keys::MODEL_NAME.to_string(),
+            Value::String(source.name.clone()),
+        ),
         (keys::FORMAT_VERSION.to_string(), Value::U32(FORMAT_VERSION)),
         (keys::CONFIG.to_string(), Value::String(config_json)),
-        (keys::TOKENIZER_JSON.to_string(), Value::String(source.tokenizer_json)),
-        (keys::QUANTIZATION.to_string(), Value::String(quant.name().to_string())),
+        (
+            keys::TOKENIZER_JSON.to_string(),
+            Value::String(source.tokenizer_json),
+        ),
+        (
+            keys::QUANTIZATION.to_string(),
+            Value::String(quant.name().to_string()),
+        ),
         (keys::SOURCE_NAME.to_string(), Value::String(source_name)),
         (keys::SOURCE_SHA256.to_string(), Value::String(sha.clone())),
-        (keys::ZSE_VERSION.to_string(), Value::String(env!("CARGO_PKG_VERSION").to_string())),
+        (
+            keys::ZSE_VERSION.to_string(),
+            Value::String(env!("CARGO_PKG_VERSION").to_string()),
+        ),
         (
             keys::EOS_TOKEN_IDS.to_string(),
-            Value::Array(source.eos_token_ids.iter().map(|&i| Value::U32(i)).collect()),
+            Value::Array(
+                source
+                    .eos_token_ids
+                    .iter()
+                    .map(|&i| Value::U32(i))
+                    .collect(),
+            ),
         ),
     ]);
     if let Some(t) = chat_template {
@@ -278,7 +361,9 @@ pub fn convert(src: &Path, out: &Path, quant: Quant, progress: &mut dyn FnMut(us
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         gguf_file::write(&mut w, &md_refs, &t_refs)?;
         w.flush().map_err(|e| Error::io(tmp.display(), e))?;
-        let f = w.into_inner().map_err(|e| Error::io(tmp.display(), e.into_error()))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::io(tmp.display(), e.into_error()))?;
         f.sync_all().map_err(|e| Error::io(tmp.display(), e))?;
         Ok(f.metadata().map_err(|e| Error::io(tmp.display(), e))?.len())
     })();
@@ -306,12 +391,33 @@ mod tests {
     #[test]
     fn quant_targets() {
         use GgmlDType::*;
-        assert_eq!(Quant::Int4.target("blk.0.attn_q.weight", &[576, 576], Q8_0), Q4_1);
-        assert_eq!(Quant::Int4.target("blk.0.ffn_down.weight", &[576, 1536], F32), Q4K);
-        assert_eq!(Quant::Int4.target("token_embd.weight", &[100, 64], F32), Q8_0);
+        assert_eq!(
+            Quant::Int4.target("blk.0.attn_q.weight", &[576, 576], Q8_0),
+            Q4_1
+        );
+        assert_eq!(
+            Quant::Int4.target("blk.0.ffn_down.weight", &[576, 1536], F32),
+            Q4K
+        );
+        assert_eq!(
+            Quant::Int4.target("token_embd.weight", &[100, 64], F32),
+            Q8_0
+        );
         assert_eq!(Quant::Int8.target("x", &[4, 48], F32), F16);
         assert_eq!(Quant::Keep.target("x", &[4, 64], Q4_1), Q4_1);
-        assert_eq!(Quant::Fp16.target("blk.0.attn_norm.weight", &[64], F32), F32);
+        assert_eq!(
+            Quant::Fp16.target("blk.0.attn_norm.weight", &[64], F32),
+            F32
+        );
+        assert_eq!(
+            Quant::Blocks(Q4_1).target("blk.0.ffn_down.weight", &[576, 1536], F32),
+            Q4_1
+        );
+        assert_eq!(
+            Quant::Blocks(Q4_1).target("token_embd.weight", &[100, 64], F32),
+            Q8_0
+        );
+        assert_eq!("q4_k".parse::<Quant>().unwrap(), Quant::Blocks(Q4K));
         assert!("int3".parse::<Quant>().is_err());
     }
 }

@@ -61,7 +61,13 @@ impl GgufFile {
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&shown, e))?;
         let (version, metadata, tensors) =
             parse(&map).map_err(|message| Error::invalid_file(&shown, message))?;
-        Ok(Self { path: shown, map, version, metadata, tensors })
+        Ok(Self {
+            path: shown,
+            map,
+            version,
+            metadata,
+            tensors,
+        })
     }
 
     pub fn path(&self) -> &str {
@@ -83,10 +89,15 @@ impl GgufFile {
 
     /// Loads a tensor into a `QTensor` on `device`, keeping its block type.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
-        let info = self
-            .tensor_info(name)
-            .ok_or_else(|| Error::invalid_file(&self.path, format!("tensor '{name}' is missing")))?;
-        Ok(qtensor_from_ggml(info.dtype, self.tensor_bytes(info), info.shape.clone(), device)?)
+        let info = self.tensor_info(name).ok_or_else(|| {
+            Error::invalid_file(&self.path, format!("tensor '{name}' is missing"))
+        })?;
+        Ok(qtensor_from_ggml(
+            info.dtype,
+            self.tensor_bytes(info),
+            info.shape.clone(),
+            device,
+        )?)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -160,9 +171,16 @@ type ParseResult<T> = std::result::Result<T, String>;
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &str) -> ParseResult<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!("file is truncated: {what} at byte {} needs {n} bytes", self.pos)
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "file is truncated: {what} at byte {} needs {n} bytes",
+                    self.pos
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -189,7 +207,9 @@ impl<'a> Reader<'a> {
         let n = self.u64(what)?;
         let left = (self.buf.len() - self.pos) as u64;
         if n.saturating_mul(min_item_bytes as u64) > left {
-            return Err(format!("{what} is {n}, more than the file can hold (corrupt header?)"));
+            return Err(format!(
+                "{what} is {n}, more than the file can hold (corrupt header?)"
+            ));
         }
         Ok(n as usize)
     }
@@ -239,13 +259,17 @@ type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>);
 
 fn parse(buf: &[u8]) -> ParseResult<Parsed> {
     let mut r = Reader { buf, pos: 0 };
-    let magic = r.take(4, "magic").map_err(|_| "file is too small to be a GGUF/ZSE file".to_string())?;
+    let magic = r
+        .take(4, "magic")
+        .map_err(|_| "file is too small to be a GGUF/ZSE file".to_string())?;
     if magic != GGUF_MAGIC {
         return Err("not a GGUF/ZSE file (wrong magic bytes)".into());
     }
     let version = r.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(format!("unsupported GGUF version {version} (supported: 2, 3)"));
+        return Err(format!(
+            "unsupported GGUF version {version} (supported: 2, 3)"
+        ));
     }
     // A tensor entry takes at least 8 (name length) + 4 + 8 + 4 + 8 bytes.
     let n_tensors = r.count("tensor count", 32)?;
@@ -254,7 +278,9 @@ fn parse(buf: &[u8]) -> ParseResult<Parsed> {
     for _ in 0..n_kv {
         let key = r.string("metadata key")?;
         let t = r.u32("metadata type")?;
-        let v = r.value(t, 0).map_err(|e| format!("metadata '{key}': {e}"))?;
+        let v = r
+            .value(t, 0)
+            .map_err(|e| format!("metadata '{key}': {e}"))?;
         metadata.insert(key, v);
     }
     let mut raw = Vec::with_capacity(n_tensors);
@@ -324,12 +350,19 @@ mod tests {
     use super::*;
 
     fn tiny_file() -> Vec<u8> {
-        let t = candle_core::Tensor::arange(0f32, 64., &Device::Cpu).unwrap().reshape((2, 32)).unwrap();
+        let t = candle_core::Tensor::arange(0f32, 64., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 32))
+            .unwrap();
         let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
         let mut out = std::io::Cursor::new(Vec::new());
         let v = Value::String("llama".into());
-        candle_core::quantized::gguf_file::write(&mut out, &[("general.architecture", &v)], &[("w", &q)])
-            .unwrap();
+        candle_core::quantized::gguf_file::write(
+            &mut out,
+            &[("general.architecture", &v)],
+            &[("w", &q)],
+        )
+        .unwrap();
         out.into_inner()
     }
 

@@ -81,8 +81,10 @@ pub fn tokenizer_json_from_gguf(g: &GgufFile) -> Result<String> {
         )));
     }
     let missing = |k: &str| Error::invalid_file(g.path(), format!("{k} is missing or malformed"));
-    let tokens = strings(g.get("tokenizer.ggml.tokens")).ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
-    let merges = strings(g.get("tokenizer.ggml.merges")).ok_or_else(|| missing("tokenizer.ggml.merges"))?;
+    let tokens =
+        strings(g.get("tokenizer.ggml.tokens")).ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
+    let merges =
+        strings(g.get("tokenizer.ggml.merges")).ok_or_else(|| missing("tokenizer.ggml.merges"))?;
     let types = ints(g.get("tokenizer.ggml.token_type")).unwrap_or_else(|| vec![1; tokens.len()]);
     if types.len() != tokens.len() {
         return Err(missing("tokenizer.ggml.token_type"));

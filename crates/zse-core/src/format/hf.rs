@@ -35,7 +35,8 @@ pub struct HfDir {
 
 fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path.display(), e))?;
-    serde_json::from_str(&text).map_err(|e| Error::invalid_file(path.display(), format!("not valid JSON: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::invalid_file(path.display(), format!("not valid JSON: {e}")))
 }
 
 /// GGUF name for a HF tensor name, or None for tensors ZSE ignores.
@@ -52,7 +53,8 @@ fn gguf_name(hf: &str) -> Result<Option<String>> {
     if let Some(s) = simple {
         return Ok(Some(s.to_string()));
     }
-    let unsupported = || Error::Unsupported(format!("unexpected tensor '{hf}' in the safetensors files"));
+    let unsupported =
+        || Error::Unsupported(format!("unexpected tensor '{hf}' in the safetensors files"));
     let rest = hf.strip_prefix("model.layers.").ok_or_else(unsupported)?;
     let (layer, rest) = rest.split_once('.').ok_or_else(unsupported)?;
     let layer: usize = layer.parse().map_err(|_| unsupported())?;
@@ -82,14 +84,23 @@ impl HfDir {
         let shown = dir.display().to_string();
         let config_json = read_json(&dir.join("config.json"))?;
         let config = ModelConfig::from_hf_config(&config_json)?;
-        let rope_factors = llama3_rope_factors(config.head_dim, config.rope_theta, &config_json["rope_scaling"]);
+        let rope_factors = llama3_rope_factors(
+            config.head_dim,
+            config.rope_theta,
+            &config_json["rope_scaling"],
+        );
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer_json = std::fs::read_to_string(&tok_path).map_err(|e| Error::io(tok_path.display(), e))?;
+        let tokenizer_json =
+            std::fs::read_to_string(&tok_path).map_err(|e| Error::io(tok_path.display(), e))?;
         let tokenizer = tokenizer_json
             .parse::<tokenizers::Tokenizer>()
             .map_err(|e| Error::invalid_file(tok_path.display(), e))?;
         let tok_config_path = dir.join("tokenizer_config.json");
-        let tok_config = if tok_config_path.exists() { read_json(&tok_config_path)? } else { Json::Null };
+        let tok_config = if tok_config_path.exists() {
+            read_json(&tok_config_path)?
+        } else {
+            Json::Null
+        };
         let chat_template = match &tok_config["chat_template"] {
             Json::String(s) => Some(s.clone()),
             Json::Array(items) => items
@@ -124,19 +135,29 @@ impl HfDir {
             .collect();
         st_files.sort();
         if st_files.is_empty() {
-            return Err(Error::invalid_file(&shown, "no *.safetensors files in the model directory"));
+            return Err(Error::invalid_file(
+                &shown,
+                "no *.safetensors files in the model directory",
+            ));
         }
         let mut maps = Vec::new();
         let mut entries = BTreeMap::new();
         for (i, path) in st_files.iter().enumerate() {
             let f = std::fs::File::open(path).map_err(|e| Error::io(path.display(), e))?;
             // SAFETY: read-only private map of a file we only read.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path.display(), e))?;
+            let map =
+                unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path.display(), e))?;
             let st = safetensors::SafeTensors::deserialize(&map)
                 .map_err(|e| Error::invalid_file(path.display(), e))?;
             for name in st.names() {
                 if let Some(g) = gguf_name(name)? {
-                    entries.insert(g, Entry { file: i, hf_name: name.to_string() });
+                    entries.insert(
+                        g,
+                        Entry {
+                            file: i,
+                            hf_name: name.to_string(),
+                        },
+                    );
                 }
             }
             maps.push(map);
@@ -144,7 +165,10 @@ impl HfDir {
         if config.tied_embeddings {
             entries.remove("output.weight");
         }
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
         let mut files = vec![dir.join("config.json"), tok_path];
         files.extend(st_files);
         Ok(Self {
@@ -174,7 +198,9 @@ impl HfDir {
             .ok_or_else(|| Error::Unsupported(format!("tensor '{gguf_name}' is missing")))?;
         let st = safetensors::SafeTensors::deserialize(&self.maps[entry.file])
             .map_err(|e| Error::invalid_file(self.dir.display(), e))?;
-        let view = st.tensor(&entry.hf_name).map_err(|e| Error::invalid_file(self.dir.display(), e))?;
+        let view = st
+            .tensor(&entry.hf_name)
+            .map_err(|e| Error::invalid_file(self.dir.display(), e))?;
         Ok(view.shape().to_vec())
     }
 
@@ -188,13 +214,18 @@ impl HfDir {
         let path = self.dir.display();
         let st = safetensors::SafeTensors::deserialize(&self.maps[entry.file])
             .map_err(|e| Error::invalid_file(&path, e))?;
-        let view = st.tensor(&entry.hf_name).map_err(|e| Error::invalid_file(&path, e))?;
+        let view = st
+            .tensor(&entry.hf_name)
+            .map_err(|e| Error::invalid_file(&path, e))?;
         let (dtype, gdtype) = match view.dtype() {
             safetensors::Dtype::F32 => (DType::F32, GgmlDType::F32),
             safetensors::Dtype::F16 => (DType::F16, GgmlDType::F16),
             safetensors::Dtype::BF16 => (DType::BF16, GgmlDType::BF16),
             other => {
-                return Err(Error::Unsupported(format!("tensor '{}' has dtype {other:?}", entry.hf_name)))
+                return Err(Error::Unsupported(format!(
+                    "tensor '{}' has dtype {other:?}",
+                    entry.hf_name
+                )))
             }
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
@@ -207,7 +238,9 @@ impl HfDir {
             None
         };
         let t = match heads {
-            Some(h) if c.rope_style == RopeStyle::Interleaved => permute_for_interleaved_rope(&t, h)?,
+            Some(h) if c.rope_style == RopeStyle::Interleaved => {
+                permute_for_interleaved_rope(&t, h)?
+            }
             _ => t,
         };
         let gdtype = if t.rank() < 2 { GgmlDType::F32 } else { gdtype };
@@ -221,11 +254,16 @@ pub fn permute_for_interleaved_rope(t: &Tensor, heads: usize) -> Result<Tensor> 
     let dims = t.dims().to_vec();
     let rows = dims[0];
     if heads == 0 || rows % (2 * heads) != 0 {
-        return Err(Error::Unsupported(format!("cannot split {rows} rows into {heads} rotary heads")));
+        return Err(Error::Unsupported(format!(
+            "cannot split {rows} rows into {heads} rotary heads"
+        )));
     }
     let half = rows / heads / 2;
     let rest: usize = dims[1..].iter().product();
-    Ok(t.reshape((heads, 2, half, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    Ok(t.reshape((heads, 2, half, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 #[cfg(test)]
@@ -234,9 +272,21 @@ mod tests {
 
     #[test]
     fn maps_hf_names() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.bias").unwrap().unwrap(), "blk.3.attn_q.bias");
-        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").unwrap().unwrap(), "blk.0.ffn_down.weight");
-        assert!(gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq").unwrap().is_none());
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.bias")
+                .unwrap()
+                .unwrap(),
+            "blk.3.attn_q.bias"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight")
+                .unwrap()
+                .unwrap(),
+            "blk.0.ffn_down.weight"
+        );
+        assert!(gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq")
+            .unwrap()
+            .is_none());
         assert!(gguf_name("vision_tower.weight").is_err());
     }
 
@@ -245,6 +295,9 @@ mod tests {
         // One head of dim 4: rows [a0, a1, b0, b1] (pairs (a0,b0), (a1,b1)) become [a0, b0, a1, b1].
         let t = Tensor::new(&[[0f32], [1.], [2.], [3.]], &Device::Cpu).unwrap();
         let p = permute_for_interleaved_rope(&t, 1).unwrap();
-        assert_eq!(p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0., 2., 1., 3.]);
+        assert_eq!(
+            p.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0., 2., 1., 3.]
+        );
     }
 }

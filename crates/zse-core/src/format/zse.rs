@@ -66,19 +66,28 @@ impl ZseFile {
             ));
         }
         let need_str = |k: &str| -> Result<String> {
-            gguf.get_str(k).map(str::to_string).ok_or_else(|| Error::invalid_file(&p, format!("{k} is missing")))
+            gguf.get_str(k)
+                .map(str::to_string)
+                .ok_or_else(|| Error::invalid_file(&p, format!("{k} is missing")))
         };
         let config: ModelConfig = serde_json::from_str(&need_str(keys::CONFIG)?)
             .map_err(|e| Error::invalid_file(&p, format!("{} is malformed: {e}", keys::CONFIG)))?;
         config.validate()?;
         let eos_token_ids = match gguf.get(keys::EOS_TOKEN_IDS) {
-            Some(Value::Array(items)) => items.iter().filter_map(value_as_u64).map(|v| v as u32).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(value_as_u64)
+                .map(|v| v as u32)
+                .collect(),
             _ => Vec::new(),
         };
         let opt_str = |k: &str| gguf.get_str(k).map(str::to_string).unwrap_or_default();
         Ok(Self {
             config,
-            name: gguf.get_str(keys::MODEL_NAME).unwrap_or("model").to_string(),
+            name: gguf
+                .get_str(keys::MODEL_NAME)
+                .unwrap_or("model")
+                .to_string(),
             tokenizer_json: need_str(keys::TOKENIZER_JSON)?,
             chat_template: gguf.get_str(keys::CHAT_TEMPLATE).map(str::to_string),
             bos_token_id: gguf.get_u64(keys::BOS_TOKEN_ID).map(|v| v as u32),
@@ -101,7 +110,13 @@ impl ZseFile {
     pub fn tensor_types(&self) -> Vec<(String, String, usize)> {
         let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
         for t in &self.gguf.tensors {
-            let kind = t.name.split('.').rev().nth(1).unwrap_or(&t.name).to_string();
+            let kind = t
+                .name
+                .split('.')
+                .rev()
+                .nth(1)
+                .unwrap_or(&t.name)
+                .to_string();
             *counts.entry((kind, format!("{:?}", t.dtype))).or_default() += 1;
         }
         counts.into_iter().map(|((k, d), n)| (k, d, n)).collect()

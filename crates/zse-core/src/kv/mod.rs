@@ -16,7 +16,10 @@ pub struct SeqKvCache {
 
 impl SeqKvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0 }
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
     }
 
     /// Number of positions already stored (the position of the next token).
@@ -33,7 +36,10 @@ impl SeqKvCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match self.layers[layer].take() {
             None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], D::Minus2)?, Tensor::cat(&[&pv, v], D::Minus2)?),
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, k], D::Minus2)?,
+                Tensor::cat(&[&pv, v], D::Minus2)?,
+            ),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))

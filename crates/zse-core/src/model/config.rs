@@ -77,10 +77,15 @@ impl ModelConfig {
             )));
         }
         if self.head_dim % 2 != 0 {
-            return Err(Error::Unsupported(format!("odd head_dim {}", self.head_dim)));
+            return Err(Error::Unsupported(format!(
+                "odd head_dim {}",
+                self.head_dim
+            )));
         }
         if !(self.rope_theta > 0.0 && self.rms_norm_eps > 0.0) {
-            return Err(Error::Unsupported("rope_theta and rms_norm_eps must be positive".into()));
+            return Err(Error::Unsupported(
+                "rope_theta and rms_norm_eps must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -103,14 +108,15 @@ impl ModelConfig {
         };
         let hidden = need("embedding_length")? as usize;
         let heads = need("attention.head_count")? as usize;
-        let kv_heads = g.get_u64(&format!("{arch}.attention.head_count_kv")).unwrap_or(heads as u64);
+        let kv_heads = g
+            .get_u64(&format!("{arch}.attention.head_count_kv"))
+            .unwrap_or(heads as u64);
         let embd = g
             .tensor_info("token_embd.weight")
             .ok_or_else(|| Error::invalid_file(g.path(), "tensor token_embd.weight is missing"))?;
         let head_dim = match g.get_u64(&format!("{arch}.attention.key_length")) {
             Some(d) => d as usize,
-            None if heads > 0 => hidden / heads,
-            None => 0,
+            None => hidden.checked_div(heads).unwrap_or(0),
         };
         let cfg = ModelConfig {
             rope_style: Self::rope_style_for(&arch),
@@ -123,7 +129,9 @@ impl ModelConfig {
             num_heads: heads,
             num_kv_heads: kv_heads as usize,
             head_dim,
-            rope_theta: g.get_f64(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rope_theta: g
+                .get_f64(&format!("{arch}.rope.freq_base"))
+                .unwrap_or(10_000.0) as f32,
             rms_norm_eps: g
                 .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5) as f32,
@@ -137,7 +145,10 @@ impl ModelConfig {
     /// Reads a HF `config.json`.
     pub fn from_hf_config(json: &serde_json::Value) -> Result<Self> {
         let bad = |m: String| Error::Unsupported(format!("config.json: {m}"));
-        let archs = json["architectures"].as_array().cloned().unwrap_or_default();
+        let archs = json["architectures"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let hf_arch = archs.first().and_then(|a| a.as_str()).unwrap_or("");
         let arch = match hf_arch {
             "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
@@ -152,7 +163,7 @@ impl ModelConfig {
         let need = |k: &str| int(k).ok_or_else(|| bad(format!("'{k}' is missing")));
         let hidden = need("hidden_size")?;
         let heads = need("num_attention_heads")?;
-        let head_dim = int("head_dim").unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        let head_dim = int("head_dim").unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let cfg = ModelConfig {
             architecture: arch.to_string(),
             vocab_size: need("vocab_size")?,
@@ -175,7 +186,11 @@ impl ModelConfig {
 
     /// Rough parameter count from the shapes (embeddings counted once when tied).
     pub fn parameter_count(&self) -> u64 {
-        let (h, f, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let (h, f, v) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.vocab_size as u64,
+        );
         let q = (self.num_heads * self.head_dim) as u64;
         let kv = (self.num_kv_heads * self.head_dim) as u64;
         let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
@@ -187,15 +202,23 @@ impl ModelConfig {
 
 /// Llama 3's frequency-dependent RoPE scaling, as one divisor per rotary pair
 /// (llama.cpp stores the same numbers as the `rope_freqs.weight` tensor).
-pub fn llama3_rope_factors(head_dim: usize, theta: f32, scaling: &serde_json::Value) -> Option<Vec<f32>> {
-    let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str())?;
+pub fn llama3_rope_factors(
+    head_dim: usize,
+    theta: f32,
+    scaling: &serde_json::Value,
+) -> Option<Vec<f32>> {
+    let kind = scaling["rope_type"]
+        .as_str()
+        .or_else(|| scaling["type"].as_str())?;
     if kind != "llama3" {
         return None;
     }
     let factor = scaling["factor"].as_f64()? as f32;
     let low = scaling["low_freq_factor"].as_f64().unwrap_or(1.0) as f32;
     let high = scaling["high_freq_factor"].as_f64().unwrap_or(4.0) as f32;
-    let original = scaling["original_max_position_embeddings"].as_f64().unwrap_or(8192.0) as f32;
+    let original = scaling["original_max_position_embeddings"]
+        .as_f64()
+        .unwrap_or(8192.0) as f32;
     let low_wavelen = original / low;
     let high_wavelen = original / high;
     Some(
@@ -240,7 +263,10 @@ mod tests {
     fn rejects_unknown_architecture_and_bad_heads() {
         let mut j = hf();
         j["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-        assert!(ModelConfig::from_hf_config(&j).unwrap_err().to_string().contains("GPT2LMHeadModel"));
+        assert!(ModelConfig::from_hf_config(&j)
+            .unwrap_err()
+            .to_string()
+            .contains("GPT2LMHeadModel"));
         let mut j = hf();
         j["num_key_value_heads"] = serde_json::json!(3);
         assert!(ModelConfig::from_hf_config(&j).is_err());

@@ -66,6 +66,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     max_positions: usize,
+    /// Storage type of the KV cache.
+    kv_dtype: DType,
 }
 
 /// Every tensor a model with this config has, with its shape (candle order). The
@@ -73,7 +75,10 @@ pub struct Llama {
 pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    let mut out = vec![("token_embd.weight".to_string(), vec![v, h]), ("output_norm.weight".to_string(), vec![h])];
+    let mut out = vec![
+        ("token_embd.weight".to_string(), vec![v, h]),
+        ("output_norm.weight".to_string(), vec![h]),
+    ];
     if !c.tied_embeddings {
         out.push(("output.weight".to_string(), vec![v, h]));
     }
@@ -107,22 +112,33 @@ pub fn check_tensor_set(c: &ModelConfig, found: &[(String, Vec<usize>)]) -> Resu
     for (name, shape) in found {
         match expected.get(name) {
             Some(want) if want != shape => {
-                return Err(Error::Unsupported(format!("tensor '{name}' has shape {shape:?}, expected {want:?}")))
+                return Err(Error::Unsupported(format!(
+                    "tensor '{name}' has shape {shape:?}, expected {want:?}"
+                )))
             }
             Some(_) => {}
             None if name == ROPE_FREQS && shape == &vec![c.head_dim / 2] => {}
-            None => return Err(Error::Unsupported(format!("unexpected tensor '{name}' with shape {shape:?}"))),
+            None => {
+                return Err(Error::Unsupported(format!(
+                    "unexpected tensor '{name}' with shape {shape:?}"
+                )))
+            }
         }
     }
     let have: std::collections::HashSet<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
-    if let Some((missing, _)) = expected_tensors(c).iter().find(|(n, _)| !have.contains(n.as_str())) {
+    if let Some((missing, _)) = expected_tensors(c)
+        .iter()
+        .find(|(n, _)| !have.contains(n.as_str()))
+    {
         return Err(Error::Unsupported(format!("tensor '{missing}' is missing")));
     }
     Ok(())
 }
 
 fn load_checked(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<QTensor> {
-    let t = src.load(name)?.ok_or_else(|| Error::Unsupported(format!("tensor '{name}' is missing")))?;
+    let t = src
+        .load(name)?
+        .ok_or_else(|| Error::Unsupported(format!("tensor '{name}' is missing")))?;
     if t.shape().dims() != shape {
         return Err(Error::Unsupported(format!(
             "tensor '{name}' has shape {:?}, expected {shape:?}",
@@ -132,21 +148,39 @@ fn load_checked(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Q
     Ok(t)
 }
 
-fn load_f32(src: &dyn TensorSource, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
-    Ok(load_checked(src, name, shape)?.dequantize(device)?.to_dtype(DType::F32)?)
+fn load_f32(
+    src: &dyn TensorSource,
+    name: &str,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    Ok(load_checked(src, name, shape)?
+        .dequantize(device)?
+        .to_dtype(DType::F32)?)
 }
 
 impl Llama {
     /// Builds the model from `src`, checking every tensor's presence and shape.
     /// `max_positions` bounds the RoPE tables (the serving context length).
-    pub fn load(config: &ModelConfig, src: &dyn TensorSource, max_positions: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: &ModelConfig,
+        src: &dyn TensorSource,
+        max_positions: usize,
+        kv_dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate()?;
         let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight = QMatMul::from_qtensor(load_checked(src, &format!("{name}.weight"), &[out, inp])?)?;
-            let bias = if bias { Some(load_f32(src, &format!("{name}.bias"), &[out], device)?) } else { None };
+            let weight =
+                QMatMul::from_qtensor(load_checked(src, &format!("{name}.weight"), &[out, inp])?)?;
+            let bias = if bias {
+                Some(load_f32(src, &format!("{name}.bias"), &[out], device)?)
+            } else {
+                None
+            };
             Ok(Linear { weight, bias })
         };
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -171,12 +205,20 @@ impl Llama {
             QMatMul::from_qtensor(load_checked(src, "output.weight", &[c.vocab_size, h])?)?
         };
         let factors = match src.load(ROPE_FREQS)? {
-            Some(t) => Some(t.dequantize(device)?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            Some(t) => Some(
+                t.dequantize(device)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            ),
             None => None,
         };
         if let Some(f) = &factors {
             if f.len() != hd / 2 {
-                return Err(Error::Unsupported(format!("rope_freqs has {} entries, expected {}", f.len(), hd / 2)));
+                return Err(Error::Unsupported(format!(
+                    "rope_freqs has {} entries, expected {}",
+                    f.len(),
+                    hd / 2
+                )));
             }
         }
         let (cos, sin) = rope_tables(hd, c.rope_theta, factors.as_deref(), max_positions, device)?;
@@ -190,6 +232,7 @@ impl Llama {
             cos,
             sin,
             max_positions,
+            kv_dtype,
         })
     }
 
@@ -212,7 +255,10 @@ impl Llama {
         let mut ids = Vec::new();
         for it in items.iter() {
             if it.tokens.is_empty() {
-                return Err(Error::invalid_argument("tokens", "a batch item has no tokens"));
+                return Err(Error::invalid_argument(
+                    "tokens",
+                    "a batch item has no tokens",
+                ));
             }
             if it.cache.len() + it.tokens.len() > self.max_positions {
                 return Err(Error::ContextLengthExceeded {
@@ -221,7 +267,10 @@ impl Llama {
                 });
             }
             if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(Error::invalid_argument("tokens", format!("token id {bad} is outside the vocabulary")));
+                return Err(Error::invalid_argument(
+                    "tokens",
+                    format!("token id {bad} is outside the vocabulary"),
+                ));
             }
             ids.extend_from_slice(it.tokens);
         }
@@ -239,16 +288,27 @@ impl Llama {
                 let n = it.tokens.len();
                 let pos = it.cache.len();
                 let heads = |t: &Tensor, nh: usize| -> Result<Tensor> {
-                    Ok(t.narrow(0, off, n)?.reshape((n, nh, c.head_dim))?.transpose(0, 1)?.contiguous()?)
+                    Ok(t.narrow(0, off, n)?
+                        .reshape((n, nh, c.head_dim))?
+                        .transpose(0, 1)?
+                        .contiguous()?)
                 };
                 let qi = self.rope(&heads(&q, c.num_heads)?, pos)?;
                 let ki = self.rope(&heads(&k, c.num_kv_heads)?, pos)?;
                 let vi = heads(&v, c.num_kv_heads)?;
-                let (kc, vc) = it.cache.append(li, &ki, &vi)?;
+                // The cache may hold F16 (half the memory, llama.cpp's default);
+                // attention itself computes in F32.
+                let kv = self.kv_dtype;
+                let (kc, vc) = it.cache.append(li, &ki.to_dtype(kv)?, &vi.to_dtype(kv)?)?;
+                let (kc, vc) = (kc.to_dtype(DType::F32)?, vc.to_dtype(DType::F32)?);
                 outs.push(self.attention(&qi, &kc, &vc, pos)?);
                 off += n;
             }
-            let att = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+            let att = if outs.len() == 1 {
+                outs.swap_remove(0)
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + layer.o.forward(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
             let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
@@ -311,16 +371,24 @@ impl Llama {
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = if n > 1 {
             let mask: Vec<f32> = (0..n)
-                .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
                 .collect();
             let mask = Tensor::from_vec(mask, (n, total), &self.device)?;
-            scores.reshape((nkv, groups, n, total))?.broadcast_add(&mask)?.reshape((nkv, groups * n, total))?
+            scores
+                .reshape((nkv, groups, n, total))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, groups * n, total))?
         } else {
             scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(v)?; // [nkv, groups * n, d]
-        Ok(out.reshape((nh, n, d))?.transpose(0, 1)?.reshape((n, nh * d))?)
+        Ok(out
+            .reshape((nh, n, d))?
+            .transpose(0, 1)?
+            .reshape((n, nh * d))?)
     }
 }
 
@@ -345,4 +413,3 @@ fn rope_tables(
     let angles = positions.broadcast_mul(&inv_freq)?;
     Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
 }
-

@@ -48,13 +48,19 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         let bad = Error::invalid_argument;
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(bad("temperature", format!("{} must be a number >= 0", self.temperature)));
+            return Err(bad(
+                "temperature",
+                format!("{} must be a number >= 0", self.temperature),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(bad("top_p", format!("{} must be in (0, 1]", self.top_p)));
@@ -63,19 +69,31 @@ impl SamplingParams {
             return Err(bad("min_p", format!("{} must be in [0, 1]", self.min_p)));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(bad("repetition_penalty", format!("{} must be > 0", self.repetition_penalty)));
+            return Err(bad(
+                "repetition_penalty",
+                format!("{} must be > 0", self.repetition_penalty),
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return Err(bad(name, format!("{v} must be in [-2, 2]")));
             }
         }
         for &(id, b) in &self.logit_bias {
             if id as usize >= vocab_size {
-                return Err(bad("logit_bias", format!("token id {id} is outside the vocabulary (size {vocab_size})")));
+                return Err(bad(
+                    "logit_bias",
+                    format!("token id {id} is outside the vocabulary (size {vocab_size})"),
+                ));
             }
             if !(-100.0..=100.0).contains(&b) {
-                return Err(bad("logit_bias", format!("bias {b} for token {id} must be in [-100, 100]")));
+                return Err(bad(
+                    "logit_bias",
+                    format!("bias {b} for token {id} must be in [-100, 100]"),
+                ));
             }
         }
         Ok(())
@@ -115,7 +133,11 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();
     }
-    let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    let cmp = |a: &u32, b: &u32| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    };
     idx.select_nth_unstable_by(n - 1, cmp);
     idx.truncate(n);
     idx.sort_by(cmp);
@@ -128,7 +150,12 @@ impl Sampler {
             Some(s) => ChaCha8Rng::seed_from_u64(s),
             None => ChaCha8Rng::from_rng(&mut rand::rng()),
         };
-        Self { params, rng, counts: HashMap::new(), seen: prompt.iter().copied().collect() }
+        Self {
+            params,
+            rng,
+            counts: HashMap::new(),
+            seen: prompt.iter().copied().collect(),
+        }
     }
 
     /// Picks the next token from `logits` (modified in place). `logprobs`: None for
@@ -136,12 +163,27 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32], logprobs: Option<usize>) -> Sampled {
         let reported = logprobs.map(|n| (log_softmax(logits), n));
         self.process(logits);
-        let token = if self.params.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
-        self.counts.entry(token).and_modify(|c| *c += 1).or_insert(1);
+        let token = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        self.counts
+            .entry(token)
+            .and_modify(|c| *c += 1)
+            .or_insert(1);
         self.seen.insert(token);
         match reported {
-            Some((lp, n)) => Sampled { token, logprob: Some(lp[token as usize]), top: top_n(&lp, n) },
-            None => Sampled { token, logprob: None, top: Vec::new() },
+            Some((lp, n)) => Sampled {
+                token,
+                logprob: Some(lp[token as usize]),
+                top: top_n(&lp, n),
+            },
+            None => Sampled {
+                token,
+                logprob: None,
+                top: Vec::new(),
+            },
         }
     }
 
@@ -153,7 +195,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 let l = &mut logits[t as usize];
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -167,10 +213,17 @@ impl Sampler {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         // Candidates sorted by logit, cut by top-k; then probabilities.
-        let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
+        let k = if p.top_k == 0 {
+            logits.len()
+        } else {
+            p.top_k.min(logits.len())
+        };
         let mut cand = top_n(logits, k);
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| (((l - max) * inv_t) as f64).exp()).collect();
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, l)| (((l - max) * inv_t) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         // top-p: the smallest prefix whose mass reaches top_p (at least one token).
@@ -236,10 +289,17 @@ mod tests {
 
     #[test]
     fn seed_reproduces_and_top_k_restricts() {
-        let params = SamplingParams { temperature: 1.5, top_k: 2, seed: Some(7), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.5,
+            top_k: 2,
+            seed: Some(7),
+            ..Default::default()
+        };
         let run = || {
             let mut s = Sampler::new(params.clone(), &[]);
-            (0..50).map(|_| s.sample(&mut logits(), None).token).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut logits(), None).token)
+                .collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
@@ -249,10 +309,18 @@ mod tests {
 
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
-        let p = SamplingParams { top_p: 0.01, seed: Some(1), ..Default::default() };
+        let p = SamplingParams {
+            top_p: 0.01,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(p, &[]);
         assert!((0..20).all(|_| s.sample(&mut logits(), None).token == 1));
-        let p = SamplingParams { min_p: 0.95, seed: Some(1), ..Default::default() };
+        let p = SamplingParams {
+            min_p: 0.95,
+            seed: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(p, &[]);
         // Token 4 (2.9) has ~0.90 of token 1's probability: cut.
         assert!((0..20).all(|_| s.sample(&mut logits(), None).token == 1));
@@ -260,11 +328,20 @@ mod tests {
 
     #[test]
     fn penalties_and_bias_move_the_choice() {
-        let p = SamplingParams { logit_bias: vec![(3, 10.0)], ..SamplingParams::greedy() };
+        let p = SamplingParams {
+            logit_bias: vec![(3, 10.0)],
+            ..SamplingParams::greedy()
+        };
         assert_eq!(Sampler::new(p, &[]).sample(&mut logits(), None).token, 3);
-        let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
         assert_eq!(Sampler::new(p, &[1]).sample(&mut logits(), None).token, 4);
-        let p = SamplingParams { presence_penalty: 1.0, ..SamplingParams::greedy() };
+        let p = SamplingParams {
+            presence_penalty: 1.0,
+            ..SamplingParams::greedy()
+        };
         let mut s = Sampler::new(p, &[]);
         assert_eq!(s.sample(&mut logits(), None).token, 1);
         assert_eq!(s.sample(&mut logits(), None).token, 4);
@@ -273,11 +350,41 @@ mod tests {
     #[test]
     fn validation_names_the_parameter() {
         let cases = [
-            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p"),
-            (SamplingParams { presence_penalty: 3.0, ..Default::default() }, "presence_penalty"),
-            (SamplingParams { logit_bias: vec![(99, 1.0)], ..Default::default() }, "logit_bias"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(99, 1.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
         ];
         for (p, name) in cases {
             match p.validate(10) {

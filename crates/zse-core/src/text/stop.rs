@@ -19,7 +19,10 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
     }
 
     pub fn push(&mut self, delta: &str) -> StopStatus {
@@ -29,7 +32,12 @@ impl StopMatcher {
         self.pending.push_str(delta);
         // Every stop string that occurs must start inside `pending`: emitted text never
         // ends with a prefix of a stop string.
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
             return StopStatus::Stopped(out);
@@ -84,7 +92,10 @@ mod tests {
 
     #[test]
     fn stop_across_tokens_is_cut_before_it() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]

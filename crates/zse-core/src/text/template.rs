@@ -19,20 +19,30 @@ const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
 impl ChatMessage {
     /// Reads OpenAI-shaped messages: `content` a string or a list of text parts.
     pub fn parse_list(json: &serde_json::Value) -> Result<Vec<ChatMessage>> {
-        let items = json.as_array().ok_or_else(|| Error::invalid_argument("messages", "must be a list of messages"))?;
+        let items = json
+            .as_array()
+            .ok_or_else(|| Error::invalid_argument("messages", "must be a list of messages"))?;
         if items.is_empty() {
-            return Err(Error::invalid_argument("messages", "must contain at least one message"));
+            return Err(Error::invalid_argument(
+                "messages",
+                "must contain at least one message",
+            ));
         }
-        items.iter().enumerate().map(|(i, m)| Self::parse(i, m)).collect()
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Self::parse(i, m))
+            .collect()
     }
 
     fn parse(i: usize, m: &serde_json::Value) -> Result<ChatMessage> {
         let param = format!("messages[{i}]");
-        let obj = m.as_object().ok_or_else(|| Error::invalid_argument(&param, "must be an object with 'role' and 'content'"))?;
-        let role = obj
-            .get("role")
-            .and_then(|r| r.as_str())
-            .ok_or_else(|| Error::invalid_argument(format!("{param}.role"), "is required and must be a string"))?;
+        let obj = m.as_object().ok_or_else(|| {
+            Error::invalid_argument(&param, "must be an object with 'role' and 'content'")
+        })?;
+        let role = obj.get("role").and_then(|r| r.as_str()).ok_or_else(|| {
+            Error::invalid_argument(format!("{param}.role"), "is required and must be a string")
+        })?;
         if !ROLES.contains(&role) {
             return Err(Error::invalid_argument(
                 format!("{param}.role"),
@@ -44,7 +54,10 @@ impl ChatMessage {
             Some(serde_json::Value::Array(parts)) => {
                 let mut text = String::new();
                 for (j, p) in parts.iter().enumerate() {
-                    match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
+                    match (
+                        p.get("type").and_then(|t| t.as_str()),
+                        p.get("text").and_then(|t| t.as_str()),
+                    ) {
                         (Some("text"), Some(t)) => text.push_str(t),
                         _ => {
                             return Err(Error::invalid_argument(
@@ -64,7 +77,10 @@ impl ChatMessage {
                 ))
             }
         };
-        Ok(ChatMessage { role: role.to_string(), content })
+        Ok(ChatMessage {
+            role: role.to_string(),
+            content,
+        })
     }
 }
 
@@ -89,7 +105,8 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Template(e.to_string()))?;
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Template(e.to_string()))?;
         Ok(Self { env })
     }
 
@@ -100,7 +117,10 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String> {
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -120,23 +140,42 @@ mod tests {
     #[test]
     fn renders_chatml_with_generation_prompt() {
         let t = ChatTemplate::new(CHATML).unwrap();
-        let msgs = vec![ChatMessage { role: "user".into(), content: "Hi".into() }];
-        assert_eq!(t.render(&msgs, true, "", "").unwrap(), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
-        assert_eq!(t.render(&msgs, false, "", "").unwrap(), "<|im_start|>user\nHi<|im_end|>\n");
+        let msgs = vec![ChatMessage {
+            role: "user".into(),
+            content: "Hi".into(),
+        }];
+        assert_eq!(
+            t.render(&msgs, true, "", "").unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(
+            t.render(&msgs, false, "", "").unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]
     fn python_methods_and_raise_exception() {
         let t = ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}").unwrap();
-        let msgs = vec![ChatMessage { role: "user".into(), content: "  hi ".into() }];
+        let msgs = vec![ChatMessage {
+            role: "user".into(),
+            content: "  hi ".into(),
+        }];
         assert_eq!(t.render(&msgs, false, "", "").unwrap(), "HI");
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").unwrap();
-        assert!(t.render(&msgs, false, "", "").unwrap_err().to_string().contains("roles must alternate"));
+        assert!(t
+            .render(&msgs, false, "", "")
+            .unwrap_err()
+            .to_string()
+            .contains("roles must alternate"));
     }
 
     #[test]
     fn broken_template_is_an_error() {
-        assert!(matches!(ChatTemplate::new("{% for %}"), Err(Error::Template(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}"),
+            Err(Error::Template(_))
+        ));
     }
 
     #[test]
@@ -151,7 +190,13 @@ mod tests {
             serde_json::json!("hello"),
         ];
         for b in bad {
-            assert!(matches!(ChatMessage::parse_list(&b), Err(Error::InvalidArgument { .. })), "{b}");
+            assert!(
+                matches!(
+                    ChatMessage::parse_list(&b),
+                    Err(Error::InvalidArgument { .. })
+                ),
+                "{b}"
+            );
         }
     }
 }
