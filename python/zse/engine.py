@@ -100,7 +100,8 @@ def _sampling(
     logprobs: bool = False,
     top_logprobs: int = 0,
 ) -> _Request:
-    """Validates sampling arguments; ranges are checked again by the engine."""
+    """Checks argument types, and the integers that must be non-negative to cross into
+    the engine; the engine itself checks the ranges of the sampling parameters."""
     kw: dict[str, Any] = {
         "temperature": _check_float("temperature", temperature),
         "top_p": _check_float("top_p", top_p),
@@ -111,10 +112,6 @@ def _sampling(
         "frequency_penalty": _check_float("frequency_penalty", frequency_penalty),
         "ignore_eos": bool(ignore_eos),
     }
-    if kw["temperature"] < 0:
-        raise ValueError(f"invalid value for 'temperature': {temperature} must be >= 0")
-    if not 0 < kw["top_p"] <= 1:
-        raise ValueError(f"invalid value for 'top_p': {top_p} must be in (0, 1]")
     if max_tokens is not None:
         kw["max_tokens"] = _check_int("max_tokens", max_tokens, 1)
     if seed is not None:

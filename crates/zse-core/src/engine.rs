@@ -213,12 +213,6 @@ impl Engine {
             .as_deref()
             .map(ChatTemplate::new)
             .transpose()?;
-        if !matches!(opts.kv_dtype, DType::F16 | DType::F32) {
-            return Err(Error::invalid_argument(
-                "kv_dtype",
-                format!("{:?} (expected F16 or F32)", opts.kv_dtype),
-            ));
-        }
         let tensors = ZseTensors {
             file: &file,
             device: &opts.device,

@@ -32,42 +32,42 @@ pub enum Quant {
     Blocks(GgmlDType),
 }
 
+/// Every scheme name `--quant` accepts, in one table for parsing and naming.
+const SCHEMES: &[(&str, Quant)] = &[
+    ("int4", Quant::Int4),
+    ("int8", Quant::Int8),
+    ("fp16", Quant::Fp16),
+    ("keep", Quant::Keep),
+    ("q4_0", Quant::Blocks(GgmlDType::Q4_0)),
+    ("q4_1", Quant::Blocks(GgmlDType::Q4_1)),
+    ("q4_k", Quant::Blocks(GgmlDType::Q4K)),
+    ("q8_0", Quant::Blocks(GgmlDType::Q8_0)),
+];
+
 impl FromStr for Quant {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "int4" => Quant::Int4,
-            "int8" => Quant::Int8,
-            "fp16" => Quant::Fp16,
-            "keep" => Quant::Keep,
-            "q4_0" => Quant::Blocks(GgmlDType::Q4_0),
-            "q4_1" => Quant::Blocks(GgmlDType::Q4_1),
-            "q4_k" => Quant::Blocks(GgmlDType::Q4K),
-            "q8_0" => Quant::Blocks(GgmlDType::Q8_0),
-            other => {
-                return Err(Error::invalid_argument(
+        SCHEMES
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|&(_, q)| q)
+            .ok_or_else(|| {
+                let names: Vec<&str> = SCHEMES.iter().map(|(n, _)| *n).collect();
+                Error::invalid_argument(
                     "quant",
-                    format!(
-                        "'{other}' (expected int4, int8, fp16, keep, q4_0, q4_1, q4_k or q8_0)"
-                    ),
-                ))
-            }
-        })
+                    format!("'{s}' (expected one of {})", names.join(", ")),
+                )
+            })
     }
 }
 
 impl Quant {
+    /// The scheme's name as `--quant` spells it (and `zse.quantization` records it).
     pub fn name(self) -> &'static str {
-        match self {
-            Quant::Int4 => "int4",
-            Quant::Int8 => "int8",
-            Quant::Fp16 => "fp16",
-            Quant::Keep => "keep",
-            Quant::Blocks(GgmlDType::Q4_0) => "q4_0",
-            Quant::Blocks(GgmlDType::Q4_1) => "q4_1",
-            Quant::Blocks(GgmlDType::Q4K) => "q4_k",
-            Quant::Blocks(_) => "q8_0",
-        }
+        SCHEMES
+            .iter()
+            .find(|(_, q)| *q == self)
+            .map_or("custom", |(n, _)| n)
     }
 
     /// The block type a tensor gets. Vectors (norms, biases) always stay F32; a
@@ -103,8 +103,8 @@ pub struct ConvertReport {
     pub source_sha256: String,
 }
 
-/// A lookup of tensor data or facts by GGUF tensor name.
-type ByName<T> = Box<dyn Fn(&str) -> Result<T>>;
+/// Loads one tensor, by GGUF name, as the source stores it.
+type TensorLoader = Box<dyn Fn(&str) -> Result<QTensor>>;
 
 /// Everything read from a source model, in GGUF conventions.
 struct Source {
@@ -116,9 +116,9 @@ struct Source {
     eos_token_ids: Vec<u32>,
     /// Keys copied as they are, so llama.cpp can still read the output.
     passthrough: Vec<(String, Value)>,
-    tensor_names: Vec<String>,
-    loader: ByName<QTensor>,
-    shape_of: ByName<Vec<usize>>,
+    /// Tensor names and shapes (candle order), in file order.
+    tensors: Vec<(String, Vec<usize>)>,
+    loader: TensorLoader,
     hashed_files: Vec<PathBuf>,
     extra_tensors: Vec<(String, QTensor)>,
 }
@@ -154,20 +154,13 @@ fn gguf_source(path: &Path) -> Result<Source> {
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let tensor_names = g.tensors.iter().map(|t| t.name.clone()).collect();
-    let name = g.get_str("general.name").unwrap_or("model").to_string();
-    let shapes: std::collections::HashMap<String, Vec<usize>> = g
+    let tensors = g
         .tensors
         .iter()
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect();
+    let name = g.get_str("general.name").unwrap_or("model").to_string();
     Ok(Source {
-        shape_of: Box::new(move |n| {
-            shapes
-                .get(n)
-                .cloned()
-                .ok_or_else(|| Error::Unsupported(format!("tensor '{n}' is missing")))
-        }),
         name,
         config,
         tokenizer_json,
@@ -175,7 +168,7 @@ fn gguf_source(path: &Path) -> Result<Source> {
         bos_token_id,
         eos_token_ids,
         passthrough,
-        tensor_names,
+        tensors,
         hashed_files: vec![path.to_path_buf()],
         loader: Box::new(move |n| g.qtensor(n, &Device::Cpu)),
         extra_tensors: Vec::new(),
@@ -215,10 +208,7 @@ fn hf_source(dir: &Path) -> Result<Source> {
         }
         None => Vec::new(),
     };
-    let hf = std::rc::Rc::new(hf);
-    let hf2 = hf.clone();
     Ok(Source {
-        shape_of: Box::new(move |n| hf2.shape_of(n)),
         name: hf.name.clone(),
         config: c,
         tokenizer_json: hf.tokenizer_json.clone(),
@@ -226,7 +216,7 @@ fn hf_source(dir: &Path) -> Result<Source> {
         bos_token_id: hf.bos_token_id,
         eos_token_ids: hf.eos_token_ids.clone(),
         passthrough,
-        tensor_names: hf.tensor_names(),
+        tensors: hf.tensors(),
         hashed_files: hf.files.clone(),
         loader: Box::new(move |n| hf.load(n)),
         extra_tensors,
@@ -275,16 +265,11 @@ pub fn convert(
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
 
     // Check names and shapes before spending minutes on tensors.
-    let shapes: Vec<(String, Vec<usize>)> = source
-        .tensor_names
-        .iter()
-        .map(|n| Ok((n.clone(), (source.shape_of)(n)?)))
-        .collect::<Result<_>>()?;
-    check_tensor_set(&source.config, &shapes)?;
-    let total = source.tensor_names.len();
+    check_tensor_set(&source.config, &source.tensors)?;
+    let total = source.tensors.len();
     let mut tensors: Vec<(String, QTensor)> =
         Vec::with_capacity(total + source.extra_tensors.len());
-    for (i, name) in source.tensor_names.iter().enumerate() {
+    for (i, (name, _)) in source.tensors.iter().enumerate() {
         progress(i, total, name)?;
         let qt = (source.loader)(name)?;
         let target = quant.target(name, qt.shape().dims(), qt.dtype());
@@ -301,16 +286,7 @@ pub fn convert(
     let sha = sha256_of(&source.hashed_files)?;
     let c = &source.config;
     let config_json = serde_json::to_string(c).map_err(|e| Error::Compute(e.to_string()))?;
-    let source_name = source
-        .hashed_files
-        .first()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let source_name = if src.is_dir() {
-        src.display().to_string()
-    } else {
-        source_name
-    };
+    let source_name = src.display().to_string();
     let mut md: Vec<(String, Value)> = source.passthrough;
     md.retain(|(k, _)| k != keys::MODEL_NAME);
     let chat_template = source.chat_template.clone();

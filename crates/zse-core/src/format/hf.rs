@@ -16,6 +16,7 @@ use crate::model::config::{llama3_rope_factors, ModelConfig, RopeStyle};
 struct Entry {
     file: usize,
     hf_name: String,
+    shape: Vec<usize>,
 }
 
 pub struct HfDir {
@@ -149,13 +150,15 @@ impl HfDir {
                 unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path.display(), e))?;
             let st = safetensors::SafeTensors::deserialize(&map)
                 .map_err(|e| Error::invalid_file(path.display(), e))?;
-            for name in st.names() {
-                if let Some(g) = gguf_name(name)? {
+            for (name, view) in st.tensors() {
+                if let Some(g) = gguf_name(&name)? {
+                    let shape = view.shape().to_vec();
                     entries.insert(
                         g,
                         Entry {
                             file: i,
-                            hf_name: name.to_string(),
+                            hf_name: name,
+                            shape,
                         },
                     );
                 }
@@ -186,22 +189,12 @@ impl HfDir {
         })
     }
 
-    /// GGUF names of the tensors found, in a stable order.
-    pub fn tensor_names(&self) -> Vec<String> {
-        self.entries.keys().cloned().collect()
-    }
-
-    pub fn shape_of(&self, gguf_name: &str) -> Result<Vec<usize>> {
-        let entry = self
-            .entries
-            .get(gguf_name)
-            .ok_or_else(|| Error::Unsupported(format!("tensor '{gguf_name}' is missing")))?;
-        let st = safetensors::SafeTensors::deserialize(&self.maps[entry.file])
-            .map_err(|e| Error::invalid_file(self.dir.display(), e))?;
-        let view = st
-            .tensor(&entry.hf_name)
-            .map_err(|e| Error::invalid_file(self.dir.display(), e))?;
-        Ok(view.shape().to_vec())
+    /// GGUF names and shapes of the tensors found, in a stable order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone()))
+            .collect()
     }
 
     /// Loads a tensor in GGUF conventions: q/k rows permuted for interleaved RoPE,

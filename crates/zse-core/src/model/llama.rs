@@ -170,6 +170,12 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         config.validate()?;
+        if !matches!(kv_dtype, DType::F16 | DType::F32) {
+            return Err(Error::invalid_argument(
+                "kv_dtype",
+                format!("{kv_dtype:?} (expected F16 or F32)"),
+            ));
+        }
         let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
