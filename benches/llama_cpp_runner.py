@@ -11,7 +11,14 @@ import statistics
 import sys
 import time
 
+import numpy as np
 from llama_cpp import Llama
+
+
+def last_logits(llm: Llama) -> np.ndarray:
+    # Without logits_all, llama-cpp-python keeps no scores: read llama.cpp's buffer
+    # for the batch's last token directly.
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
 def main() -> None:
