@@ -148,9 +148,9 @@ def test_cancel_stops_generation(tiny_engine: zse.Engine) -> None:
     assert stream.completion.usage.completion_tokens < 500
     assert len(rest) < 500
     deadline = time.monotonic() + 10
-    while tiny_engine._native.stats()[0] != 0 and time.monotonic() < deadline:
+    while tiny_engine.stats()["running"] != 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert tiny_engine._native.stats()[0] == 0
+    assert tiny_engine.stats()["running"] == 0
 
 
 def test_dropped_stream_frees_its_sequence(tiny_engine: zse.Engine) -> None:
@@ -158,9 +158,9 @@ def test_dropped_stream_frees_its_sequence(tiny_engine: zse.Engine) -> None:
     next(stream)
     del stream
     deadline = time.monotonic() + 10
-    while tiny_engine._native.stats()[0] != 0 and time.monotonic() < deadline:
+    while tiny_engine.stats()["running"] != 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert tiny_engine._native.stats()[0] == 0
+    assert tiny_engine.stats()["running"] == 0
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@
 
 from ._core import (
     ContextLengthExceededError,
+    EngineOverloadedError,
     EngineStoppedError,
     ModelFileError,
     TemplateError,
@@ -16,8 +17,10 @@ from ._core import (
 )
 from .convert import convert, inspect
 from .engine import (
+    AsyncDeltaStream,
     AsyncTextStream,
     Completion,
+    Delta,
     Engine,
     TextStream,
     TokenLogprob,
@@ -27,10 +30,13 @@ from .engine import (
 from .models import cache_dir, default_model_path, pull
 
 __all__ = [
+    "AsyncDeltaStream",
     "AsyncTextStream",
     "Completion",
     "ContextLengthExceededError",
+    "Delta",
     "Engine",
+    "EngineOverloadedError",
     "EngineStoppedError",
     "ModelFileError",
     "TemplateError",

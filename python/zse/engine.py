@@ -200,19 +200,28 @@ class TextStream:
         self.close()
 
 
-class AsyncTextStream:
-    """Async twin of `TextStream`: the engine thread wakes the event loop through
-    ``call_soon_threadsafe``; no thread is parked per stream."""
+@dataclass(frozen=True)
+class Delta:
+    """One step of a generation: new text and tokens; the last one has
+    ``finish_reason`` and ``usage`` (and ``error`` when the engine failed)."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        request: _Request,
-        prompt_ids: list[int],
-    ) -> None:
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+
+class _AsyncChunks:
+    """The engine's chunks for one request, awaited without a thread: the engine
+    thread wakes the event loop through ``call_soon_threadsafe``."""
+
+    def __init__(self, engine: Engine, request: _Request, prompt_ids: list[int]) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._collector = _Collector(engine, request.want_logprobs)
+        self._engine = engine
+        self._want_logprobs = request.want_logprobs
         self._stream = engine._native.submit(prompt_ids, notify=self._notify, **request.kwargs)
 
     def _notify(self) -> None:
@@ -222,7 +231,7 @@ class AsyncTextStream:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    def __aiter__(self) -> AsyncIterator[str]:
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
     async def _next_chunk(self) -> _core.Chunk:
@@ -238,6 +247,47 @@ class AsyncTextStream:
                 return chunk
             await self._wake.wait()
 
+    def cancel(self) -> None:
+        """Stops the generation at the engine's next step."""
+        self._stream.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+
+class AsyncDeltaStream(_AsyncChunks):
+    """Async iterator of `Delta` values, token by token, ending with the one that has
+    ``finish_reason``. Engine failures arrive as a delta with ``error`` set."""
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self
+
+    async def __anext__(self) -> Delta:
+        chunk = await self._next_chunk()
+        logprobs = None
+        if self._want_logprobs:
+            logprobs = [self._engine._token_logprob(*lp) for lp in chunk.logprobs]
+        usage = None
+        if chunk.finish_reason is not None:
+            usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
+        return Delta(
+            chunk.text, chunk.token_ids, logprobs, chunk.finish_reason, usage, chunk.error
+        )
+
+    async def __aenter__(self) -> AsyncDeltaStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncTextStream(_AsyncChunks):
+    """Async twin of `TextStream`."""
+
+    def __init__(self, engine: Engine, request: _Request, prompt_ids: list[int]) -> None:
+        super().__init__(engine, request, prompt_ids)
+        self._collector = _Collector(engine, request.want_logprobs)
+
     async def __anext__(self) -> str:
         while True:
             chunk = await self._next_chunk()
@@ -251,9 +301,6 @@ class AsyncTextStream:
     def completion(self) -> Completion | None:
         return self._collector.completion
 
-    async def aclose(self) -> None:
-        self._stream.cancel()
-
     async def __aenter__(self) -> AsyncTextStream:
         return self
 
@@ -266,7 +313,12 @@ class Engine:
 
     ``Engine()`` with no path loads the default model, fetching it on first use.
     ``context_length`` caps the context (default: the model's); ``kv_cache_dtype`` is
-    ``"f16"`` (half the memory, llama.cpp's default) or ``"f32"``.
+    ``"f16"`` (half the memory, llama.cpp's default) or ``"f32"``. ``max_sequences``
+    requests are generated at once, up to ``max_queue`` more wait (beyond that,
+    submitting raises `EngineOverloadedError`); ``kv_cache_mb`` bounds the KV cache
+    (default: room for ``max_sequences`` full contexts) and with it the context length.
+    CPU threads come from ``RAYON_NUM_THREADS`` (default: every core), read once per
+    process when the first engine starts.
     Sampling keywords (all methods that generate): ``max_tokens``, ``temperature``
     (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
@@ -280,12 +332,27 @@ class Engine:
         *,
         context_length: int | None = None,
         kv_cache_dtype: Literal["f16", "f32"] = "f16",
+        max_sequences: int = 16,
+        max_queue: int = 256,
+        kv_cache_mb: float | None = None,
     ) -> None:
         if context_length is not None:
             _check_int("context_length", context_length, 1)
+        _check_int("max_sequences", max_sequences, 1)
+        _check_int("max_queue", max_queue, 0)
+        kv_bytes = None
+        if kv_cache_mb is not None:
+            if _check_float("kv_cache_mb", kv_cache_mb) <= 0:
+                raise ValueError(f"invalid value for 'kv_cache_mb': {kv_cache_mb} must be > 0")
+            kv_bytes = int(kv_cache_mb * 2**20)
         model = Path(path) if path is not None else pull()
         self._native = _core.Engine(
-            str(model), context_length=context_length, kv_cache_dtype=kv_cache_dtype
+            str(model),
+            context_length=context_length,
+            kv_cache_dtype=kv_cache_dtype,
+            max_sequences=max_sequences,
+            max_queue=max_queue,
+            kv_cache_bytes=kv_bytes,
         )
         self.metadata: dict[str, Any] = json.loads(self._native.info_json())
 
@@ -296,8 +363,21 @@ class Engine:
 
     @property
     def context_length(self) -> int:
+        """The longest prompt plus completion this engine serves."""
         n: int = self.metadata["context_length"]
         return n
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """``max_sequences``, ``max_queue``, ``kv_cache_tokens``, ``kv_bytes_per_token``."""
+        limits: dict[str, int] = self.metadata["limits"]
+        return limits
+
+    def stats(self) -> dict[str, int]:
+        """Now: ``running`` and ``waiting`` requests, ``finished`` so far, and the KV
+        positions ``kv_reserved_tokens`` (held for running sequences) and
+        ``kv_used_tokens`` (filled)."""
+        return self._native.stats()
 
     # Text ------------------------------------------------------------------------
 
@@ -357,6 +437,16 @@ class Engine:
         """Async iterator of text deltas (call inside a running event loop)."""
         request = _sampling(**sampling)
         return AsyncTextStream(self, request, self._prompt_ids(prompt))
+
+    def astream_deltas(self, prompt_ids: Sequence[int], **sampling: Any) -> AsyncDeltaStream:
+        """Async iterator of `Delta` values for a tokenized prompt: text, token ids,
+        log-probabilities and, at the end, the finish reason and usage (what a server
+        needs). Call inside a running event loop."""
+        if isinstance(prompt_ids, (str, bytes)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids
+        ):
+            raise ValueError("invalid value for 'prompt_ids': must be a list of token ids")
+        return AsyncDeltaStream(self, _sampling(**sampling), list(prompt_ids))
 
     async def agenerate(self, prompt: str, **sampling: Any) -> Completion:
         if not isinstance(prompt, str):

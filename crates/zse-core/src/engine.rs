@@ -4,6 +4,7 @@
 //! its own channel. Callers never hold a lock on the model, and a failure inside a
 //! step fails the requests of that step, never the thread.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +20,7 @@ use crate::format::ZseFile;
 use crate::kv::SeqKvCache;
 use crate::model::{BatchItem, Llama, ModelConfig};
 use crate::sample::{log_softmax, top_n, Sampler, SamplingParams, MAX_TOP_LOGPROBS};
+use crate::sched::Admission;
 use crate::text::stop::StopStatus;
 use crate::text::{ChatMessage, ChatTemplate, IncrementalDecoder, StopMatcher, Tokenizer};
 
@@ -31,6 +33,13 @@ pub struct EngineOptions {
     pub device: Device,
     /// Precision of the KV cache: F16 (half the memory; llama.cpp's default) or F32.
     pub kv_dtype: DType,
+    /// Most sequences generated at once; more wait in the queue.
+    pub max_running: usize,
+    /// Most requests waiting to start; beyond it `submit` fails with `Overloaded`.
+    pub max_waiting: usize,
+    /// KV-cache memory budget in bytes. None: room for `max_running` sequences of
+    /// the full context. A smaller budget also caps the context length.
+    pub kv_cache_bytes: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -39,6 +48,9 @@ impl Default for EngineOptions {
             context_length: None,
             device: Device::Cpu,
             kv_dtype: DType::F16,
+            max_running: 16,
+            max_waiting: 256,
+            kv_cache_bytes: None,
         }
     }
 }
@@ -154,6 +166,17 @@ pub struct ModelInfo {
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token_ids: Vec<u32>,
+    pub limits: EngineLimits,
+}
+
+/// The scheduling limits the engine runs under, as resolved at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineLimits {
+    pub max_running: usize,
+    pub max_waiting: usize,
+    /// KV budget in token positions, and what one position costs in bytes.
+    pub kv_capacity_tokens: usize,
+    pub kv_bytes_per_token: usize,
 }
 
 /// Per position, the most likely next tokens with their log-probabilities.
@@ -169,7 +192,12 @@ enum Command {
 #[derive(Debug, Default)]
 pub struct EngineStats {
     pub running: AtomicUsize,
+    /// Submitted and not yet started (counted at submission, so the bound is exact).
+    pub waiting: AtomicUsize,
     pub finished: AtomicU64,
+    /// KV positions reserved by running sequences, and those actually filled.
+    pub kv_reserved_tokens: AtomicUsize,
+    pub kv_used_tokens: AtomicUsize,
 }
 
 pub struct Engine {
@@ -187,7 +215,7 @@ impl Engine {
     pub fn load(path: &Path, opts: EngineOptions) -> Result<Self> {
         let file = ZseFile::open(path)?;
         let model_ctx = file.config.context_length;
-        let context_length = match opts.context_length {
+        let mut context_length = match opts.context_length {
             Some(0) => {
                 return Err(Error::invalid_argument(
                     "context_length",
@@ -197,6 +225,8 @@ impl Engine {
             Some(n) => n.min(model_ctx),
             None => model_ctx,
         };
+        let limits = resolve_limits(&file.config, &opts, context_length)?;
+        context_length = context_length.min(limits.kv_capacity_tokens);
         let tokenizer = Arc::new(Tokenizer::from_json(&file.tokenizer_json)?);
         if tokenizer.vocab_size() > file.config.vocab_size {
             return Err(Error::invalid_file(
@@ -235,6 +265,7 @@ impl Engine {
             chat_template: file.chat_template.clone(),
             bos_token: file.bos_token_id.and_then(|id| tokenizer.id_to_token(id)),
             eos_token_ids: file.eos_token_ids.clone(),
+            limits: limits.clone(),
         };
         drop(file);
         let (tx, rx) = mpsc::channel();
@@ -244,6 +275,9 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             eos: info.eos_token_ids.clone(),
             stats: stats.clone(),
+            admission: Admission::new(limits.max_running, limits.kv_capacity_tokens),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("zse-engine".into())
@@ -308,11 +342,22 @@ impl Engine {
             .map_err(|_| Error::EngineStopped("the engine thread has exited".into()))
     }
 
-    /// Checks a request and queues it; its events arrive through `sink`.
+    /// Checks a request and queues it; its events arrive through `sink`. Fails with
+    /// `Overloaded` when `max_waiting` requests are already waiting to start.
     pub fn submit(&self, req: GenerationRequest, sink: EventSink) -> Result<RequestId> {
         self.validate(&req)?;
+        let max_waiting = self.info.limits.max_waiting;
+        self.stats
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < max_waiting).then_some(w + 1)
+            })
+            .map_err(|waiting| Error::Overloaded { waiting })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.send(Command::Submit(id, Box::new(req), sink))?;
+        if let Err(e) = self.send(Command::Submit(id, Box::new(req), sink)) {
+            self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(e);
+        }
         Ok(id)
     }
 
@@ -402,6 +447,8 @@ struct Sequence {
     prompt_len: usize,
     generated: usize,
     max_tokens: usize,
+    /// KV positions held for it while it runs (`sched`).
+    reserved: usize,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
     logprobs: Option<usize>,
@@ -414,58 +461,62 @@ struct Worker {
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
     stats: Arc<EngineStats>,
+    admission: Admission,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
 }
 
 impl Worker {
-    fn run(self, rx: Receiver<Command>) {
-        let mut running: Vec<Sequence> = Vec::new();
+    fn run(mut self, rx: Receiver<Command>) {
         loop {
-            if running.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
-                    Ok(cmd) => self.handle(cmd, &mut running),
+                    Ok(cmd) => self.handle(cmd),
                     Err(_) => break,
                 }
             }
             loop {
                 match rx.try_recv() {
-                    Ok(cmd) => self.handle(cmd, &mut running),
+                    Ok(cmd) => self.handle(cmd),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        self.finish_all(&mut running, FinishReason::Cancelled);
+                        self.finish_all(FinishReason::Cancelled);
                         return;
                     }
                 }
             }
-            if !running.is_empty() {
-                let outcome =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut running)));
+            self.admit();
+            if !self.running.is_empty() {
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.step()));
                 let failure = match outcome {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e.to_string()),
                     Err(panic) => Some(panic_message(&panic)),
                 };
                 if let Some(msg) = failure {
-                    self.finish_all(&mut running, FinishReason::Error(msg));
+                    self.finish_running(FinishReason::Error(msg));
                 }
             }
-            self.stats.running.store(running.len(), Ordering::Relaxed);
+            self.publish_stats();
         }
-        self.finish_all(&mut running, FinishReason::Cancelled);
+        self.finish_all(FinishReason::Cancelled);
     }
 
-    fn handle(&self, cmd: Command, running: &mut Vec<Sequence>) {
+    fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit(id, req, sink) => {
                 let max_room = self.model.max_positions() - req.prompt.len();
-                running.push(Sequence {
+                let max_tokens = req.max_tokens.unwrap_or(max_room).min(max_room);
+                self.waiting.push_back(Sequence {
                     id,
                     sink,
                     cache: self.model.new_cache(),
                     sampler: Sampler::new(req.sampling, &req.prompt),
                     prompt_len: req.prompt.len(),
+                    reserved: req.prompt.len() + max_tokens,
                     pending: req.prompt,
                     generated: 0,
-                    max_tokens: req.max_tokens.unwrap_or(max_room).min(max_room),
+                    max_tokens,
                     stop_token_ids: req.stop_token_ids,
                     ignore_eos: req.ignore_eos,
                     logprobs: req.logprobs,
@@ -474,9 +525,15 @@ impl Worker {
                 });
             }
             Command::Cancel(id) => {
-                if let Some(i) = running.iter().position(|s| s.id == id) {
-                    let s = running.swap_remove(i);
-                    self.finish(s, FinishReason::Cancelled, String::new());
+                if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                    let s = self.running.swap_remove(i);
+                    self.admission.release(s.reserved);
+                    self.finish(s, FinishReason::Cancelled);
+                } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+                    if let Some(s) = self.waiting.remove(i) {
+                        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                        self.finish(s, FinishReason::Cancelled);
+                    }
                 }
             }
             Command::Score(tokens, top, reply) => {
@@ -486,6 +543,28 @@ impl Worker {
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// Moves waiting requests to running, in arrival order, while the limits allow.
+    fn admit(&mut self) {
+        while let Some(front) = self.waiting.front() {
+            if !self.admission.try_admit(front.reserved) {
+                break;
+            }
+            if let Some(seq) = self.waiting.pop_front() {
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.running.push(seq);
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.running.store(self.running.len(), Ordering::Relaxed);
+        s.kv_reserved_tokens
+            .store(self.admission.budget().reserved(), Ordering::Relaxed);
+        let used = self.running.iter().map(|q| q.cache.len()).sum();
+        s.kv_used_tokens.store(used, Ordering::Relaxed);
     }
 
     fn score(&self, tokens: &[u32], top: usize) -> Result<PositionLogprobs> {
@@ -502,8 +581,9 @@ impl Worker {
             .collect())
     }
 
-    fn step(&self, running: &mut Vec<Sequence>) -> Result<()> {
-        let mut items: Vec<BatchItem<'_>> = running
+    fn step(&mut self) -> Result<()> {
+        let mut items: Vec<BatchItem<'_>> = self
+            .running
             .iter_mut()
             .map(|s| BatchItem {
                 tokens: &s.pending,
@@ -514,109 +594,125 @@ impl Worker {
         let logits = self.model.forward(&mut items)?;
         drop(items);
         let mut done = Vec::new();
-        for (i, (seq, logits)) in running.iter_mut().zip(logits).enumerate() {
+        for (i, (seq, logits)) in self.running.iter_mut().zip(logits).enumerate() {
             let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
-            match self.advance(seq, &mut row)? {
+            match advance(&self.tokenizer, &self.eos, &self.model, seq, &mut row)? {
                 Advance::Continue => {}
                 Advance::Finished | Advance::Gone => done.push(i),
             }
         }
         for i in done.into_iter().rev() {
-            running.swap_remove(i);
+            let s = self.running.swap_remove(i);
+            self.admission.release(s.reserved);
             self.stats.finished.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    /// Samples the next token of `seq`, sends its event, and says whether it ended.
-    fn advance(&self, seq: &mut Sequence, logits: &mut [f32]) -> Result<Advance> {
-        let s = seq.sampler.sample(logits, seq.logprobs);
-        let token = s.token;
-        seq.generated += 1;
-        let mut ev = Event {
-            tokens: vec![token],
-            ..Default::default()
-        };
-        if let Some(lp) = s.logprob {
-            ev.logprobs.push(TokenLogprob {
-                token,
-                logprob: lp,
-                top: s.top,
-            });
-        }
-        let is_stop_token =
-            !seq.ignore_eos && (self.eos.contains(&token) || seq.stop_token_ids.contains(&token));
-        let mut reason = None;
-        if is_stop_token {
-            reason = Some(FinishReason::Stop);
-        } else {
-            let delta = seq.detok.push(&self.tokenizer, token)?;
-            match seq.stop.push(&delta) {
-                StopStatus::Continue(t) => ev.text = t,
-                StopStatus::Stopped(t) => {
-                    ev.text = t;
-                    reason = Some(FinishReason::Stop);
-                }
-            }
-        }
-        let context_full = seq.prompt_len + seq.generated >= self.model.max_positions();
-        if reason.is_none() && (seq.generated >= seq.max_tokens || context_full) {
-            reason = Some(FinishReason::Length);
-        }
-        if reason.is_some() && (is_stop_token || reason == Some(FinishReason::Length)) {
-            // Ended by a token or a limit: release the text still held back (an
-            // incomplete character, a possible stop-string prefix), unless it
-            // completes a stop string after all.
-            let rest = seq.detok.flush(&self.tokenizer)?;
-            match seq.stop.push(&rest) {
-                StopStatus::Continue(t) => {
-                    ev.text.push_str(&t);
-                    ev.text.push_str(&seq.stop.flush());
-                }
-                StopStatus::Stopped(t) => {
-                    ev.text.push_str(&t);
-                    reason = Some(FinishReason::Stop);
-                }
-            }
-        }
-        if let Some(r) = &reason {
-            let usage = Usage {
-                prompt_tokens: seq.prompt_len,
-                completion_tokens: seq.generated,
-            };
-            ev.finish = Some((r.clone(), usage));
-        }
-        seq.pending.clear();
-        seq.pending.push(token);
-        if !seq.sink.send(ev) {
-            return Ok(Advance::Gone);
-        }
-        Ok(if reason.is_some() {
-            Advance::Finished
-        } else {
-            Advance::Continue
-        })
-    }
-
-    fn finish(&self, seq: Sequence, reason: FinishReason, text: String) {
+    /// Ends a request that is no longer in either queue: its last event.
+    fn finish(&self, seq: Sequence, reason: FinishReason) {
         let usage = Usage {
             prompt_tokens: seq.prompt_len,
             completion_tokens: seq.generated,
         };
         seq.sink.send(Event {
-            text,
             finish: Some((reason, usage)),
             ..Default::default()
         });
         self.stats.finished.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn finish_all(&self, running: &mut Vec<Sequence>, reason: FinishReason) {
-        for s in running.drain(..) {
-            self.finish(s, reason.clone(), String::new());
+    fn finish_running(&mut self, reason: FinishReason) {
+        for s in std::mem::take(&mut self.running) {
+            self.admission.release(s.reserved);
+            self.finish(s, reason.clone());
         }
-        self.stats.running.store(0, Ordering::Relaxed);
     }
+
+    fn finish_all(&mut self, reason: FinishReason) {
+        self.finish_running(reason.clone());
+        for s in std::mem::take(&mut self.waiting) {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.finish(s, reason.clone());
+        }
+        self.publish_stats();
+    }
+}
+
+/// Samples the next token of `seq`, sends its event, and says whether it ended.
+fn advance(
+    tokenizer: &Tokenizer,
+    eos: &[u32],
+    model: &Llama,
+    seq: &mut Sequence,
+    logits: &mut [f32],
+) -> Result<Advance> {
+    let s = seq.sampler.sample(logits, seq.logprobs);
+    let token = s.token;
+    seq.generated += 1;
+    let mut ev = Event {
+        tokens: vec![token],
+        ..Default::default()
+    };
+    if let Some(lp) = s.logprob {
+        ev.logprobs.push(TokenLogprob {
+            token,
+            logprob: lp,
+            top: s.top,
+        });
+    }
+    let is_stop_token =
+        !seq.ignore_eos && (eos.contains(&token) || seq.stop_token_ids.contains(&token));
+    let mut reason = None;
+    if is_stop_token {
+        reason = Some(FinishReason::Stop);
+    } else {
+        let delta = seq.detok.push(tokenizer, token)?;
+        match seq.stop.push(&delta) {
+            StopStatus::Continue(t) => ev.text = t,
+            StopStatus::Stopped(t) => {
+                ev.text = t;
+                reason = Some(FinishReason::Stop);
+            }
+        }
+    }
+    let context_full = seq.prompt_len + seq.generated >= model.max_positions();
+    if reason.is_none() && (seq.generated >= seq.max_tokens || context_full) {
+        reason = Some(FinishReason::Length);
+    }
+    if reason.is_some() && (is_stop_token || reason == Some(FinishReason::Length)) {
+        // Ended by a token or a limit: release the text still held back (an
+        // incomplete character, a possible stop-string prefix), unless it
+        // completes a stop string after all.
+        let rest = seq.detok.flush(tokenizer)?;
+        match seq.stop.push(&rest) {
+            StopStatus::Continue(t) => {
+                ev.text.push_str(&t);
+                ev.text.push_str(&seq.stop.flush());
+            }
+            StopStatus::Stopped(t) => {
+                ev.text.push_str(&t);
+                reason = Some(FinishReason::Stop);
+            }
+        }
+    }
+    if let Some(r) = &reason {
+        let usage = Usage {
+            prompt_tokens: seq.prompt_len,
+            completion_tokens: seq.generated,
+        };
+        ev.finish = Some((r.clone(), usage));
+    }
+    seq.pending.clear();
+    seq.pending.push(token);
+    if !seq.sink.send(ev) {
+        return Ok(Advance::Gone);
+    }
+    Ok(if reason.is_some() {
+        Advance::Finished
+    } else {
+        Advance::Continue
+    })
 }
 
 enum Advance {
@@ -624,6 +720,43 @@ enum Advance {
     Finished,
     /// The caller dropped its receiver: stop computing for it.
     Gone,
+}
+
+/// The limits for `opts`: the KV budget in positions (at least one full context
+/// when no budget is given per sequence) and the bounds of both queues.
+fn resolve_limits(
+    config: &ModelConfig,
+    opts: &EngineOptions,
+    context_length: usize,
+) -> Result<EngineLimits> {
+    if opts.max_running == 0 {
+        return Err(Error::invalid_argument("max_running", "must be at least 1"));
+    }
+    let per_token = 2
+        * config.num_layers
+        * config.num_kv_heads
+        * config.head_dim
+        * opts.kv_dtype.size_in_bytes();
+    let capacity = match opts.kv_cache_bytes {
+        Some(bytes) => bytes / per_token.max(1),
+        None => opts.max_running.saturating_mul(context_length),
+    };
+    // A context needs room for at least one prompt token and one generated token.
+    if capacity < 2 {
+        return Err(Error::invalid_argument(
+            "kv_cache_bytes",
+            format!(
+                "{} bytes hold no useful context: one position takes {per_token} bytes",
+                opts.kv_cache_bytes.unwrap_or(0)
+            ),
+        ));
+    }
+    Ok(EngineLimits {
+        max_running: opts.max_running,
+        max_waiting: opts.max_waiting,
+        kv_capacity_tokens: capacity,
+        kv_bytes_per_token: per_token,
+    })
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

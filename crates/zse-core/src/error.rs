@@ -41,6 +41,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The queue of requests waiting to start is full; the caller may retry later.
+    #[error("the engine is overloaded: {waiting} requests are already waiting")]
+    Overloaded { waiting: usize },
+
     /// The engine thread is gone (shut down, or it failed).
     #[error("engine is not running: {0}")]
     EngineStopped(String),

@@ -4,6 +4,7 @@
 //! - [`model`]: the Llama-family transformer on candle;
 //! - [`kv`]: the per-sequence KV cache;
 //! - [`sample`]: logits processing and token choice;
+//! - [`sched`]: admission of waiting requests under the sequence and KV limits;
 //! - [`text`]: tokenizer, chat template, detokenization, stop strings;
 //! - [`engine`]: the engine thread that ties them together.
 
@@ -13,10 +14,12 @@ pub mod format;
 pub mod kv;
 pub mod model;
 pub mod sample;
+pub mod sched;
 pub mod text;
 
 pub use engine::{
-    Engine, EngineOptions, Event, EventSink, FinishReason, GenerationRequest, ModelInfo, Usage,
+    Engine, EngineLimits, EngineOptions, Event, EventSink, FinishReason, GenerationRequest,
+    ModelInfo, Usage,
 };
 pub use error::{Error, Result};
 pub use sample::SamplingParams;

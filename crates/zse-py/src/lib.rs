@@ -2,9 +2,12 @@
 //! mapping, and releasing the GIL while the engine works. The Python API with its
 //! documentation lives in `python/zse/`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -39,6 +42,12 @@ create_exception!(
 );
 create_exception!(
     _core,
+    EngineOverloadedError,
+    ZseError,
+    "Too many requests are waiting to start; retry later."
+);
+create_exception!(
+    _core,
     ContextLengthExceededError,
     PyValueError,
     "The prompt does not fit the context length."
@@ -63,6 +72,7 @@ fn to_py(e: Error) -> PyErr {
         }
         Error::Io { .. } => PyOSError::new_err(msg),
         Error::EngineStopped(_) => EngineStoppedError::new_err(msg),
+        Error::Overloaded { .. } => EngineOverloadedError::new_err(msg),
         Error::Cancelled(_) | Error::Compute(_) => ZseError::new_err(msg),
     }
 }
@@ -70,6 +80,9 @@ fn to_py(e: Error) -> PyErr {
 fn json_err(e: serde_json::Error) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
+
+/// How often a blocked `RequestStream.__next__` lets Python handle signals.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Per token: (token id, logprob, [(alternative id, logprob), ...]).
 type TokenLogprobTuple = (u32, f32, Vec<(u32, f32)>);
@@ -147,15 +160,19 @@ impl RequestStream {
         if self.finished {
             return Ok(None);
         }
-        let rx = &self.rx;
-        let ev = py.detach(|| {
-            rx.lock()
-                .map_err(|_| ())
-                .and_then(|r| r.recv().map_err(|_| ()))
-        });
-        match ev {
-            Ok(ev) => Ok(Some(self.deliver(ev))),
-            Err(()) => Err(stopped()),
+        loop {
+            let rx = &self.rx;
+            let ev = py.detach(|| {
+                rx.lock()
+                    .map_err(|_| RecvTimeoutError::Disconnected)
+                    .and_then(|r| r.recv_timeout(SIGNAL_CHECK_INTERVAL))
+            });
+            match ev {
+                Ok(ev) => return Ok(Some(self.deliver(ev))),
+                // Wake up now and then so that Ctrl-C reaches a waiting caller.
+                Err(RecvTimeoutError::Timeout) => py.check_signals()?,
+                Err(RecvTimeoutError::Disconnected) => return Err(stopped()),
+            }
         }
     }
 
@@ -207,12 +224,18 @@ struct Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, *, context_length=None, kv_cache_dtype="f16"))]
+    #[pyo3(signature = (
+        path, *, context_length=None, kv_cache_dtype="f16", max_sequences=16, max_queue=256,
+        kv_cache_bytes=None
+    ))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         context_length: Option<usize>,
         kv_cache_dtype: &str,
+        max_sequences: usize,
+        max_queue: usize,
+        kv_cache_bytes: Option<usize>,
     ) -> PyResult<Self> {
         let kv_dtype = match kv_cache_dtype {
             "f16" => candle_core::DType::F16,
@@ -226,6 +249,9 @@ impl Engine {
         let opts = EngineOptions {
             context_length,
             kv_dtype,
+            max_running: max_sequences,
+            max_waiting: max_queue,
+            kv_cache_bytes,
             ..Default::default()
         };
         let inner = py
@@ -251,6 +277,12 @@ impl Engine {
             "bos_token": i.bos_token,
             "eos_token_ids": i.eos_token_ids,
             "parameters": i.config.parameter_count(),
+            "limits": {
+                "max_sequences": i.limits.max_running,
+                "max_queue": i.limits.max_waiting,
+                "kv_cache_tokens": i.limits.kv_capacity_tokens,
+                "kv_bytes_per_token": i.limits.kv_bytes_per_token,
+            },
         })
         .to_string()
     }
@@ -361,13 +393,18 @@ impl Engine {
         py.detach(|| self.inner.score(&tokens, top)).map_err(to_py)
     }
 
-    /// (running sequences, finished requests so far).
-    fn stats(&self) -> (usize, u64) {
+    /// The engine's counters now: running and waiting sequences, finished requests,
+    /// KV positions reserved and filled.
+    fn stats(&self) -> HashMap<&'static str, u64> {
         let s = self.inner.stats();
-        (
-            s.running.load(std::sync::atomic::Ordering::Relaxed),
-            s.finished.load(std::sync::atomic::Ordering::Relaxed),
-        )
+        let get = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
+        HashMap::from([
+            ("running", get(&s.running)),
+            ("waiting", get(&s.waiting)),
+            ("finished", s.finished.load(Ordering::Relaxed)),
+            ("kv_reserved_tokens", get(&s.kv_reserved_tokens)),
+            ("kv_used_tokens", get(&s.kv_used_tokens)),
+        ])
     }
 
     /// Stops the engine thread and waits for it (the GIL released meanwhile).
@@ -452,6 +489,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<UnsupportedModelError>(),
     )?;
     m.add("EngineStoppedError", py.get_type::<EngineStoppedError>())?;
+    m.add(
+        "EngineOverloadedError",
+        py.get_type::<EngineOverloadedError>(),
+    )?;
     m.add(
         "ContextLengthExceededError",
         py.get_type::<ContextLengthExceededError>(),
