@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REFERENCE_DIR
+from zse.models import resolve_model
 
 
 def zse(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zse.cli", *args],
+        [sys.executable, "-m", "zse", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -55,3 +58,22 @@ def test_pull_prints_the_cached_model(default_model: Path) -> None:
     r = zse("pull")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == default_model
+
+
+def test_models_from_gguf_are_converted_once_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZSE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    shutil.copy(REFERENCE_DIR / "qwen2-tiny-random-f32.gguf", gguf)
+    first = resolve_model(gguf, progress=False)
+    assert first.suffix == ".zse" and first.is_relative_to(tmp_path / "cache")
+    made = first.stat().st_mtime_ns
+    assert resolve_model(gguf, progress=False) == first
+    assert first.stat().st_mtime_ns == made, "converted again"
+    assert resolve_model(gguf, quant="int8", progress=False) != first
+    assert resolve_model(first) == first  # a .zse is used as it is
+    with pytest.raises(ValueError, match="not a model"):
+        resolve_model(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        resolve_model(tmp_path / "missing.gguf")

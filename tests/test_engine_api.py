@@ -259,3 +259,55 @@ def test_closed_engine_refuses_work(qwen_tiny: Path) -> None:
     e.close()
     with pytest.raises(zse.EngineStoppedError):
         e.generate("hi")
+
+
+def test_kv_budget_caps_the_context_and_queues_what_does_not_fit(qwen_tiny: Path) -> None:
+    with zse.Engine(qwen_tiny, kv_cache_mb=0.5, max_sequences=4) as small:
+        limits = small.limits
+        per_token = limits["kv_bytes_per_token"]
+        assert limits["kv_cache_tokens"] == int(0.5 * 2**20) // per_token
+        assert small.context_length == min(2048, limits["kv_cache_tokens"])
+        prompt = small.tokenize("Once upon a time")
+        # Each request reserves prompt + max_tokens positions: two cannot run at once.
+        room = limits["kv_cache_tokens"] // 2 + 1 - len(prompt)
+        kw = {"temperature": 0, "max_tokens": room, "ignore_eos": True}
+        first = small.stream("Once upon a time", **kw)
+        second = small.stream("Once upon a time", **kw)
+        head = next(first)
+        assert small.stats()["waiting"] == 1 and small.stats()["running"] == 1
+        a, b = head + "".join(first), "".join(second)
+        assert a == b and first.completion is not None
+        assert first.completion.usage.completion_tokens == room
+        stats = small.stats()
+        assert stats["running"] == stats["waiting"] == stats["kv_reserved_tokens"] == 0
+
+
+def test_full_queue_raises_overloaded(qwen_tiny: Path) -> None:
+    with zse.Engine(qwen_tiny, max_sequences=1, max_queue=1) as e:
+        kw = {"max_tokens": 2000, "ignore_eos": True}
+        running = e.stream("a", **kw)
+        next(running)
+        waiting = e.stream("b", **kw)
+        with pytest.raises(zse.EngineOverloadedError, match="overloaded"):
+            e.stream("c", **kw)
+        running.close()
+        waiting.close()
+        # Cancellations take effect at the engine's next step; then there is room again.
+        deadline = time.monotonic() + 5
+        while e.stats()["waiting"] + e.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert e.chat(CHAT, max_tokens=2).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [({"max_sequences": 0}, "max_sequences"), ({"kv_cache_mb": 0}, "kv_cache_mb")],
+)
+def test_bad_limits(qwen_tiny: Path, kwargs: dict[str, float], param: str) -> None:
+    with pytest.raises(ValueError, match=param):
+        zse.Engine(qwen_tiny, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_budget_below_one_position_is_refused(qwen_tiny: Path) -> None:
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        zse.Engine(qwen_tiny, kv_cache_mb=1e-6)

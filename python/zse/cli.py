@@ -1,15 +1,21 @@
-"""The ``zse`` command: ``pull``, ``convert``, ``info`` and ``chat``."""
+"""The ``zse`` command: ``serve``, ``chat``, ``pull``, ``convert`` and ``info``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from . import _core
-from .convert import convert, inspect
-from .models import pull
+from .convert import Quant, convert, inspect
+from .models import pull, resolve_model
+
+QUANT_CHOICES = list(get_args(Quant))
+#: `zse serve`'s KV budget: about 90k positions of SmolLM2 (F16 cache), i.e. eleven
+#: full 8k contexts, or 16 streams of 5k.
+DEFAULT_KV_CACHE_MB = 2048.0
 
 
 def _fmt_bytes(n: float) -> str:
@@ -21,8 +27,9 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _model_path(arg: str | None) -> Path:
-    """A model argument: a `.zse` path, or nothing for the default model."""
-    return Path(arg) if arg else pull()
+    """A model argument: a `.zse`, a `.gguf` or a HF directory (converted once into
+    the cache), or nothing for the default model."""
+    return resolve_model(arg)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -70,6 +77,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ServeOptions, serve
+
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get("ZSE_API_KEY"):
+        keys.append(os.environ["ZSE_API_KEY"])
+    return serve(
+        ServeOptions(
+            model=args.model,
+            quant=args.quant,
+            host=args.host,
+            port=args.port,
+            api_keys=tuple(keys),
+            model_name=args.model_name,
+            context_length=args.context_length,
+            kv_cache_mb=args.kv_cache_mb,
+            max_sequences=args.max_seqs,
+            max_queue=args.max_queue,
+            threads=args.threads,
+            log_level=args.log_level,
+            grace_s=args.grace,
+        )
+    )
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .engine import Engine
 
@@ -84,28 +116,37 @@ def cmd_chat(args: argparse.Namespace) -> int:
     def answer(text: str) -> None:
         history.append({"role": "user", "content": text})
         parts: list[str] = []
-        with engine.stream(history, **sampling) as stream:
-            try:
-                for delta in stream:
-                    parts.append(delta)
-                    print(delta, end="", flush=True)
-            except KeyboardInterrupt:
+        stream = None
+        try:
+            stream = engine.stream(history, **sampling)
+            for delta in stream:
+                parts.append(delta)
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:  # stops this answer, not the chat
+            if stream is not None:
                 stream.close()
-                print(" [stopped]", end="")
+            print(" [stopped]", end="")
         print()
         history.append({"role": "assistant", "content": "".join(parts)})
 
     if args.message is not None:
         answer(args.message)
         return 0
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # not on every platform
+        pass
     print(
         f"{engine.model_name}: /reset clears the chat, /system TEXT sets the system prompt, "
-        "/exit leaves. Ctrl-C stops an answer."
+        "/exit (or Ctrl-D) leaves. Ctrl-C stops an answer."
     )
     while True:
         try:
             line = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
+            print()
+            continue
+        except EOFError:
             print()
             return 0
         if not line:
@@ -125,6 +166,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zse", description="Serve an LLM from one file.")
     p.add_argument("--version", action="version", version=f"zse {_core.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    model_help = "a .zse or .gguf file or a HF model directory (default: the default model)"
+
+    s = sub.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
+    s.add_argument("model", nargs="?", help=model_help)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="require this bearer key (repeatable; default $ZSE_API_KEY, else none)",
+    )
+    s.add_argument("--model-name", help="the model id clients use (default: from the file)")
+    s.add_argument("--context-length", type=int, help="tokens per sequence (default: model's)")
+    s.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=DEFAULT_KV_CACHE_MB,
+        help=f"KV-cache memory budget in MiB (default {DEFAULT_KV_CACHE_MB:.0f})",
+    )
+    s.add_argument("--max-seqs", type=int, default=16, help="sequences generated at once")
+    s.add_argument(
+        "--max-queue", type=int, default=256, help="requests that may wait (beyond: 503)"
+    )
+    s.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 30)",
+    )
+    s.add_argument("--quant", choices=QUANT_CHOICES, help="for a GGUF/HF model: convert with this")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("chat", help="chat with a model in the terminal")
+    s.add_argument("model", nargs="?", help=model_help)
+    s.add_argument("-m", "--message", help="answer this one message and exit")
+    s.add_argument("--system", help="system prompt")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--seed", type=int)
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("pull", help="fetch the default model into the cache")
     s.add_argument("--force", action="store_true", help="download and convert again")
@@ -135,24 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="the .zse file to write")
     s.add_argument(
         "--quant",
-        choices=["int4", "int8", "fp16", "keep", "q4_0", "q4_1", "q4_k", "q8_0"],
+        choices=QUANT_CHOICES,
         default="int4",
         help="weight precision (default int4; keep = the source's block types)",
     )
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("info", help="show what is inside a .zse file")
-    s.add_argument("model", nargs="?", help="a .zse file (default: the default model)")
+    s.add_argument("model", nargs="?", help=model_help)
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("chat", help="chat with a model in the terminal")
-    s.add_argument("model", nargs="?", help="a .zse file (default: the default model)")
-    s.add_argument("-m", "--message", help="answer this one message and exit")
-    s.add_argument("--system", help="system prompt")
-    s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--seed", type=int)
-    s.set_defaults(func=cmd_chat)
     return p
 
 

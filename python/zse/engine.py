@@ -270,9 +270,7 @@ class AsyncDeltaStream(_AsyncChunks):
         usage = None
         if chunk.finish_reason is not None:
             usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
-        return Delta(
-            chunk.text, chunk.token_ids, logprobs, chunk.finish_reason, usage, chunk.error
-        )
+        return Delta(chunk.text, chunk.token_ids, logprobs, chunk.finish_reason, usage, chunk.error)
 
     async def __aenter__(self) -> AsyncDeltaStream:
         return self
@@ -392,7 +390,9 @@ class Engine:
     ) -> str:
         return self._native.apply_chat_template(_messages_json(messages), add_generation_prompt)
 
-    def _prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+        """The token ids the engine is fed for ``prompt``: raw text is tokenized as it
+        is, chat messages go through the model's chat template first."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("invalid value for 'prompt': must not be empty")
@@ -414,7 +414,7 @@ class Engine:
 
     def _submit(self, prompt: str | Sequence[Message], sampling: dict[str, Any]) -> TextStream:
         request = _sampling(**sampling)
-        native = self._native.submit(self._prompt_ids(prompt), **request.kwargs)
+        native = self._native.submit(self.prompt_ids(prompt), **request.kwargs)
         return TextStream(native, _Collector(self, request.want_logprobs))
 
     def stream(self, prompt: str | Sequence[Message], **sampling: Any) -> TextStream:
@@ -436,7 +436,7 @@ class Engine:
     def astream(self, prompt: str | Sequence[Message], **sampling: Any) -> AsyncTextStream:
         """Async iterator of text deltas (call inside a running event loop)."""
         request = _sampling(**sampling)
-        return AsyncTextStream(self, request, self._prompt_ids(prompt))
+        return AsyncTextStream(self, request, self.prompt_ids(prompt))
 
     def astream_deltas(self, prompt_ids: Sequence[int], **sampling: Any) -> AsyncDeltaStream:
         """Async iterator of `Delta` values for a tokenized prompt: text, token ids,

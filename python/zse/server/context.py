@@ -1,0 +1,87 @@
+"""What the routes share: the server's configuration and its running state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..engine import AsyncDeltaStream, Engine
+from .errors import APIError
+from .metrics import Metrics
+
+#: Request bodies beyond this get 413 (a long chat is a few hundred KiB).
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    #: The id clients use for the model; "default" is accepted too.
+    model_name: str
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+class InFlight:
+    """The engine streams the server is running for clients. At shutdown the server
+    stops taking requests (``draining``), waits for these, then cancels them."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._streams: set[AsyncDeltaStream] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self, streams: Sequence[AsyncDeltaStream]) -> None:
+        self._streams.update(streams)
+        self._idle.clear()
+
+    def discard(self, streams: Sequence[AsyncDeltaStream]) -> None:
+        self._streams.difference_update(streams)
+        if not self._streams:
+            self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def cancel_all(self) -> None:
+        for s in list(self._streams):
+            s.cancel()
+
+
+@dataclass
+class ServerContext:
+    engine: Engine
+    config: ServerConfig
+    metrics: Metrics
+    inflight: InFlight = field(default_factory=InFlight)
+    started_at: float = field(default_factory=time.time)
+
+    def served_model(self, requested: str) -> str:
+        """The model id to answer with; unknown ids are the caller's 404."""
+        if requested in (self.config.model_name, "default"):
+            return self.config.model_name
+        raise APIError(
+            404,
+            f"the model '{requested}' does not exist; this server serves "
+            f"'{self.config.model_name}' (or use 'default')",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def context(request: Request) -> ServerContext:
+    """The routes' dependency: the context `create_app` stored on the app."""
+    ctx: ServerContext = request.app.state.ctx
+    return ctx
+
+
+#: A route parameter that receives the server's context.
+Ctx = Annotated[ServerContext, Depends(context)]

@@ -1,0 +1,157 @@
+"""`serve`: load a model, print the banner, and run the API on granian until a signal.
+
+Granian runs embedded in this process (its Rust runtime carries the sockets and HTTP;
+the app runs on this process's asyncio loop), so the engine, the app and the signal
+handling share one process and one event loop: one worker, as DESIGN.md asks, with no
+second interpreter to start. On SIGINT/SIGTERM the server stops accepting, lets the
+requests in flight finish for ``grace_s`` seconds, cancels what is left, and returns.
+A second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from granian.constants import Interfaces
+from granian.log import LogLevels
+from granian.server.embed import Server
+
+from .. import __version__
+from ..convert import Quant
+from ..engine import Engine
+from ..models import resolve_model
+from .app import create_app
+from .context import ServerConfig, ServerContext
+
+log = logging.getLogger("zse.server")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: str | None = None
+    quant: Quant | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    model_name: str | None = None
+    context_length: int | None = None
+    #: None: the engine's default, room for ``max_sequences`` full contexts.
+    kv_cache_mb: float | None = None
+    max_sequences: int = 16
+    max_queue: int = 256
+    threads: int | None = None
+    log_level: str = "info"
+    grace_s: float = 30.0
+
+
+def serve(opts: ServeOptions) -> int:
+    """Runs the server until SIGINT/SIGTERM; returns the exit status (0)."""
+    _configure_logging(opts.log_level)
+    if opts.threads is not None:
+        # candle sizes its thread pool from this when the engine first computes.
+        os.environ["RAYON_NUM_THREADS"] = str(opts.threads)
+    path = resolve_model(opts.model, quant=opts.quant)
+    engine = Engine(
+        path,
+        context_length=opts.context_length,
+        max_sequences=opts.max_sequences,
+        max_queue=opts.max_queue,
+        kv_cache_mb=opts.kv_cache_mb,
+    )
+    try:
+        # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.
+        name = opts.model_name or Path(opts.model or path).stem
+        config = ServerConfig(model_name=name, api_keys=opts.api_keys)
+        app = create_app(engine, config)
+        _banner(opts, engine, config)
+        asyncio.run(_run(app, app.state.ctx, opts))
+    finally:
+        engine.close()
+    log.info("stopped")
+    return 0
+
+
+async def _run(app: object, ctx: ServerContext, opts: ServeOptions) -> None:
+    server = Server(
+        app,
+        address=opts.host,
+        port=opts.port,
+        interface=Interfaces.ASGI,
+        websockets=False,
+        log_level=LogLevels.debug if opts.log_level == "debug" else LogLevels.warning,
+        log_access=opts.log_level == "debug",
+    )
+    # Embedding granian is the point (see the module docstring); its notice that
+    # embedding is experimental would only alarm users at every start.
+    logging.getLogger("_granian").addFilter(lambda r: "experimental" not in r.getMessage())
+    loop = asyncio.get_running_loop()
+    drain: asyncio.Task[None] | None = None
+
+    async def drain_then_cancel() -> None:
+        try:
+            await asyncio.wait_for(ctx.inflight.wait_idle(), opts.grace_s)
+        except TimeoutError:
+            log.warning("grace period over: cancelling %d requests", len(ctx.inflight))
+            ctx.inflight.cancel_all()
+
+    def on_signal(name: str) -> None:
+        nonlocal drain
+        if drain is None:
+            log.info(
+                "%s: not accepting new requests; %d in flight get %.0f s to finish",
+                name,
+                len(ctx.inflight),
+                opts.grace_s,
+            )
+            ctx.inflight.draining = True
+            drain = loop.create_task(drain_then_cancel())
+            server.stop()
+        else:
+            log.warning("%s again: cancelling %d requests now", name, len(ctx.inflight))
+            ctx.inflight.cancel_all()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await server.serve()
+    if drain is not None:
+        drain.cancel()
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    zse_log = logging.getLogger("zse")
+    zse_log.handlers[:] = [handler]
+    zse_log.setLevel(level.upper())
+    zse_log.propagate = False
+
+
+def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
+    limits = engine.limits
+    kv_mb = limits["kv_cache_tokens"] * limits["kv_bytes_per_token"] / 2**20
+    threads = os.environ.get("RAYON_NUM_THREADS") or str(os.cpu_count())
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    rows = [
+        ("model", f"{config.model_name} ({engine.metadata['path']})"),
+        ("quantization", engine.metadata["quantization"]),
+        ("context", f"{engine.context_length} tokens"),
+        (
+            "KV cache",
+            f"{kv_mb:.0f} MiB = {limits['kv_cache_tokens']} positions "
+            f"({limits['kv_bytes_per_token']} B each)",
+        ),
+        ("sequences", f"{limits['max_sequences']} at once, {limits['max_queue']} may wait"),
+        ("threads", threads),
+        ("API key", "required" if config.api_keys else "not required"),
+        ("URL", f"http://{host}:{opts.port}/v1"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"ZSE {__version__} serving"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    print("\n".join(lines), file=sys.stderr, flush=True)
