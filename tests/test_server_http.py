@@ -68,7 +68,7 @@ def keyed(default_model: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def short_context(default_model: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(default_model, *SHORT_CONTEXT) as s:
+    with ServerProcess(default_model, *SHORT_CONTEXT, "--threads", "1") as s:
         yield s
 
 
@@ -231,6 +231,16 @@ def test_api_key_from_the_environment(default_model: Path) -> None:
 
 
 # Health, metrics, docs ---------------------------------------------------------------------
+
+
+def test_banner(short_context: ServerProcess) -> None:
+    banner = short_context.log()
+    assert re.search(rf"URL +http://127\.0\.0\.1:{short_context.port}/v1", banner)
+    assert re.search(r"context +256 tokens", banner)
+    assert re.search(r"threads +1\n", banner)
+    assert re.search(r"KV cache +\d+ MiB", banner)
+    assert re.search(r"API key +not required", banner)
+    assert re.search(rf"model +{MODEL} ", banner)
 
 
 def test_health(server: ServerProcess) -> None:
