@@ -261,12 +261,17 @@ def test_closed_engine_refuses_work(qwen_tiny: Path) -> None:
         e.generate("hi")
 
 
-def test_kv_budget_caps_the_context_and_queues_what_does_not_fit(qwen_tiny: Path) -> None:
-    with zse.Engine(qwen_tiny, kv_cache_mb=0.5, max_sequences=4) as small:
+def test_kv_budget_caps_the_context_and_queues_what_does_not_fit(
+    qwen_tiny: Path, tiny_engine: zse.Engine
+) -> None:
+    per_token = tiny_engine.limits["kv_bytes_per_token"]
+    budget_mb = 120 * per_token / 2**20
+    with zse.Engine(
+        qwen_tiny, kv_cache_mb=budget_mb, max_sequences=4, kv_cache_dtype="f32"
+    ) as small:
         limits = small.limits
-        per_token = limits["kv_bytes_per_token"]
-        assert limits["kv_cache_tokens"] == int(0.5 * 2**20) // per_token
-        assert small.context_length == min(2048, limits["kv_cache_tokens"])
+        assert limits["kv_cache_tokens"] == int(budget_mb * 2**20) // per_token
+        assert small.context_length == limits["kv_cache_tokens"] < 2048
         prompt = small.tokenize("Once upon a time")
         # Each request reserves prompt + max_tokens positions: two cannot run at once.
         room = limits["kv_cache_tokens"] // 2 + 1 - len(prompt)

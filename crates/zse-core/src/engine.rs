@@ -486,6 +486,9 @@ impl Worker {
                 }
             }
             self.admit();
+            // Published before the step too, so callers that see a step's first event
+            // also see the admission that led to it.
+            self.publish_stats();
             if !self.running.is_empty() {
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.step()));
                 let failure = match outcome {
