@@ -251,7 +251,14 @@ def test_health(server: ServerProcess) -> None:
     assert re.fullmatch(r"(\d+d )?(\d+h )?\d+m( \d+s)?", str(h["uptime"]))
     engine = h["engine"]
     assert isinstance(engine, dict)
-    assert {"running_sequences", "waiting_requests", "kv_cache_capacity_tokens"} <= set(engine)
+    assert {
+        "running_sequences",
+        "waiting_requests",
+        "kv_cache_blocks_used",
+        "kv_cache_blocks_total",
+        "kv_cache_capacity_tokens",
+        "prefix_cache_hit_tokens",
+    } <= set(engine)
 
 
 def test_metrics(server: ServerProcess) -> None:
@@ -275,6 +282,15 @@ def test_metrics(server: ServerProcess) -> None:
     assert value("zse_running_sequences") == 0
     assert value("zse_waiting_requests") == 0
     assert value("zse_kv_cache_usage_ratio") == 0
+    # The same prompt twice: its full blocks come from the prefix cache the second time.
+    hits = value("zse_prefix_cache_hit_tokens_total")
+    httpx.post(server.url("/v1/chat/completions"), json=chat_body(), timeout=60)
+    text = httpx.get(server.url("/metrics")).text
+    assert value("zse_prefix_cache_hit_tokens_total") > hits
+    assert value("zse_prefix_cache_query_tokens_total") >= value(
+        "zse_prefix_cache_hit_tokens_total"
+    )
+    assert value("zse_preemptions_total") == 0
 
 
 def test_docs_and_openapi(server: ServerProcess) -> None:

@@ -95,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_cache_mb=args.kv_cache_mb,
             max_sequences=args.max_seqs,
             max_queue=args.max_queue,
+            max_batch_tokens=args.max_batch_tokens,
             threads=args.threads,
             log_level=args.log_level,
             grace_s=args.grace,
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seqs", type=int, default=16, help="sequences generated at once")
     s.add_argument(
         "--max-queue", type=int, default=256, help="requests that may wait (beyond: 503)"
+    )
+    s.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=256,
+        help="tokens per engine step; long prompts go in chunks of it (default 256)",
     )
     s.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")

@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import _core
 from .models import pull
@@ -214,22 +214,16 @@ class Delta:
 
 
 class _AsyncChunks:
-    """The engine's chunks for one request, awaited without a thread: the engine
-    thread wakes the event loop through ``call_soon_threadsafe``."""
+    """The engine's chunks for one choice, awaited without a thread: the engine
+    thread wakes the event loop through ``call_soon_threadsafe`` (see `_submit_async`)."""
 
-    def __init__(self, engine: Engine, request: _Request, prompt_ids: list[int]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+    def __init__(
+        self, engine: Engine, request: _Request, stream: _core.RequestStream, wake: asyncio.Event
+    ) -> None:
         self._engine = engine
         self._want_logprobs = request.want_logprobs
-        self._stream = engine._native.submit(prompt_ids, notify=self._notify, **request.kwargs)
-
-    def _notify(self) -> None:
-        # Runs on the engine thread.
-        try:
-            self._loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+        self._stream = stream
+        self._wake = wake
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -279,11 +273,38 @@ class AsyncDeltaStream(_AsyncChunks):
         await self.aclose()
 
 
+_Chunks = TypeVar("_Chunks", bound=_AsyncChunks)
+
+
+def _submit_async(
+    cls: type[_Chunks], engine: Engine, request: _Request, prompt_ids: list[int], n: int
+) -> list[_Chunks]:
+    """Submits ``n`` choices from inside a running event loop. One wake-up hook for
+    all of them, called on the engine thread, sets each choice's event on the loop."""
+    loop = asyncio.get_running_loop()
+    wakes = [asyncio.Event() for _ in range(n)]
+
+    def wake_all() -> None:
+        for w in wakes:
+            w.set()
+
+    def notify() -> None:
+        try:
+            loop.call_soon_threadsafe(wake_all)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    natives = engine._native.submit(prompt_ids, n=n, notify=notify, **request.kwargs)
+    return [cls(engine, request, s, w) for s, w in zip(natives, wakes, strict=True)]
+
+
 class AsyncTextStream(_AsyncChunks):
     """Async twin of `TextStream`."""
 
-    def __init__(self, engine: Engine, request: _Request, prompt_ids: list[int]) -> None:
-        super().__init__(engine, request, prompt_ids)
+    def __init__(
+        self, engine: Engine, request: _Request, stream: _core.RequestStream, wake: asyncio.Event
+    ) -> None:
+        super().__init__(engine, request, stream, wake)
         self._collector = _Collector(engine, request.want_logprobs)
 
     async def __anext__(self) -> str:
@@ -314,7 +335,11 @@ class Engine:
     ``"f16"`` (half the memory, llama.cpp's default) or ``"f32"``. ``max_sequences``
     requests are generated at once, up to ``max_queue`` more wait (beyond that,
     submitting raises `EngineOverloadedError`); ``kv_cache_mb`` bounds the KV cache
-    (default: room for ``max_sequences`` full contexts) and with it the context length.
+    (default: room for ``max_sequences`` full contexts) and with it the context length;
+    when it runs out, the newest sequences wait and are recomputed later, with the
+    same result. Each step processes at most ``max_batch_tokens`` tokens: long prompts
+    go in chunks between the decode steps of the others. Prompt prefixes seen before
+    (a system prompt, earlier turns) are reused from the cache.
     CPU threads come from ``RAYON_NUM_THREADS`` (default: every core), read once per
     process when the first engine starts.
     Sampling keywords (all methods that generate): ``max_tokens``, ``temperature``
@@ -333,11 +358,13 @@ class Engine:
         max_sequences: int = 16,
         max_queue: int = 256,
         kv_cache_mb: float | None = None,
+        max_batch_tokens: int = 256,
     ) -> None:
         if context_length is not None:
             _check_int("context_length", context_length, 1)
         _check_int("max_sequences", max_sequences, 1)
         _check_int("max_queue", max_queue, 0)
+        _check_int("max_batch_tokens", max_batch_tokens, 1)
         kv_bytes = None
         if kv_cache_mb is not None:
             if _check_float("kv_cache_mb", kv_cache_mb) <= 0:
@@ -351,6 +378,7 @@ class Engine:
             max_sequences=max_sequences,
             max_queue=max_queue,
             kv_cache_bytes=kv_bytes,
+            max_batch_tokens=max_batch_tokens,
         )
         self.metadata: dict[str, Any] = json.loads(self._native.info_json())
 
@@ -367,14 +395,16 @@ class Engine:
 
     @property
     def limits(self) -> dict[str, int]:
-        """``max_sequences``, ``max_queue``, ``kv_cache_tokens``, ``kv_bytes_per_token``."""
+        """``max_sequences``, ``max_queue``, ``max_batch_tokens``, ``kv_cache_tokens``
+        (= ``kv_blocks`` x ``kv_block_size``), ``kv_bytes_per_token``."""
         limits: dict[str, int] = self.metadata["limits"]
         return limits
 
     def stats(self) -> dict[str, int]:
-        """Now: ``running`` and ``waiting`` requests, ``finished`` so far, and the KV
-        positions ``kv_reserved_tokens`` (held for running sequences) and
-        ``kv_used_tokens`` (filled)."""
+        """Now: ``running`` and ``waiting`` requests, ``finished`` so far,
+        ``kv_blocks_used`` (held by sequences) and ``kv_used_tokens`` (positions filled);
+        since the start: ``prefix_query_tokens`` and ``prefix_hit_tokens`` (prompt
+        positions looked up in the prefix cache, and found) and ``preemptions``."""
         return self._native.stats()
 
     # Text ------------------------------------------------------------------------
@@ -414,7 +444,7 @@ class Engine:
 
     def _submit(self, prompt: str | Sequence[Message], sampling: dict[str, Any]) -> TextStream:
         request = _sampling(**sampling)
-        native = self._native.submit(self.prompt_ids(prompt), **request.kwargs)
+        [native] = self._native.submit(self.prompt_ids(prompt), **request.kwargs)
         return TextStream(native, _Collector(self, request.want_logprobs))
 
     def stream(self, prompt: str | Sequence[Message], **sampling: Any) -> TextStream:
@@ -436,17 +466,28 @@ class Engine:
     def astream(self, prompt: str | Sequence[Message], **sampling: Any) -> AsyncTextStream:
         """Async iterator of text deltas (call inside a running event loop)."""
         request = _sampling(**sampling)
-        return AsyncTextStream(self, request, self.prompt_ids(prompt))
+        [stream] = _submit_async(AsyncTextStream, self, request, self.prompt_ids(prompt), 1)
+        return stream
 
     def astream_deltas(self, prompt_ids: Sequence[int], **sampling: Any) -> AsyncDeltaStream:
         """Async iterator of `Delta` values for a tokenized prompt: text, token ids,
         log-probabilities and, at the end, the finish reason and usage (what a server
         needs). Call inside a running event loop."""
+        [stream] = self.astream_choices(prompt_ids, 1, **sampling)
+        return stream
+
+    def astream_choices(
+        self, prompt_ids: Sequence[int], n: int, **sampling: Any
+    ) -> list[AsyncDeltaStream]:
+        """``n`` choices for one prompt (OpenAI's ``n``), one `AsyncDeltaStream` each.
+        The prompt is computed once and its cache shared; with a ``seed``, choice ``i``
+        samples with ``seed + i``."""
         if isinstance(prompt_ids, (str, bytes)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids
         ):
             raise ValueError("invalid value for 'prompt_ids': must be a list of token ids")
-        return AsyncDeltaStream(self, _sampling(**sampling), list(prompt_ids))
+        _check_int("n", n, 1)
+        return _submit_async(AsyncDeltaStream, self, _sampling(**sampling), list(prompt_ids), n)
 
     async def agenerate(self, prompt: str, **sampling: Any) -> Completion:
         if not isinstance(prompt, str):

@@ -4,7 +4,6 @@
 //! its own channel. Callers never hold a lock on the model, and a failure inside a
 //! step fails the requests of that step, never the thread.
 
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,10 +16,10 @@ use candle_core::{DType, Device};
 use crate::error::{Error, Result};
 use crate::format::zse::{Provenance, ZseTensors};
 use crate::format::ZseFile;
-use crate::kv::SeqKvCache;
-use crate::model::{BatchItem, Llama, ModelConfig};
+use crate::kv::{BlockTable, KvPool};
+use crate::model::{BatchItem, Llama, Logits, ModelConfig};
 use crate::sample::{log_softmax, top_n, Sampler, SamplingParams, MAX_TOP_LOGPROBS};
-use crate::sched::Admission;
+use crate::sched::{Entry, Plan, Scheduler, SchedulerConfig, SeqState};
 use crate::text::stop::StopStatus;
 use crate::text::{ChatMessage, ChatTemplate, IncrementalDecoder, StopMatcher, Tokenizer};
 
@@ -40,7 +39,14 @@ pub struct EngineOptions {
     /// KV-cache memory budget in bytes. None: room for `max_running` sequences of
     /// the full context. A smaller budget also caps the context length.
     pub kv_cache_bytes: Option<usize>,
+    /// Tokens per step, over all sequences: prompts are processed in chunks of
+    /// what the decoding sequences leave of it.
+    pub max_batch_tokens: usize,
 }
+
+/// Positions per KV block: small enough that little is wasted at a sequence's end,
+/// large enough that block tables and prefix hashing stay cheap.
+pub const KV_BLOCK_SIZE: usize = 16;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -51,6 +57,7 @@ impl Default for EngineOptions {
             max_running: 16,
             max_waiting: 256,
             kv_cache_bytes: None,
+            max_batch_tokens: 256,
         }
     }
 }
@@ -174,16 +181,26 @@ pub struct ModelInfo {
 pub struct EngineLimits {
     pub max_running: usize,
     pub max_waiting: usize,
-    /// KV budget in token positions, and what one position costs in bytes.
-    pub kv_capacity_tokens: usize,
+    pub max_batch_tokens: usize,
+    /// The KV budget: blocks of `kv_block_size` positions, and what one position
+    /// costs in bytes.
+    pub kv_blocks: usize,
+    pub kv_block_size: usize,
     pub kv_bytes_per_token: usize,
+}
+
+impl EngineLimits {
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv_blocks * self.kv_block_size
+    }
 }
 
 /// Per position, the most likely next tokens with their log-probabilities.
 pub type PositionLogprobs = Vec<Vec<(u32, f32)>>;
 
 enum Command {
-    Submit(RequestId, Box<GenerationRequest>, EventSink),
+    /// One request with `n` choices: ids and sinks, one per choice.
+    Submit(Vec<RequestId>, Box<GenerationRequest>, Vec<EventSink>),
     Cancel(RequestId),
     Score(Vec<u32>, usize, Sender<Result<PositionLogprobs>>),
 }
@@ -195,9 +212,15 @@ pub struct EngineStats {
     /// Submitted and not yet started (counted at submission, so the bound is exact).
     pub waiting: AtomicUsize,
     pub finished: AtomicU64,
-    /// KV positions reserved by running sequences, and those actually filled.
-    pub kv_reserved_tokens: AtomicUsize,
+    /// KV blocks held by sequences (cached blocks nobody uses do not count).
+    pub kv_blocks_used: AtomicUsize,
+    /// Positions computed and held by running sequences.
     pub kv_used_tokens: AtomicUsize,
+    /// Prompt positions looked up in the prefix cache, and those found there.
+    pub prefix_query_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    /// Sequences sent back to the queue for lack of KV blocks.
+    pub preemptions: AtomicU64,
 }
 
 pub struct Engine {
@@ -226,7 +249,7 @@ impl Engine {
             None => model_ctx,
         };
         let limits = resolve_limits(&file.config, &opts, context_length)?;
-        context_length = context_length.min(limits.kv_capacity_tokens);
+        context_length = context_length.min(limits.kv_capacity_tokens());
         let tokenizer = Arc::new(Tokenizer::from_json(&file.tokenizer_json)?);
         if tokenizer.vocab_size() > file.config.vocab_size {
             return Err(Error::invalid_file(
@@ -270,14 +293,21 @@ impl Engine {
         drop(file);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
+        let pool = model.new_kv_pool(limits.kv_blocks, limits.kv_block_size)?;
+        let sched = Scheduler::new(SchedulerConfig {
+            max_running: limits.max_running,
+            max_batch_tokens: limits.max_batch_tokens,
+            num_blocks: limits.kv_blocks,
+            block_size: limits.kv_block_size,
+            max_positions: context_length,
+        });
         let worker = Worker {
             model,
+            pool,
+            sched,
             tokenizer: tokenizer.clone(),
             eos: info.eos_token_ids.clone(),
             stats: stats.clone(),
-            admission: Admission::new(limits.max_running, limits.kv_capacity_tokens),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("zse-engine".into())
@@ -345,6 +375,20 @@ impl Engine {
     /// Checks a request and queues it; its events arrive through `sink`. Fails with
     /// `Overloaded` when `max_waiting` requests are already waiting to start.
     pub fn submit(&self, req: GenerationRequest, sink: EventSink) -> Result<RequestId> {
+        Ok(self.submit_n(req, vec![sink])?[0])
+    }
+
+    /// Like `submit`, with one choice per sink (OpenAI's `n`): the prompt is computed
+    /// once and its KV blocks are shared. With a seed, choice `i` samples with
+    /// `seed + i`. Each choice has its own id and can be cancelled alone.
+    pub fn submit_n(
+        &self,
+        req: GenerationRequest,
+        sinks: Vec<EventSink>,
+    ) -> Result<Vec<RequestId>> {
+        if sinks.is_empty() {
+            return Err(Error::invalid_argument("n", "must be at least 1"));
+        }
         self.validate(&req)?;
         let max_waiting = self.info.limits.max_waiting;
         self.stats
@@ -353,12 +397,15 @@ impl Engine {
                 (w < max_waiting).then_some(w + 1)
             })
             .map_err(|waiting| Error::Overloaded { waiting })?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.send(Command::Submit(id, Box::new(req), sink)) {
+        let first = self
+            .next_id
+            .fetch_add(sinks.len() as u64, Ordering::Relaxed);
+        let ids: Vec<RequestId> = (first..first + sinks.len() as u64).collect();
+        if let Err(e) = self.send(Command::Submit(ids.clone(), Box::new(req), sinks)) {
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(e);
         }
-        Ok(id)
+        Ok(ids)
     }
 
     fn validate(&self, req: &GenerationRequest) -> Result<()> {
@@ -436,40 +483,93 @@ impl Drop for Engine {
     }
 }
 
-/// A request being generated.
-struct Sequence {
+/// A choice waiting for its parent's prompt (`n > 1`): it becomes a sequence of its
+/// own, sharing the parent's blocks, when the parent samples its first token.
+struct Fork {
     id: RequestId,
     sink: EventSink,
-    cache: SeqKvCache,
     sampler: Sampler,
-    /// Tokens to feed at the next step: the prompt, then each sampled token.
-    pending: Vec<u32>,
+}
+
+/// What the engine keeps per sequence besides its cache state (`sched::SeqState`).
+struct Request {
+    id: RequestId,
+    sink: EventSink,
+    sampler: Sampler,
+    /// Admitted at least once (it no longer counts as waiting, even if preempted).
+    started: bool,
     prompt_len: usize,
     generated: usize,
     max_tokens: usize,
-    /// KV positions held for it while it runs (`sched`).
-    reserved: usize,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
     logprobs: Option<usize>,
     detok: IncrementalDecoder,
     stop: StopMatcher,
+    forks: Vec<Fork>,
+}
+
+impl Request {
+    /// A sibling choice: the same request with its own id, sink and sampler.
+    fn sibling(&self, fork: Fork) -> Self {
+        Request {
+            id: fork.id,
+            sink: fork.sink,
+            sampler: fork.sampler,
+            started: true,
+            prompt_len: self.prompt_len,
+            generated: 0,
+            max_tokens: self.max_tokens,
+            stop_token_ids: self.stop_token_ids.clone(),
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+            detok: IncrementalDecoder::new(),
+            stop: self.stop.fresh(),
+            forks: Vec::new(),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated,
+        }
+    }
+
+    /// Sends the last event of a request (and of its unborn siblings) that ends
+    /// without a new token.
+    fn end(self, reason: FinishReason) {
+        let usage = self.usage();
+        let last = |sink: &EventSink, usage: Usage| {
+            sink.send(Event {
+                finish: Some((reason.clone(), usage)),
+                ..Default::default()
+            });
+        };
+        last(&self.sink, usage);
+        for f in &self.forks {
+            let unborn = Usage {
+                completion_tokens: 0,
+                ..usage
+            };
+            last(&f.sink, unborn);
+        }
+    }
 }
 
 struct Worker {
     model: Llama,
+    pool: KvPool,
+    sched: Scheduler<Request>,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
     stats: Arc<EngineStats>,
-    admission: Admission,
-    waiting: VecDeque<Sequence>,
-    running: Vec<Sequence>,
 }
 
 impl Worker {
     fn run(mut self, rx: Receiver<Command>) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.sched.is_idle() {
                 match rx.recv() {
                     Ok(cmd) => self.handle(cmd),
                     Err(_) => break,
@@ -485,11 +585,7 @@ impl Worker {
                     }
                 }
             }
-            self.admit();
-            // Published before the step too, so callers that see a step's first event
-            // also see the admission that led to it.
-            self.publish_stats();
-            if !self.running.is_empty() {
+            if !self.sched.is_idle() {
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.step()));
                 let failure = match outcome {
                     Ok(Ok(())) => None,
@@ -507,38 +603,8 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(id, req, sink) => {
-                let max_room = self.model.max_positions() - req.prompt.len();
-                let max_tokens = req.max_tokens.unwrap_or(max_room).min(max_room);
-                self.waiting.push_back(Sequence {
-                    id,
-                    sink,
-                    cache: self.model.new_cache(),
-                    sampler: Sampler::new(req.sampling, &req.prompt),
-                    prompt_len: req.prompt.len(),
-                    reserved: req.prompt.len() + max_tokens,
-                    pending: req.prompt,
-                    generated: 0,
-                    max_tokens,
-                    stop_token_ids: req.stop_token_ids,
-                    ignore_eos: req.ignore_eos,
-                    logprobs: req.logprobs,
-                    detok: IncrementalDecoder::new(),
-                    stop: StopMatcher::new(req.stop),
-                });
-            }
-            Command::Cancel(id) => {
-                if let Some(i) = self.running.iter().position(|s| s.id == id) {
-                    let s = self.running.swap_remove(i);
-                    self.admission.release(s.reserved);
-                    self.finish(s, FinishReason::Cancelled);
-                } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-                    if let Some(s) = self.waiting.remove(i) {
-                        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                        self.finish(s, FinishReason::Cancelled);
-                    }
-                }
-            }
+            Command::Submit(ids, req, sinks) => self.enqueue(ids, *req, sinks),
+            Command::Cancel(id) => self.cancel(id),
             Command::Score(tokens, top, reply) => {
                 let result =
                     std::panic::catch_unwind(AssertUnwindSafe(|| self.score(&tokens, top)))
@@ -548,36 +614,124 @@ impl Worker {
         }
     }
 
-    /// Moves waiting requests to running, in arrival order, while the limits allow.
-    fn admit(&mut self) {
-        while let Some(front) = self.waiting.front() {
-            if !self.admission.try_admit(front.reserved) {
-                break;
+    fn enqueue(&mut self, ids: Vec<RequestId>, req: GenerationRequest, sinks: Vec<EventSink>) {
+        let max_room = self.model.max_positions() - req.prompt.len();
+        let max_tokens = req.max_tokens.unwrap_or(max_room).min(max_room);
+        let sampler = |i: usize| {
+            let mut params = req.sampling.clone();
+            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+            Sampler::new(params, &req.prompt)
+        };
+        let mut choices = ids.into_iter().zip(sinks).enumerate();
+        let Some((_, (id, sink))) = choices.next() else {
+            return;
+        };
+        let forks = choices
+            .map(|(i, (id, sink))| Fork {
+                id,
+                sink,
+                sampler: sampler(i),
+            })
+            .collect();
+        let request = Request {
+            id,
+            sink,
+            sampler: sampler(0),
+            started: false,
+            prompt_len: req.prompt.len(),
+            generated: 0,
+            max_tokens,
+            stop_token_ids: req.stop_token_ids,
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs,
+            detok: IncrementalDecoder::new(),
+            stop: StopMatcher::new(req.stop),
+            forks,
+        };
+        self.sched.enqueue(SeqState::new(req.prompt), request);
+    }
+
+    fn cancel(&mut self, id: RequestId) {
+        let all = self
+            .sched
+            .running
+            .iter_mut()
+            .chain(self.sched.waiting.iter_mut());
+        for e in all {
+            // A choice not yet born leaves its parent's list.
+            if let Some(i) = e.data.forks.iter().position(|f| f.id == id) {
+                let f = e.data.forks.remove(i);
+                let usage = Usage {
+                    prompt_tokens: e.data.prompt_len,
+                    completion_tokens: 0,
+                };
+                f.sink.send(Event {
+                    finish: Some((FinishReason::Cancelled, usage)),
+                    ..Default::default()
+                });
+                return;
             }
-            if let Some(seq) = self.waiting.pop_front() {
-                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                self.running.push(seq);
+            // A parent with unborn siblings: the first sibling takes its place.
+            if e.data.id == id && !e.data.forks.is_empty() {
+                let next = e.data.forks.remove(0);
+                let old = std::mem::replace(&mut e.data.sink, next.sink);
+                e.data.sampler = next.sampler;
+                e.data.id = next.id;
+                old.send(Event {
+                    finish: Some((FinishReason::Cancelled, e.data.usage())),
+                    ..Default::default()
+                });
+                return;
             }
         }
+        if let Some(e) = self.sched.remove(|r| r.id == id) {
+            self.retire(e, FinishReason::Cancelled);
+        }
+    }
+
+    /// Ends a request that has left the scheduler.
+    fn retire(&self, e: Entry<Request>, reason: FinishReason) {
+        if !e.data.started {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.stats.finished.fetch_add(1, Ordering::Relaxed);
+        e.data.end(reason);
     }
 
     fn publish_stats(&self) {
         let s = &self.stats;
-        s.running.store(self.running.len(), Ordering::Relaxed);
-        s.kv_reserved_tokens
-            .store(self.admission.budget().reserved(), Ordering::Relaxed);
-        let used = self.running.iter().map(|q| q.cache.len()).sum();
-        s.kv_used_tokens.store(used, Ordering::Relaxed);
+        let st = &self.sched.stats;
+        s.running.store(self.sched.running.len(), Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.sched.blocks().in_use(), Ordering::Relaxed);
+        s.kv_used_tokens
+            .store(self.sched.computed_tokens(), Ordering::Relaxed);
+        s.prefix_query_tokens
+            .store(st.prefix_query_tokens, Ordering::Relaxed);
+        s.prefix_hit_tokens
+            .store(st.prefix_hit_tokens, Ordering::Relaxed);
+        s.preemptions.store(st.preemptions, Ordering::Relaxed);
     }
 
+    /// Teacher-forced log-probabilities, in a cache of their own.
     fn score(&self, tokens: &[u32], top: usize) -> Result<PositionLogprobs> {
-        let mut cache = self.model.new_cache();
-        let mut items = [BatchItem {
+        let bs = self.sched.config().block_size;
+        let pool = self
+            .model
+            .new_kv_pool(BlockTable::blocks_for(bs, tokens.len()), bs)?;
+        let slots: Vec<u32> = (0..tokens.len() as u32).collect();
+        let item = BatchItem {
             tokens,
-            cache: &mut cache,
-            all_logits: true,
-        }];
-        let logits = self.model.forward(&mut items)?.remove(0).to_vec2::<f32>()?;
+            past: 0,
+            slots: &slots,
+            logits: Logits::All,
+        };
+        let logits = self
+            .model
+            .forward(&[item], &pool)?
+            .remove(0)
+            .ok_or_else(|| Error::Compute("no logits for scoring".into()))?
+            .to_vec2::<f32>()?;
         Ok(logits
             .iter()
             .map(|row| top_n(&log_softmax(row), top))
@@ -585,74 +739,122 @@ impl Worker {
     }
 
     fn step(&mut self) -> Result<()> {
-        let mut items: Vec<BatchItem<'_>> = self
-            .running
-            .iter_mut()
-            .map(|s| BatchItem {
-                tokens: &s.pending,
-                cache: &mut s.cache,
-                all_logits: false,
-            })
-            .collect();
-        let logits = self.model.forward(&mut items)?;
-        drop(items);
+        let plan = self.sched.schedule();
+        for e in &mut self.sched.running {
+            if !e.data.started {
+                e.data.started = true;
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        // Published before the step too, so that a caller who sees a step's first
+        // event also sees the admission that led to it.
+        self.publish_stats();
+        for &(from, to, rows) in &plan.copies {
+            self.pool.copy_block(from, to, rows)?;
+        }
+        let mut logits = self.forward(&plan)?;
+        self.sched.commit(&plan);
+        // Sample where every known token is now computed. Unborn siblings are born
+        // first, sharing the blocks, and sample from the same logits.
         let mut done = Vec::new();
-        for (i, (seq, logits)) in self.running.iter_mut().zip(logits).enumerate() {
-            let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
-            match advance(&self.tokenizer, &self.eos, &self.model, seq, &mut row)? {
+        let mut i = 0;
+        while i < self.sched.running.len() {
+            let Some(mut row) = logits.get_mut(i).and_then(Option::take) else {
+                i += 1;
+                continue;
+            };
+            let forks = std::mem::take(&mut self.sched.running[i].data.forks);
+            for fork in forks {
+                let sibling = self.sched.running[i].data.sibling(fork);
+                self.sched.fork(i, sibling);
+                logits.push(Some(row.clone()));
+            }
+            let entry = &mut self.sched.running[i];
+            match advance(&self.tokenizer, &self.eos, &self.model, entry, &mut row)? {
                 Advance::Continue => {}
                 Advance::Finished | Advance::Gone => done.push(i),
             }
+            i += 1;
         }
+        // `finish` swaps the last entry in: remove from the back.
         for i in done.into_iter().rev() {
-            let s = self.running.swap_remove(i);
-            self.admission.release(s.reserved);
+            self.sched.finish(i);
             self.stats.finished.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    /// Ends a request that is no longer in either queue: its last event.
-    fn finish(&self, seq: Sequence, reason: FinishReason) {
-        let usage = Usage {
-            prompt_tokens: seq.prompt_len,
-            completion_tokens: seq.generated,
-        };
-        seq.sink.send(Event {
-            finish: Some((reason, usage)),
-            ..Default::default()
-        });
-        self.stats.finished.fetch_add(1, Ordering::Relaxed);
+    /// The forward pass of a plan: per running sequence, the logits row to sample
+    /// from if its chunk completes every token it knows.
+    fn forward(&self, plan: &Plan) -> Result<Vec<Option<Vec<f32>>>> {
+        let bs = self.sched.config().block_size;
+        let running = &self.sched.running;
+        let slots: Vec<Vec<u32>> = running
+            .iter()
+            .zip(&plan.chunks)
+            .map(|(e, &c)| e.seq.table.slots(bs, e.seq.computed + c))
+            .collect();
+        let mut items = Vec::new();
+        let mut index = Vec::new();
+        for (i, (e, &chunk)) in running.iter().zip(&plan.chunks).enumerate() {
+            if chunk == 0 {
+                continue;
+            }
+            let seq = &e.seq;
+            let end = seq.computed + chunk;
+            items.push(BatchItem {
+                tokens: &seq.tokens[seq.computed..end],
+                past: seq.computed,
+                slots: &slots[i],
+                logits: if end == seq.tokens.len() {
+                    Logits::Last
+                } else {
+                    Logits::None
+                },
+            });
+            index.push(i);
+        }
+        let mut rows = vec![None; running.len()];
+        if items.is_empty() {
+            return Ok(rows);
+        }
+        let logits = self.model.forward(&items, &self.pool)?;
+        for (i, l) in index.into_iter().zip(logits) {
+            if let Some(l) = l {
+                rows[i] = Some(l.squeeze(0)?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(rows)
     }
 
     fn finish_running(&mut self, reason: FinishReason) {
-        for s in std::mem::take(&mut self.running) {
-            self.admission.release(s.reserved);
-            self.finish(s, reason.clone());
+        while !self.sched.running.is_empty() {
+            let e = self.sched.finish(0);
+            self.retire(e, reason.clone());
         }
     }
 
     fn finish_all(&mut self, reason: FinishReason) {
         self.finish_running(reason.clone());
-        for s in std::mem::take(&mut self.waiting) {
-            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.finish(s, reason.clone());
+        while let Some(e) = self.sched.waiting.pop_front() {
+            self.retire(e, reason.clone());
         }
         self.publish_stats();
     }
 }
 
-/// Samples the next token of `seq`, sends its event, and says whether it ended.
+/// Samples the next token of a sequence, sends its event, and says whether it ended.
 fn advance(
     tokenizer: &Tokenizer,
     eos: &[u32],
     model: &Llama,
-    seq: &mut Sequence,
+    entry: &mut Entry<Request>,
     logits: &mut [f32],
 ) -> Result<Advance> {
-    let s = seq.sampler.sample(logits, seq.logprobs);
+    let req = &mut entry.data;
+    let s = req.sampler.sample(logits, req.logprobs);
     let token = s.token;
-    seq.generated += 1;
+    req.generated += 1;
     let mut ev = Event {
         tokens: vec![token],
         ..Default::default()
@@ -665,13 +867,13 @@ fn advance(
         });
     }
     let is_stop_token =
-        !seq.ignore_eos && (eos.contains(&token) || seq.stop_token_ids.contains(&token));
+        !req.ignore_eos && (eos.contains(&token) || req.stop_token_ids.contains(&token));
     let mut reason = None;
     if is_stop_token {
         reason = Some(FinishReason::Stop);
     } else {
-        let delta = seq.detok.push(tokenizer, token)?;
-        match seq.stop.push(&delta) {
+        let delta = req.detok.push(tokenizer, token)?;
+        match req.stop.push(&delta) {
             StopStatus::Continue(t) => ev.text = t,
             StopStatus::Stopped(t) => {
                 ev.text = t;
@@ -679,19 +881,19 @@ fn advance(
             }
         }
     }
-    let context_full = seq.prompt_len + seq.generated >= model.max_positions();
-    if reason.is_none() && (seq.generated >= seq.max_tokens || context_full) {
+    let context_full = req.prompt_len + req.generated >= model.max_positions();
+    if reason.is_none() && (req.generated >= req.max_tokens || context_full) {
         reason = Some(FinishReason::Length);
     }
     if reason.is_some() && (is_stop_token || reason == Some(FinishReason::Length)) {
         // Ended by a token or a limit: release the text still held back (an
         // incomplete character, a possible stop-string prefix), unless it
         // completes a stop string after all.
-        let rest = seq.detok.flush(tokenizer)?;
-        match seq.stop.push(&rest) {
+        let rest = req.detok.flush(tokenizer)?;
+        match req.stop.push(&rest) {
             StopStatus::Continue(t) => {
                 ev.text.push_str(&t);
-                ev.text.push_str(&seq.stop.flush());
+                ev.text.push_str(&req.stop.flush());
             }
             StopStatus::Stopped(t) => {
                 ev.text.push_str(&t);
@@ -700,15 +902,10 @@ fn advance(
         }
     }
     if let Some(r) = &reason {
-        let usage = Usage {
-            prompt_tokens: seq.prompt_len,
-            completion_tokens: seq.generated,
-        };
-        ev.finish = Some((r.clone(), usage));
+        ev.finish = Some((r.clone(), req.usage()));
     }
-    seq.pending.clear();
-    seq.pending.push(token);
-    if !seq.sink.send(ev) {
+    entry.seq.tokens.push(token);
+    if !req.sink.send(ev) {
         return Ok(Advance::Gone);
     }
     Ok(if reason.is_some() {
@@ -744,8 +941,9 @@ fn resolve_limits(
         Some(bytes) => bytes / per_token.max(1),
         None => opts.max_running.saturating_mul(context_length),
     };
-    // A context needs room for at least one prompt token and one generated token.
-    if capacity < 2 {
+    // A context needs room for at least one prompt token and one generated token,
+    // in whole blocks.
+    if capacity < KV_BLOCK_SIZE {
         return Err(Error::invalid_argument(
             "kv_cache_bytes",
             format!(
@@ -757,7 +955,9 @@ fn resolve_limits(
     Ok(EngineLimits {
         max_running: opts.max_running,
         max_waiting: opts.max_waiting,
-        kv_capacity_tokens: capacity,
+        max_batch_tokens: opts.max_batch_tokens.max(opts.max_running),
+        kv_blocks: capacity / KV_BLOCK_SIZE,
+        kv_block_size: KV_BLOCK_SIZE,
         kv_bytes_per_token: per_token,
     })
 }

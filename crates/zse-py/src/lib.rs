@@ -226,8 +226,9 @@ impl Engine {
     #[new]
     #[pyo3(signature = (
         path, *, context_length=None, kv_cache_dtype="f16", max_sequences=16, max_queue=256,
-        kv_cache_bytes=None
+        kv_cache_bytes=None, max_batch_tokens=256
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -236,6 +237,7 @@ impl Engine {
         max_sequences: usize,
         max_queue: usize,
         kv_cache_bytes: Option<usize>,
+        max_batch_tokens: usize,
     ) -> PyResult<Self> {
         let kv_dtype = match kv_cache_dtype {
             "f16" => candle_core::DType::F16,
@@ -252,6 +254,7 @@ impl Engine {
             max_running: max_sequences,
             max_waiting: max_queue,
             kv_cache_bytes,
+            max_batch_tokens,
             ..Default::default()
         };
         let inner = py
@@ -280,7 +283,10 @@ impl Engine {
             "limits": {
                 "max_sequences": i.limits.max_running,
                 "max_queue": i.limits.max_waiting,
-                "kv_cache_tokens": i.limits.kv_capacity_tokens,
+                "max_batch_tokens": i.limits.max_batch_tokens,
+                "kv_cache_tokens": i.limits.kv_capacity_tokens(),
+                "kv_blocks": i.limits.kv_blocks,
+                "kv_block_size": i.limits.kv_block_size,
                 "kv_bytes_per_token": i.limits.kv_bytes_per_token,
             },
         })
@@ -320,7 +326,7 @@ impl Engine {
     #[pyo3(signature = (
         prompt_ids, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
         presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, max_tokens=None,
-        stop=None, stop_token_ids=None, ignore_eos=false, logprobs=None, notify=None
+        stop=None, stop_token_ids=None, ignore_eos=false, logprobs=None, n=1, notify=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
@@ -340,8 +346,9 @@ impl Engine {
         stop_token_ids: Option<Vec<u32>>,
         ignore_eos: bool,
         logprobs: Option<usize>,
+        n: usize,
         notify: Option<Py<PyAny>>,
-    ) -> PyResult<RequestStream> {
+    ) -> PyResult<Vec<RequestStream>> {
         let req = GenerationRequest {
             prompt: prompt_ids,
             sampling: SamplingParams {
@@ -364,23 +371,37 @@ impl Engine {
         // The hook runs on the engine thread: it takes the GIL only to make the call
         // (which should be cheap, e.g. `loop.call_soon_threadsafe`); its errors are
         // the caller's business, never the engine's.
-        let hook = notify.map(|cb| -> Box<dyn Fn() + Send> {
-            Box::new(move || {
-                Python::attach(|py| {
-                    if let Err(e) = cb.call0(py) {
-                        e.write_unraisable(py, None);
-                    }
+        if n == 0 {
+            return Err(PyValueError::new_err(
+                "invalid value for 'n': must be at least 1",
+            ));
+        }
+        // One hook for all `n` choices.
+        let notify = notify.map(Arc::new);
+        let hook = || {
+            notify.clone().map(|cb| -> Box<dyn Fn() + Send> {
+                Box::new(move || {
+                    Python::attach(|py| {
+                        if let Err(e) = cb.call0(py) {
+                            e.write_unraisable(py, None);
+                        }
+                    })
                 })
             })
-        });
-        let (sink, rx) = EventSink::channel(hook);
-        let id = self.inner.submit(req, sink).map_err(to_py)?;
-        Ok(RequestStream {
-            id,
-            engine: self.inner.clone(),
-            rx: Mutex::new(rx),
-            finished: false,
-        })
+        };
+        let (sinks, receivers): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| EventSink::channel(hook())).unzip();
+        let ids = self.inner.submit_n(req, sinks).map_err(to_py)?;
+        Ok(ids
+            .into_iter()
+            .zip(receivers)
+            .map(|(id, rx)| RequestStream {
+                id,
+                engine: self.inner.clone(),
+                rx: Mutex::new(rx),
+                finished: false,
+            })
+            .collect())
     }
 
     /// Teacher-forced top-`top` log-probabilities for every position of `tokens`.
@@ -394,7 +415,8 @@ impl Engine {
     }
 
     /// The engine's counters now: running and waiting sequences, finished requests,
-    /// KV positions reserved and filled.
+    /// KV blocks in use and positions filled, prefix-cache lookups and hits (in
+    /// positions), preemptions.
     fn stats(&self) -> HashMap<&'static str, u64> {
         let s = self.inner.stats();
         let get = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
@@ -402,8 +424,17 @@ impl Engine {
             ("running", get(&s.running)),
             ("waiting", get(&s.waiting)),
             ("finished", s.finished.load(Ordering::Relaxed)),
-            ("kv_reserved_tokens", get(&s.kv_reserved_tokens)),
+            ("kv_blocks_used", get(&s.kv_blocks_used)),
             ("kv_used_tokens", get(&s.kv_used_tokens)),
+            (
+                "prefix_query_tokens",
+                s.prefix_query_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "prefix_hit_tokens",
+                s.prefix_hit_tokens.load(Ordering::Relaxed),
+            ),
+            ("preemptions", s.preemptions.load(Ordering::Relaxed)),
         ])
     }
 

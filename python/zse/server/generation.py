@@ -44,20 +44,16 @@ class Generation:
         n: int,
         prompt_param: str,
     ) -> Generation:
-        """Submits ``n`` choices per prompt (choice index = prompt index * n + i).
-        With a seed, choice i uses seed + i, so the choices differ but the request is
-        reproducible."""
+        """Submits ``n`` choices per prompt (choice index = prompt index * n + i),
+        which share the prompt's cache. With a seed, choice i uses seed + i, so the
+        choices differ but the request is reproducible."""
         engine: Engine = ctx.engine
         if ctx.inflight.draining:
             raise shutting_down()
         streams: list[AsyncDeltaStream] = []
         try:
             for ids in prompt_ids:
-                for i in range(n):
-                    kw = dict(sampling)
-                    if kw.get("seed") is not None:
-                        kw["seed"] += i
-                    streams.append(engine.astream_deltas(ids, **kw))
+                streams += engine.astream_choices(ids, n, **sampling)
         except Exception as e:
             for s in streams:
                 s.cancel()

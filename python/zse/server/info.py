@@ -73,9 +73,11 @@ async def health(ctx: Ctx) -> dict[str, Any]:
             "finished_requests": stats["finished"],
             "max_sequences": limits["max_sequences"],
             "max_queue": limits["max_queue"],
-            "kv_cache_reserved_tokens": stats["kv_reserved_tokens"],
             "kv_cache_used_tokens": stats["kv_used_tokens"],
+            "kv_cache_blocks_used": stats["kv_blocks_used"],
+            "kv_cache_blocks_total": limits["kv_blocks"],
             "kv_cache_capacity_tokens": limits["kv_cache_tokens"],
+            "prefix_cache_hit_tokens": stats["prefix_hit_tokens"],
         },
     }
 

@@ -3,7 +3,11 @@ one process, as in tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..engine import Engine
 
@@ -45,12 +49,46 @@ class Metrics:
         )
         Gauge(
             "zse_kv_cache_usage_ratio",
-            "Share of the KV-cache budget held by running sequences",
+            "Share of the KV-cache blocks held by sequences",
             registry=r,
-        ).set_function(lambda: engine.stats()["kv_reserved_tokens"] / limits["kv_cache_tokens"])
+        ).set_function(lambda: engine.stats()["kv_blocks_used"] / limits["kv_blocks"])
+        _EngineCounter(
+            engine,
+            "zse_prefix_cache_query_tokens",
+            "Prompt positions looked up in the prefix cache",
+            "prefix_query_tokens",
+            registry=r,
+        )
+        _EngineCounter(
+            engine,
+            "zse_prefix_cache_hit_tokens",
+            "Prompt positions found in the prefix cache (not computed again)",
+            "prefix_hit_tokens",
+            registry=r,
+        )
+        _EngineCounter(
+            engine,
+            "zse_preemptions",
+            "Sequences sent back to the queue for lack of KV blocks",
+            "preemptions",
+            registry=r,
+        )
         Gauge("zse_kv_cache_capacity_tokens", "KV-cache budget in token positions", registry=r).set(
             limits["kv_cache_tokens"]
         )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounter(Collector):
+    """A counter the engine keeps (read when scraped, exposed as ``NAME_total``)."""
+
+    def __init__(
+        self, engine: Engine, name: str, doc: str, key: str, registry: CollectorRegistry
+    ) -> None:
+        self.engine, self.name, self.doc, self.key = engine, name, doc, key
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.name, self.doc, value=self.engine.stats()[self.key])

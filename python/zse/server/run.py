@@ -45,6 +45,7 @@ class ServeOptions:
     kv_cache_mb: float | None = None
     max_sequences: int = 16
     max_queue: int = 256
+    max_batch_tokens: int = 256
     threads: int | None = None
     log_level: str = "info"
     grace_s: float = 30.0
@@ -63,6 +64,7 @@ def serve(opts: ServeOptions) -> int:
         max_sequences=opts.max_sequences,
         max_queue=opts.max_queue,
         kv_cache_mb=opts.kv_cache_mb,
+        max_batch_tokens=opts.max_batch_tokens,
     )
     try:
         # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.
@@ -143,10 +145,11 @@ def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
         ("context", f"{engine.context_length} tokens"),
         (
             "KV cache",
-            f"{kv_mb:.0f} MiB = {limits['kv_cache_tokens']} positions "
-            f"({limits['kv_bytes_per_token']} B each)",
+            f"{kv_mb:.0f} MiB = {limits['kv_blocks']} blocks of {limits['kv_block_size']} "
+            f"positions ({limits['kv_bytes_per_token']} B each), prefix reuse on",
         ),
         ("sequences", f"{limits['max_sequences']} at once, {limits['max_queue']} may wait"),
+        ("batch", f"{limits['max_batch_tokens']} tokens per step (prompts in chunks)"),
         ("threads", threads),
         ("API key", "required" if config.api_keys else "not required"),
         ("URL", f"http://{host}:{opts.port}/v1"),

@@ -1,60 +1,56 @@
-//! Per-sequence KV cache: one key and one value tensor per layer, shaped
-//! `[kv_heads, positions, head_dim]`, grown as the sequence advances.
+//! The KV cache: fixed-size blocks of token positions in one pool per model.
 //!
-//! This is the simple layout the single-sequence and small-batch engine needs; the
-//! block-based cache with a shared free list replaces it when batching needs a budget.
+//! - [`blocks`]: which blocks are free, shared or cached (reference counts, a free
+//!   list, and an index of full blocks by the tokens of their whole prefix);
+//! - [`pool`]: the tensors the blocks live in, written and read by slot;
+//! - [`BlockTable`]: one sequence's blocks, in position order.
 
-use candle_core::{Tensor, D};
+pub mod blocks;
+pub mod pool;
 
-use crate::error::Result;
+pub use blocks::{chain_hash, BlockAllocator, BlockId, ROOT_HASH};
+pub use pool::KvPool;
 
-#[derive(Debug, Default)]
-pub struct SeqKvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+/// One sequence's blocks: block `i` holds positions `i * block_size ..`. The first
+/// `hashes.len()` blocks are full and registered for prefix reuse.
+#[derive(Debug, Clone, Default)]
+pub struct BlockTable {
+    pub blocks: Vec<BlockId>,
+    pub hashes: Vec<u64>,
 }
 
-impl SeqKvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            len: 0,
-        }
+impl BlockTable {
+    /// The slot of every position `0..len`.
+    pub fn slots(&self, block_size: usize, len: usize) -> Vec<u32> {
+        (0..len)
+            .map(|p| self.blocks[p / block_size] * block_size as u32 + (p % block_size) as u32)
+            .collect()
     }
 
-    /// Number of positions already stored (the position of the next token).
-    pub fn len(&self) -> usize {
-        self.len
+    /// Blocks needed to hold `len` positions.
+    pub fn blocks_for(block_size: usize, len: usize) -> usize {
+        len.div_ceil(block_size)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// The hash of the prefix covered by the registered blocks.
+    pub fn last_hash(&self) -> u64 {
+        self.hashes.last().copied().unwrap_or(ROOT_HASH)
     }
+}
 
-    /// Appends this step's keys and values for `layer` and returns the whole history.
-    /// The position count advances once every layer has been appended, via `commit`.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (
-                Tensor::cat(&[&pk, k], D::Minus2)?,
-                Tensor::cat(&[&pv, v], D::Minus2)?,
-            ),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_block_table() {
+        let t = BlockTable {
+            blocks: vec![3, 0],
+            hashes: vec![],
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
-    }
-
-    pub fn commit(&mut self, new_positions: usize) {
-        self.len += new_positions;
-    }
-
-    /// Bytes held by the cache (keys and values of all layers).
-    pub fn size_in_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
+        assert_eq!(t.slots(2, 3), vec![6, 7, 0]);
+        assert_eq!(BlockTable::blocks_for(2, 3), 2);
+        assert_eq!(BlockTable::blocks_for(2, 4), 2);
+        assert_eq!(t.last_hash(), ROOT_HASH);
     }
 }

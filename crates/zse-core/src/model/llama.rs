@@ -1,19 +1,24 @@
 //! The Llama-family transformer on candle: token embedding, RMSNorm, RoPE, grouped-
 //! query attention, SwiGLU MLP, tied or separate output head, optional q/k/v biases.
 //!
-//! `forward` takes a batch of sequences, each with its own tokens and its own KV
-//! cache (so its own positions). All tokens of the batch go through the weight
-//! matmuls together, packed into one `[tokens, hidden]` matrix; only attention runs
-//! per sequence. A prefill, a decode step, or a mix of both are the same call.
+//! `forward` takes a batch of sequences, each with its new tokens, the number of
+//! positions already in its KV cache, and the cache slots of all its positions (the
+//! block pool in `kv`). All tokens of the batch go through the weight matmuls
+//! together, packed into one `[tokens, hidden]` matrix; only attention runs per
+//! sequence. A prefill, a prefill chunk, a decode step, or a mix are the same call.
+//!
+//! Every reduction is per row or per sequence (matmul rows, norms, one sequence's
+//! attention), so a sequence's results do not depend on what else is in the batch.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::attention::{paged_attention, AttnShape};
 use super::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
-use crate::kv::SeqKvCache;
+use crate::kv::KvPool;
 
 /// Where the model reads its tensors from (a `.zse` file, or a test's memory).
 pub trait TensorSource {
@@ -22,10 +27,24 @@ pub trait TensorSource {
 
 /// One sequence's part in a forward pass.
 pub struct BatchItem<'a> {
+    /// The tokens at positions `past..past + tokens.len()`.
     pub tokens: &'a [u32],
-    pub cache: &'a mut SeqKvCache,
-    /// Logits for every position (scoring) instead of only the last (generation).
-    pub all_logits: bool,
+    /// Positions already in the cache.
+    pub past: usize,
+    /// The cache slot of every position `0..past + tokens.len()`.
+    pub slots: &'a [u32],
+    pub logits: Logits,
+}
+
+/// Which positions of a batch item need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prefill chunk that does not end the prompt).
+    None,
+    /// The last position (generation).
+    Last,
+    /// Every position (scoring).
+    All,
 }
 
 struct Linear {
@@ -250,27 +269,46 @@ impl Llama {
         self.max_positions
     }
 
-    pub fn new_cache(&self) -> SeqKvCache {
-        SeqKvCache::new(self.config.num_layers)
+    /// A KV pool of `num_blocks` blocks of `block_size` positions, in the cache
+    /// precision chosen at load.
+    pub fn new_kv_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
+        let c = &self.config;
+        KvPool::new(
+            c.num_layers,
+            num_blocks,
+            block_size,
+            c.num_kv_heads * c.head_dim,
+            self.kv_dtype,
+            &self.device,
+        )
     }
 
-    /// Runs one step for a batch of sequences and returns, per item, the logits
-    /// `[n, vocab]` of its last position (or of all its positions if it asked).
-    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+    /// Runs one step for a batch of sequences, storing their new keys and values in
+    /// `pool`, and returns per item the logits it asked for (`[n, vocab]`).
+    pub fn forward(&self, items: &[BatchItem<'_>], pool: &KvPool) -> Result<Vec<Option<Tensor>>> {
         let c = &self.config;
         let mut ids = Vec::new();
-        for it in items.iter() {
+        let mut positions = Vec::new();
+        let mut new_slots = Vec::new();
+        for it in items {
+            let end = it.past + it.tokens.len();
             if it.tokens.is_empty() {
                 return Err(Error::invalid_argument(
                     "tokens",
                     "a batch item has no tokens",
                 ));
             }
-            if it.cache.len() + it.tokens.len() > self.max_positions {
+            if end > self.max_positions {
                 return Err(Error::ContextLengthExceeded {
-                    prompt_tokens: it.cache.len() + it.tokens.len(),
+                    prompt_tokens: end,
                     context_length: self.max_positions,
                 });
+            }
+            if it.slots.len() != end {
+                return Err(Error::Compute(format!(
+                    "{} cache slots for {end} positions",
+                    it.slots.len()
+                )));
             }
             if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 return Err(Error::invalid_argument(
@@ -279,35 +317,37 @@ impl Llama {
                 ));
             }
             ids.extend_from_slice(it.tokens);
+            positions.extend(it.past as u32..end as u32);
+            new_slots.extend_from_slice(&it.slots[it.past..]);
         }
         let total = ids.len();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let positions = Tensor::from_vec(positions, total, &self.device)?;
+        let (cos, sin) = (
+            self.cos.index_select(&positions, 0)?,
+            self.sin.index_select(&positions, 0)?,
+        );
+        let write = pool.prepare_write(&new_slots)?;
+        let read: Vec<Tensor> = items
+            .iter()
+            .map(|it| Tensor::from_slice(it.slots, it.slots.len(), &self.device))
+            .collect::<candle_core::Result<_>>()?;
+        let kv_width = c.num_kv_heads * c.head_dim;
         let mut x = self.embed.embedding(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
-            let q = layer.q.forward(&h)?;
-            let k = layer.k.forward(&h)?;
+            let q = self.rope(&layer.q.forward(&h)?, c.num_heads, &cos, &sin)?;
+            let k = self.rope(&layer.k.forward(&h)?, c.num_kv_heads, &cos, &sin)?;
             let v = layer.v.forward(&h)?;
+            // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
+            let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
+            pool.write(li, &write, &k_rows, &v)?;
             let mut outs = Vec::with_capacity(items.len());
             let mut off = 0;
-            for it in items.iter_mut() {
+            for (it, slots) in items.iter().zip(&read) {
                 let n = it.tokens.len();
-                let pos = it.cache.len();
-                let heads = |t: &Tensor, nh: usize| -> Result<Tensor> {
-                    Ok(t.narrow(0, off, n)?
-                        .reshape((n, nh, c.head_dim))?
-                        .transpose(0, 1)?
-                        .contiguous()?)
-                };
-                let qi = self.rope(&heads(&q, c.num_heads)?, pos)?;
-                let ki = self.rope(&heads(&k, c.num_kv_heads)?, pos)?;
-                let vi = heads(&v, c.num_kv_heads)?;
-                // The cache may hold F16 (half the memory, llama.cpp's default);
-                // attention itself computes in F32.
-                let kv = self.kv_dtype;
-                let (kc, vc) = it.cache.append(li, &ki.to_dtype(kv)?, &vi.to_dtype(kv)?)?;
-                let (kc, vc) = (kc.to_dtype(DType::F32)?, vc.to_dtype(DType::F32)?);
-                outs.push(self.attention(&qi, &kc, &vc, pos)?);
+                let qi = q.narrow(1, off, n)?.contiguous()?;
+                outs.push(self.attend(li, &qi, it, slots, pool)?);
                 off += n;
             }
             let att = if outs.len() == 1 {
@@ -324,17 +364,19 @@ impl Llama {
         let mut rows = Vec::new();
         let mut counts = Vec::with_capacity(items.len());
         let mut off = 0u32;
-        for it in items.iter_mut() {
+        for it in items {
             let n = it.tokens.len() as u32;
-            it.cache.commit(n as usize);
-            if it.all_logits {
-                rows.extend(off..off + n);
-                counts.push(n as usize);
-            } else {
-                rows.push(off + n - 1);
-                counts.push(1);
-            }
+            let wanted = match it.logits {
+                Logits::None => 0..0,
+                Logits::Last => off + n - 1..off + n,
+                Logits::All => off..off + n,
+            };
+            counts.push(wanted.len());
+            rows.extend(wanted);
             off += n;
+        }
+        if rows.is_empty() {
+            return Ok(vec![None; items.len()]);
         }
         let rows_t = Tensor::from_vec(rows, counts.iter().sum::<usize>(), &self.device)?;
         let x = x.index_select(&rows_t, 0)?;
@@ -343,23 +385,68 @@ impl Llama {
         let mut out = Vec::with_capacity(counts.len());
         let mut start = 0;
         for n in counts {
-            out.push(logits.narrow(0, start, n)?);
+            out.push((n > 0).then(|| logits.narrow(0, start, n)).transpose()?);
             start += n;
         }
         Ok(out)
     }
 
-    /// Rotates `x: [heads, n, head_dim]` for positions `pos..pos + n`.
-    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let n = x.dim(1)?;
-        let cos = self.cos.narrow(0, pos, n)?;
-        let sin = self.sin.narrow(0, pos, n)?;
-        let x4 = x.unsqueeze(0)?;
+    /// `x: [tokens, heads * head_dim]` rotated for its tokens' positions (`cos` and
+    /// `sin` hold one row per token), as `[heads, tokens, head_dim]`.
+    fn rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let x4 = x
+            .reshape((t, heads, self.config.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
         let y = match self.config.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, &cos, &sin)?,
-            RopeStyle::Neox => candle_nn::rotary_emb::rope(&x4, &cos, &sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, cos, sin)?,
+            RopeStyle::Neox => candle_nn::rotary_emb::rope(&x4, cos, sin)?,
         };
         Ok(y.squeeze(0)?)
+    }
+
+    /// One sequence's attention for layer `li`: in place over the pool on the CPU
+    /// (`attention::paged_attention`), else over keys and values gathered from it.
+    fn attend(
+        &self,
+        li: usize,
+        q: &Tensor,
+        it: &BatchItem<'_>,
+        slots: &Tensor,
+        pool: &KvPool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let n = it.tokens.len();
+        let shape = AttnShape {
+            n,
+            past: it.past,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        if q.device().is_cpu() {
+            let qv = q.flatten_all()?.to_vec1::<f32>()?;
+            let out = pool.with_rows(li, |k, v| paged_attention(&qv, k, v, it.slots, shape))?;
+            if let Some(out) = out {
+                return Ok(Tensor::from_vec(
+                    out,
+                    (n, c.num_heads * c.head_dim),
+                    &self.device,
+                )?);
+            }
+        }
+        let (kc, vc) = pool.gather(li, slots)?;
+        // The cache may hold F16 (half the memory, llama.cpp's default); attention
+        // itself computes in F32.
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((it.slots.len(), c.num_kv_heads, c.head_dim))?
+                .transpose(0, 1)?
+                .to_dtype(DType::F32)?
+                .contiguous()?)
+        };
+        self.attention(q, &heads(kc)?, &heads(vc)?, it.past)
     }
 
     /// Causal attention of `q: [heads, n, d]` at positions `pos..pos + n` over the

@@ -1,8 +1,9 @@
 //! Model architectures. The Llama family (Llama, Mistral, SmolLM, Qwen2) shares one
 //! implementation; `ModelConfig` carries the differences.
 
+pub mod attention;
 pub mod config;
 pub mod llama;
 
 pub use config::{ModelConfig, RopeStyle};
-pub use llama::{BatchItem, Llama};
+pub use llama::{BatchItem, Llama, Logits};

@@ -1,83 +1,342 @@
-//! Admission control: which waiting requests may start running, under a limit on
-//! concurrent sequences and an explicit KV-cache budget.
+//! The scheduler: which sequences run at the next step, with how many tokens each,
+//! within the KV blocks there are.
 //!
-//! The budget is counted in token positions. A sequence reserves room for its whole
-//! possible context (prompt + `max_tokens`, capped by the context length) when it is
-//! admitted, so a running sequence can never run out of cache and nothing is ever
-//! truncated or preempted: a request that does not fit waits. Requests start in
-//! arrival order (the head of the queue is never overtaken, so a large request cannot
-//! starve). A block-based cache with preemption can admit more by reserving less;
-//! this module is where that policy lives.
+//! - Every step has a token budget. Sequences that are decoding get their one token
+//!   first; sequences still reading their prompt share what is left, oldest first, in
+//!   chunks, so a long prompt never freezes the streams around it.
+//! - Waiting requests start in arrival order while there are sequence slots, budget
+//!   and blocks for their whole prompt. Full blocks of their prompt found in the prefix
+//!   index are reused as they are, and not computed again.
+//! - When a running sequence needs a block and none is left, the newest sequence is
+//!   preempted: its blocks are released and it goes back to the head of the queue
+//!   with every token it has so far, to be recomputed (often from the prefix index)
+//!   later. Nothing is truncated, and since a sequence's results do not depend on
+//!   the batch, its tokens are the same as if it had never been preempted.
+//! - A shared, partly filled block is copied before a sequence writes into it
+//!   (copy on write), so forks (`n > 1`) can share their prompt's blocks.
+//!
+//! The scheduler knows nothing of sampling or text: the engine keeps that in `T`.
 
-/// The KV budget in token positions, and how much of it running sequences hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KvBudget {
-    capacity: usize,
-    reserved: usize,
+use std::collections::VecDeque;
+
+use crate::kv::{BlockAllocator, BlockId, BlockTable};
+
+/// The cache-side state of one sequence.
+#[derive(Debug, Clone, Default)]
+pub struct SeqState {
+    /// Every token known so far: the prompt, then each sampled token.
+    pub tokens: Vec<u32>,
+    /// Positions whose keys and values are in the cache.
+    pub computed: usize,
+    pub table: BlockTable,
+    arrival: u64,
 }
 
-impl KvBudget {
-    pub fn new(capacity_tokens: usize) -> Self {
+impl SeqState {
+    pub fn new(tokens: Vec<u32>) -> Self {
         Self {
-            capacity: capacity_tokens,
-            reserved: 0,
+            tokens,
+            ..Default::default()
         }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    pub fn reserved(&self) -> usize {
-        self.reserved
-    }
-
-    fn fits(&self, tokens: usize) -> bool {
-        self.reserved + tokens <= self.capacity
+    /// Tokens still to feed through the model.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
     }
 }
 
-/// Decides admissions; the engine thread owns it and reports every start and end.
-#[derive(Debug)]
-pub struct Admission {
-    max_running: usize,
-    running: usize,
-    budget: KvBudget,
+pub struct Entry<T> {
+    pub seq: SeqState,
+    pub data: T,
 }
 
-impl Admission {
-    /// `max_running` concurrent sequences (at least 1) within `capacity_tokens`.
-    pub fn new(max_running: usize, capacity_tokens: usize) -> Self {
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    pub max_running: usize,
+    /// Tokens per step (at least `max_running`, so every decode fits).
+    pub max_batch_tokens: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// The longest sequence (prompt plus completion) a request may reach.
+    pub max_positions: usize,
+}
+
+/// What the scheduler did for one step.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Tokens each running sequence feeds this step (parallel to `running`; 0: none).
+    pub chunks: Vec<usize>,
+    /// Blocks to copy before the step: (from, to, filled rows).
+    pub copies: Vec<(BlockId, BlockId, usize)>,
+    /// Sequences moved back to the queue this step.
+    pub preempted: usize,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SchedStats {
+    /// Prompt positions looked up in the prefix index, and those found.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub preemptions: u64,
+}
+
+pub struct Scheduler<T> {
+    cfg: SchedulerConfig,
+    blocks: BlockAllocator,
+    pub waiting: VecDeque<Entry<T>>,
+    pub running: Vec<Entry<T>>,
+    next_arrival: u64,
+    pub stats: SchedStats,
+}
+
+impl<T> Scheduler<T> {
+    pub fn new(mut cfg: SchedulerConfig) -> Self {
+        cfg.max_running = cfg.max_running.max(1);
+        cfg.max_batch_tokens = cfg.max_batch_tokens.max(cfg.max_running);
         Self {
-            max_running: max_running.max(1),
-            running: 0,
-            budget: KvBudget::new(capacity_tokens),
+            blocks: BlockAllocator::new(cfg.num_blocks, cfg.block_size),
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+            stats: SchedStats::default(),
         }
     }
 
-    /// Reserves `tokens` positions for a new sequence if both limits allow it.
-    pub fn try_admit(&mut self, tokens: usize) -> bool {
-        if self.running >= self.max_running || !self.budget.fits(tokens) {
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn blocks(&self) -> &BlockAllocator {
+        &self.blocks
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn enqueue(&mut self, seq: SeqState, data: T) {
+        let mut seq = seq;
+        seq.arrival = self.arrival();
+        self.waiting.push_back(Entry { seq, data });
+    }
+
+    fn arrival(&mut self) -> u64 {
+        self.next_arrival += 1;
+        self.next_arrival
+    }
+
+    /// Plans the next step: which running sequences feed how many tokens, after
+    /// admitting what fits and preempting what must give way.
+    pub fn schedule(&mut self) -> Plan {
+        let mut plan = Plan {
+            chunks: vec![0; self.running.len()],
+            ..Default::default()
+        };
+        let mut preempt = vec![false; self.running.len()];
+        let mut budget = self.cfg.max_batch_tokens;
+        // Decoding sequences first (one token each), then prompts, oldest first.
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| {
+            (
+                self.running[i].seq.pending() > 1,
+                self.running[i].seq.arrival,
+            )
+        });
+        for i in order {
+            if preempt[i] || budget == 0 {
+                continue;
+            }
+            let chunk = self.running[i].seq.pending().min(budget);
+            loop {
+                if self.reserve(i, chunk, &mut plan.copies) {
+                    plan.chunks[i] = chunk;
+                    budget -= chunk;
+                    break;
+                }
+                // Out of blocks: the newest sequence not yet given work gives way.
+                let victim = (0..self.running.len())
+                    .filter(|&j| j != i && !preempt[j] && plan.chunks[j] == 0)
+                    .max_by_key(|&j| self.running[j].seq.arrival)
+                    .filter(|&j| self.running[j].seq.arrival > self.running[i].seq.arrival)
+                    .unwrap_or(i);
+                self.release_blocks(victim);
+                preempt[victim] = true;
+                if victim == i {
+                    break;
+                }
+            }
+        }
+        // Move the preempted to the head of the queue, oldest first.
+        let mut kept = Vec::with_capacity(self.running.len());
+        let mut kept_chunks = Vec::with_capacity(self.running.len());
+        let mut back = Vec::new();
+        for (entry, (chunk, gone)) in self.running.drain(..).zip(plan.chunks.iter().zip(&preempt)) {
+            if *gone {
+                back.push(entry);
+            } else {
+                kept.push(entry);
+                kept_chunks.push(*chunk);
+            }
+        }
+        back.sort_by_key(|e| std::cmp::Reverse(e.seq.arrival));
+        plan.preempted = back.len();
+        self.stats.preemptions += back.len() as u64;
+        for e in back {
+            self.waiting.push_front(e);
+        }
+        self.running = kept;
+        plan.chunks = kept_chunks;
+        // Then admissions, in arrival order, while everything allows (not right after
+        // a preemption: the space just freed is what running sequences need next).
+        while plan.preempted == 0 && budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(mut entry) = self.waiting.pop_front() else {
+                break;
+            };
+            if !self.admit(&mut entry.seq) {
+                self.waiting.push_front(entry);
+                break;
+            }
+            let i = self.running.len();
+            self.running.push(entry);
+            let chunk = self.running[i].seq.pending().min(budget);
+            // `admit` checked that blocks for the whole prompt are there.
+            let reserved = self.reserve(i, chunk, &mut plan.copies);
+            debug_assert!(reserved);
+            plan.chunks.push(if reserved { chunk } else { 0 });
+            budget -= plan.chunks[i];
+        }
+        plan
+    }
+
+    /// Starts `seq` if blocks for all its known tokens (and the next one) are free,
+    /// reusing cached full blocks of its prefix. False leaves it as it was.
+    fn admit(&mut self, seq: &mut SeqState) -> bool {
+        debug_assert!(seq.computed == 0 && seq.table.blocks.is_empty());
+        let bs = self.cfg.block_size;
+        // At least one token must be computed, to have logits to sample from.
+        let reusable = (seq.tokens.len() - 1) / bs;
+        let mut table = BlockTable::default();
+        for b in 0..reusable {
+            let chunk = &seq.tokens[b * bs..(b + 1) * bs];
+            match self.blocks.lookup(table.last_hash(), chunk) {
+                Some((id, hash)) => {
+                    table.blocks.push(id);
+                    table.hashes.push(hash);
+                }
+                None => break,
+            }
+        }
+        let hit = table.blocks.len();
+        let end = (seq.tokens.len() + 1).min(self.cfg.max_positions);
+        let need = BlockTable::blocks_for(bs, end).saturating_sub(hit);
+        if need > self.blocks.available() {
+            for id in table.blocks {
+                self.blocks.release(id);
+            }
             return false;
         }
-        self.running += 1;
-        self.budget.reserved += tokens;
+        self.stats.prefix_query_tokens += (reusable * bs) as u64;
+        self.stats.prefix_hit_tokens += (hit * bs) as u64;
+        seq.computed = hit * bs;
+        seq.table = table;
         true
     }
 
-    /// A sequence admitted with `tokens` positions has ended.
-    pub fn release(&mut self, tokens: usize) {
-        debug_assert!(self.running > 0 && self.budget.reserved >= tokens);
-        self.running = self.running.saturating_sub(1);
-        self.budget.reserved = self.budget.reserved.saturating_sub(tokens);
+    /// Makes sure running sequence `i` has blocks for its next `chunk` positions, and
+    /// its own copy of a shared block it is about to write. False: out of blocks
+    /// (the blocks taken so far stay with the sequence).
+    fn reserve(
+        &mut self,
+        i: usize,
+        chunk: usize,
+        copies: &mut Vec<(BlockId, BlockId, usize)>,
+    ) -> bool {
+        let bs = self.cfg.block_size;
+        let seq = &mut self.running[i].seq;
+        let first = seq.computed / bs;
+        if seq.computed % bs != 0 {
+            let shared = seq.table.blocks[first];
+            if self.blocks.is_shared(shared) {
+                let Some(own) = self.blocks.allocate() else {
+                    return false;
+                };
+                copies.push((shared, own, seq.computed % bs));
+                self.blocks.release(shared);
+                seq.table.blocks[first] = own;
+            }
+        }
+        let need = BlockTable::blocks_for(bs, seq.computed + chunk);
+        while seq.table.blocks.len() < need {
+            match self.blocks.allocate() {
+                Some(id) => seq.table.blocks.push(id),
+                None => return false,
+            }
+        }
+        true
     }
 
-    pub fn running(&self) -> usize {
-        self.running
+    fn release_blocks(&mut self, i: usize) {
+        let seq = &mut self.running[i].seq;
+        // Last block first: under pressure the end of a prefix is evicted before its
+        // start, which more requests share.
+        for id in seq.table.blocks.drain(..).rev() {
+            self.blocks.release(id);
+        }
+        seq.table.hashes.clear();
+        seq.computed = 0;
     }
 
-    pub fn budget(&self) -> &KvBudget {
-        &self.budget
+    /// Records a step's work: positions computed, and full blocks entered in the
+    /// prefix index.
+    pub fn commit(&mut self, plan: &Plan) {
+        let bs = self.cfg.block_size;
+        for (entry, &chunk) in self.running.iter_mut().zip(&plan.chunks) {
+            let seq = &mut entry.seq;
+            seq.computed += chunk;
+            while seq.table.hashes.len() < seq.computed / bs {
+                let b = seq.table.hashes.len();
+                let hash = self.blocks.register(
+                    seq.table.blocks[b],
+                    seq.table.last_hash(),
+                    &seq.tokens[b * bs..(b + 1) * bs],
+                );
+                seq.table.hashes.push(hash);
+            }
+        }
+    }
+
+    /// Removes running sequence `i` and frees its blocks.
+    pub fn finish(&mut self, i: usize) -> Entry<T> {
+        self.release_blocks(i);
+        self.running.swap_remove(i)
+    }
+
+    /// Removes the sequence whose data matches, running or waiting.
+    pub fn remove(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<Entry<T>> {
+        if let Some(i) = self.running.iter().position(|e| pred(&e.data)) {
+            return Some(self.finish(i));
+        }
+        let i = self.waiting.iter().position(|e| pred(&e.data))?;
+        self.waiting.remove(i)
+    }
+
+    /// A new running sequence that shares everything running sequence `i` has so far
+    /// (its blocks are shared until one of them writes: copy on write).
+    pub fn fork(&mut self, i: usize, data: T) {
+        let mut seq = self.running[i].seq.clone();
+        for &id in &seq.table.blocks {
+            self.blocks.retain(id);
+        }
+        seq.arrival = self.arrival();
+        self.running.push(Entry { seq, data });
+    }
+
+    /// Positions in the cache over all running sequences.
+    pub fn computed_tokens(&self) -> usize {
+        self.running.iter().map(|e| e.seq.computed).sum()
     }
 }
 
@@ -85,34 +344,136 @@ impl Admission {
 mod tests {
     use super::*;
 
-    #[test]
-    fn admits_within_both_limits_and_frees_on_release() {
-        let mut a = Admission::new(2, 100);
-        assert!(a.try_admit(60));
-        assert!(!a.try_admit(50), "over the token budget");
-        assert!(a.try_admit(40));
-        assert_eq!(a.budget().reserved(), 100);
-        a.release(60);
-        assert!(a.try_admit(10));
-        assert!(!a.try_admit(1), "two sequences already running");
-        a.release(40);
-        a.release(10);
-        assert_eq!((a.running(), a.budget().reserved()), (0, 0));
+    fn sched(max_running: usize, budget: usize, blocks: usize) -> Scheduler<u32> {
+        Scheduler::new(SchedulerConfig {
+            max_running,
+            max_batch_tokens: budget,
+            num_blocks: blocks,
+            block_size: 4,
+            max_positions: 64,
+        })
+    }
+
+    /// Runs a step as the engine would: commit, then "sample" a token for every
+    /// sequence whose known tokens are all computed.
+    fn step(s: &mut Scheduler<u32>) -> Plan {
+        let plan = s.schedule();
+        s.commit(&plan);
+        for e in &mut s.running {
+            if e.seq.pending() == 0 {
+                e.seq.tokens.push(99);
+            }
+        }
+        plan
     }
 
     #[test]
-    fn a_request_as_large_as_the_budget_fits_alone() {
-        let mut a = Admission::new(8, 100);
-        assert!(a.try_admit(100));
-        assert!(!a.try_admit(1));
-        a.release(100);
-        assert!(a.try_admit(100));
+    fn long_prompts_are_chunked_and_decodes_go_first() {
+        let mut s = sched(4, 8, 16);
+        s.enqueue(SeqState::new(vec![1; 3]), 0);
+        assert_eq!(step(&mut s).chunks, vec![3]);
+        s.enqueue(SeqState::new(vec![2; 20]), 1);
+        // The decode gets its token; the new prompt gets the rest of the budget.
+        assert_eq!(step(&mut s).chunks, vec![1, 7]);
+        assert_eq!(step(&mut s).chunks, vec![1, 7]);
+        assert_eq!(step(&mut s).chunks, vec![1, 6]);
+        assert_eq!(step(&mut s).chunks, vec![1, 1]);
     }
 
     #[test]
-    fn zero_max_running_still_admits_one() {
-        let mut a = Admission::new(0, 10);
-        assert!(a.try_admit(5));
-        assert!(!a.try_admit(5));
+    fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
+        // 4 blocks of 4 positions; two sequences of 6 tokens take 2 blocks each.
+        let mut s = sched(4, 64, 4);
+        s.enqueue(SeqState::new(vec![1; 6]), 0);
+        s.enqueue(SeqState::new(vec![2; 6]), 1);
+        assert_eq!(step(&mut s).chunks, vec![6, 6]);
+        // Both decode within their two blocks up to 8 positions; then the older one
+        // needs a third block: the newer gives its blocks up and waits at the head.
+        assert_eq!(step(&mut s).preempted, 0);
+        assert_eq!(step(&mut s).preempted, 0);
+        let plan = step(&mut s);
+        assert_eq!((plan.preempted, plan.chunks.clone()), (1, vec![1]));
+        assert_eq!(s.running.len(), 1);
+        assert_eq!(s.running[0].data, 0);
+        let back = &s.waiting[0];
+        assert_eq!(
+            (back.data, back.seq.computed, back.seq.tokens.len()),
+            (1, 0, 9)
+        );
+        assert_eq!(s.blocks().in_use(), 3);
+        // The older one took the newer one's last block (evicted first); when it
+        // finishes, the newer one comes back from its cached first block.
+        s.finish(0);
+        let plan = step(&mut s);
+        assert_eq!(plan.chunks, vec![5]);
+        assert_eq!(s.stats.prefix_hit_tokens, 4);
+    }
+
+    #[test]
+    fn a_repeated_prefix_is_reused() {
+        let mut s = sched(4, 64, 16);
+        s.enqueue(SeqState::new((0..10).collect()), 0);
+        step(&mut s);
+        s.finish(0);
+        assert_eq!(s.blocks().in_use(), 0);
+        // Same first 8 tokens (two full blocks), different tail.
+        let mut tokens: Vec<u32> = (0..8).collect();
+        tokens.extend([50, 51, 52]);
+        s.enqueue(SeqState::new(tokens), 1);
+        assert_eq!(step(&mut s).chunks, vec![3]);
+        assert_eq!(s.stats.prefix_hit_tokens, 8);
+        assert_eq!(s.running[0].seq.computed, 11);
+    }
+
+    #[test]
+    fn forks_share_blocks_and_copy_the_partial_one_before_writing() {
+        let mut s = sched(4, 64, 8);
+        s.enqueue(SeqState::new(vec![1; 6]), 0);
+        let plan = s.schedule();
+        assert_eq!(plan.chunks, vec![6]);
+        s.commit(&plan);
+        s.fork(0, 1);
+        assert_eq!(s.blocks().in_use(), 2, "the fork shares both blocks");
+        for e in &mut s.running {
+            e.seq.tokens.push(7);
+        }
+        let plan = s.schedule();
+        assert_eq!(plan.chunks, vec![1, 1]);
+        // The first writer into the shared partial block got its own copy; the
+        // full block stays shared.
+        assert_eq!(plan.copies.len(), 1);
+        assert_eq!(plan.copies[0].2, 2);
+        assert_eq!(
+            s.running[0].seq.table.blocks[0],
+            s.running[1].seq.table.blocks[0]
+        );
+        assert_ne!(
+            s.running[0].seq.table.blocks[1],
+            s.running[1].seq.table.blocks[1]
+        );
+        s.finish(1);
+        s.finish(0);
+        assert_eq!(s.blocks().in_use(), 0);
+    }
+
+    #[test]
+    fn admission_waits_for_blocks_and_sequence_slots() {
+        let mut s = sched(1, 64, 16);
+        s.enqueue(SeqState::new(vec![1; 4]), 0);
+        s.enqueue(SeqState::new(vec![2; 4]), 1);
+        step(&mut s);
+        assert_eq!((s.running.len(), s.waiting.len()), (1, 1));
+        s.finish(0);
+        step(&mut s);
+        assert_eq!(s.running[0].data, 1);
+        let mut s = sched(4, 64, 2);
+        s.enqueue(SeqState::new(vec![1; 6]), 0);
+        s.enqueue(SeqState::new(vec![2; 6]), 1);
+        step(&mut s);
+        assert_eq!(
+            (s.running.len(), s.waiting.len()),
+            (1, 1),
+            "no blocks for the second"
+        );
     }
 }

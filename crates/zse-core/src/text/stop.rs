@@ -25,6 +25,11 @@ impl StopMatcher {
         }
     }
 
+    /// A matcher for the same stop strings with nothing seen yet.
+    pub fn fresh(&self) -> Self {
+        Self::new(self.stops.clone())
+    }
+
     pub fn push(&mut self, delta: &str) -> StopStatus {
         if self.stops.is_empty() {
             return StopStatus::Continue(delta.to_string());

@@ -1,0 +1,162 @@
+//! The KV cache's memory: per layer one key and one value tensor of
+//! `[num_blocks * block_size, kv_heads * head_dim]` rows, one row per token
+//! position ("slot"). Which slots a sequence owns is `blocks`' business; this module
+//! only writes rows at given slots and reads them back.
+
+use candle_core::{DType, Device, Storage, Tensor};
+use half::f16;
+
+use crate::error::Result;
+use crate::model::attention::KvRows;
+
+#[derive(Debug)]
+pub struct KvPool {
+    layers: Vec<(Tensor, Tensor)>,
+    width: usize,
+    block_size: usize,
+    device: Device,
+}
+
+/// Slot indices prepared for one step, reused by every layer.
+pub struct SlotWrite {
+    /// `[n, width]`: each new row's slot, repeated across the row (scatter's layout).
+    index: Tensor,
+}
+
+impl KvPool {
+    /// Reserves the address space for `num_blocks` blocks. The memory is not
+    /// written here: pages are only touched as slots fill, so an idle budget costs
+    /// no resident memory.
+    pub fn new(
+        num_layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        width: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let rows = num_blocks * block_size;
+        let mut layers = Vec::with_capacity(num_layers);
+        for _ in 0..num_layers {
+            // SAFETY: only slots written by `write` are ever read (`gather` reads the
+            // slots of positions a sequence has computed), so uninitialised rows are
+            // never observed.
+            let k = unsafe { Tensor::empty((rows, width), dtype, device)? };
+            let v = unsafe { Tensor::empty((rows, width), dtype, device)? };
+            layers.push((k, v));
+        }
+        Ok(Self {
+            layers,
+            width,
+            block_size,
+            device: device.clone(),
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.layers
+            .first()
+            .map(|(k, _)| k.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    pub fn prepare_write(&self, slots: &[u32]) -> Result<SlotWrite> {
+        let n = slots.len();
+        let index = Tensor::from_slice(slots, (n, 1), &self.device)?
+            .broadcast_as((n, self.width))?
+            .contiguous()?;
+        Ok(SlotWrite { index })
+    }
+
+    /// Stores the rows of `k` and `v` (`[n, width]`, any float dtype) at the slots.
+    pub fn write(&self, layer: usize, at: &SlotWrite, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (kc, vc) = &self.layers[layer];
+        kc.scatter_set(&at.index, &k.to_dtype(kc.dtype())?.contiguous()?, 0)?;
+        vc.scatter_set(&at.index, &v.to_dtype(vc.dtype())?.contiguous()?, 0)?;
+        Ok(())
+    }
+
+    /// The rows at `slots` (a `[total]` u32 tensor), as `[total, width]` keys and values.
+    pub fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (kc, vc) = &self.layers[layer];
+        Ok((kc.index_select(slots, 0)?, vc.index_select(slots, 0)?))
+    }
+
+    /// Calls `f` with one layer's key and value rows in place, when the pool lives in
+    /// CPU memory (None elsewhere: the caller gathers instead).
+    pub fn with_rows<R>(
+        &self,
+        layer: usize,
+        f: impl FnOnce(KvRows<'_>, KvRows<'_>) -> R,
+    ) -> Result<Option<R>> {
+        let (k, v) = &self.layers[layer];
+        let (ks, _) = k.storage_and_layout();
+        let (vs, _) = v.storage_and_layout();
+        let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+            return Ok(None);
+        };
+        // Pool tensors are created contiguous at offset 0 and never re-laid out.
+        Ok(Some(match k.dtype() {
+            DType::F16 => f(
+                KvRows::F16(kc.as_slice::<f16>()?),
+                KvRows::F16(vc.as_slice::<f16>()?),
+            ),
+            _ => f(
+                KvRows::F32(kc.as_slice::<f32>()?),
+                KvRows::F32(vc.as_slice::<f32>()?),
+            ),
+        }))
+    }
+
+    /// Copies the first `rows` slots of block `src` into block `dst` in every layer
+    /// (copy-on-write of a shared, partly filled block).
+    pub fn copy_block(&self, src: u32, dst: u32, rows: usize) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let bs = self.block_size as u32;
+        let from: Vec<u32> = (0..rows as u32).map(|i| src * bs + i).collect();
+        let to: Vec<u32> = (0..rows as u32).map(|i| dst * bs + i).collect();
+        let from = Tensor::from_vec(from, rows, &self.device)?;
+        let to = self.prepare_write(&to)?;
+        for layer in 0..self.layers.len() {
+            let (k, v) = self.gather(layer, &from)?;
+            self.write(layer, &to, &k, &v)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_written_at_slots_read_back_and_copy_between_blocks() -> Result<()> {
+        let dev = Device::Cpu;
+        let pool = KvPool::new(2, 4, 2, 3, DType::F16, &dev)?;
+        let k = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev)?;
+        let v = (&k * 10.)?;
+        let at = pool.prepare_write(&[5, 2])?;
+        pool.write(1, &at, &k, &v)?;
+        let (gk, gv) = pool.gather(1, &Tensor::new(&[2u32, 5], &dev)?)?;
+        let gk = gk.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        assert_eq!(gk, vec![vec![4., 5., 6.], vec![1., 2., 3.]]);
+        assert_eq!(
+            gv.to_dtype(DType::F32)?.to_vec2::<f32>()?[1],
+            vec![10., 20., 30.]
+        );
+        // Block 1 holds slots 2 and 3; copy its first row into block 3 (slot 6).
+        pool.copy_block(1, 3, 1)?;
+        let (ck, _) = pool.gather(1, &Tensor::new(&[6u32], &dev)?)?;
+        assert_eq!(
+            ck.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+            vec![vec![4., 5., 6.]]
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! Causal attention on the CPU, reading keys and values where they lie in the block
+//! pool (no gather, no copy of the cache per step).
+//!
+//! Every reduction has a fixed order: a score is a dot product over the head
+//! dimension in index order; the softmax and the weighted sum of values run over key
+//! positions in position order. So a token's attention output is bit-for-bit the same
+//! whether it is computed alone, in a prefill chunk of any size, after a preemption,
+//! or beside other sequences: batch invariance rests on this. Work is split across
+//! threads by KV head, which changes no order inside a row.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// One layer's keys or values in the pool: a row per slot, `kv_heads * head_dim` wide.
+#[derive(Clone, Copy)]
+pub enum KvRows<'a> {
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
+impl KvRows<'_> {
+    /// Head `g` of slot `slot`, as f32 in `buf`.
+    #[inline]
+    fn head<'b>(
+        &'b self,
+        slot: u32,
+        g: usize,
+        width: usize,
+        hd: usize,
+        buf: &'b mut [f32],
+    ) -> &'b [f32] {
+        let start = slot as usize * width + g * hd;
+        match self {
+            KvRows::F16(rows) => {
+                rows[start..start + hd].convert_to_f32_slice(buf);
+                buf
+            }
+            KvRows::F32(rows) => &rows[start..start + hd],
+        }
+    }
+}
+
+/// The shapes of one sequence's attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Query tokens, at positions `past..past + n`.
+    pub n: usize,
+    pub past: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// `q: [num_heads, n, head_dim]` (rotated), keys and values at `slots` (one per
+/// position `0..past + n`); returns `[n, num_heads * head_dim]`.
+pub fn paged_attention(
+    q: &[f32],
+    k: KvRows<'_>,
+    v: KvRows<'_>,
+    slots: &[u32],
+    s: AttnShape,
+) -> Vec<f32> {
+    let (n, hd, nh, nkv) = (s.n, s.head_dim, s.num_heads, s.num_kv_heads);
+    let groups = nh / nkv;
+    let width = nkv * hd;
+    let total = s.past + n;
+    debug_assert_eq!(slots.len(), total);
+    debug_assert_eq!(q.len(), nh * n * hd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Per KV head: the outputs of its `groups` query heads, `[groups, n, hd]`.
+    let per_kv: Vec<Vec<f32>> = (0..nkv)
+        .into_par_iter()
+        .map(|g| {
+            let rows = groups * n;
+            let qg = &q[g * groups * n * hd..(g + 1) * groups * n * hd];
+            let mut buf = vec![0f32; hd];
+            // Scores: row r = (head in group, query i) sees keys 0..=past + i.
+            let mut scores = vec![f32::NEG_INFINITY; rows * total];
+            for j in 0..total {
+                let key = k.head(slots[j], g, width, hd, &mut buf);
+                for r in 0..rows {
+                    let i = r % n;
+                    if j <= s.past + i {
+                        scores[r * total + j] = dot(&qg[r * hd..(r + 1) * hd], key) * scale;
+                    }
+                }
+            }
+            for r in 0..rows {
+                let visible = s.past + r % n + 1;
+                let row = &mut scores[r * total..r * total + visible];
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            let mut out = vec![0f32; rows * hd];
+            for j in 0..total {
+                let value = v.head(slots[j], g, width, hd, &mut buf);
+                for r in 0..rows {
+                    if j <= s.past + r % n {
+                        let p = scores[r * total + j];
+                        let o = &mut out[r * hd..(r + 1) * hd];
+                        o.iter_mut().zip(value).for_each(|(o, &x)| *o += p * x);
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    // To [n, heads * hd]: head h = g * groups + k.
+    let mut out = vec![0f32; n * nh * hd];
+    for (g, o) in per_kv.iter().enumerate() {
+        for kk in 0..groups {
+            let h = g * groups + kk;
+            for i in 0..n {
+                let src = &o[(kk * n + i) * hd..(kk * n + i + 1) * hd];
+                out[i * nh * hd + h * hd..i * nh * hd + (h + 1) * hd].copy_from_slice(src);
+            }
+        }
+    }
+    out
+}
+
+/// A dot product in a fixed order: eight lanes, then the lanes in order.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain attention for one query head over explicit keys and values.
+    fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f32> {
+        let scale = 1.0 / (q.len() as f32).sqrt();
+        let s: Vec<f32> = keys
+            .iter()
+            .map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .collect();
+        let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f32 = e.iter().sum();
+        let mut out = vec![0.0; q.len()];
+        for (p, v) in e.iter().zip(values) {
+            for (o, x) in out.iter_mut().zip(v) {
+                *o += p / z * x;
+            }
+        }
+        out
+    }
+
+    fn pseudo(i: usize) -> f32 {
+        ((i * 7919 % 1000) as f32 / 500.0) - 1.0
+    }
+
+    fn setup() -> (AttnShape, Vec<f32>, Vec<f32>, Vec<f32>, Vec<u32>) {
+        let s = AttnShape {
+            n: 3,
+            past: 4,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        };
+        let width = s.num_kv_heads * s.head_dim;
+        let total = s.past + s.n;
+        // Slots scattered over a pool of 16 rows.
+        let slots: Vec<u32> = (0..total as u32).map(|p| (p * 5 + 3) % 16).collect();
+        let k: Vec<f32> = (0..16 * width).map(pseudo).collect();
+        let v: Vec<f32> = (0..16 * width).map(|i| pseudo(i + 17)).collect();
+        let q: Vec<f32> = (0..s.num_heads * s.n * s.head_dim)
+            .map(|i| pseudo(i + 3))
+            .collect();
+        (s, q, k, v, slots)
+    }
+
+    #[test]
+    fn matches_plain_causal_attention_with_gqa() {
+        let (s, q, k, v, slots) = setup();
+        let (hd, width) = (s.head_dim, s.num_kv_heads * s.head_dim);
+        let out = paged_attention(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
+        for h in 0..s.num_heads {
+            let g = h / (s.num_heads / s.num_kv_heads);
+            for i in 0..s.n {
+                let visible = &slots[..s.past + i + 1];
+                let row = |t: &[f32], slot: u32| {
+                    let st = slot as usize * width + g * hd;
+                    t[st..st + hd].to_vec()
+                };
+                let keys: Vec<_> = visible.iter().map(|&sl| row(&k, sl)).collect();
+                let values: Vec<_> = visible.iter().map(|&sl| row(&v, sl)).collect();
+                let qi = &q[(h * s.n + i) * hd..(h * s.n + i + 1) * hd];
+                let want = reference(qi, &keys, &values);
+                let got = &out[i * s.num_heads * hd + h * hd..][..hd];
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_gets_the_same_bits_alone_or_in_a_chunk() {
+        let (s, q, k, v, slots) = setup();
+        let chunk = paged_attention(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
+        let hd = s.head_dim;
+        // The last query alone, with everything before it as past.
+        let last: Vec<f32> = (0..s.num_heads)
+            .flat_map(|h| q[(h * s.n + s.n - 1) * hd..(h * s.n + s.n) * hd].to_vec())
+            .collect();
+        let alone_shape = AttnShape {
+            n: 1,
+            past: s.past + s.n - 1,
+            ..s
+        };
+        let alone = paged_attention(&last, KvRows::F32(&k), KvRows::F32(&v), &slots, alone_shape);
+        assert_eq!(alone, chunk[(s.n - 1) * s.num_heads * hd..].to_vec());
+    }
+
+    #[test]
+    fn f16_rows_are_read_as_f16() {
+        let (s, q, k, v, slots) = setup();
+        let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+        let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+        let k32: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+        let v32: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+        let a = paged_attention(&q, KvRows::F16(&k16), KvRows::F16(&v16), &slots, s);
+        let b = paged_attention(&q, KvRows::F32(&k32), KvRows::F32(&v32), &slots, s);
+        assert_eq!(a, b);
+    }
+}
