@@ -2,6 +2,7 @@
 //!
 //! - [`format`]: the `.zse` file (a GGUF container) and conversion into it;
 //! - [`model`]: the Llama-family transformer on candle;
+//! - [`kernels`]: quantized matmul kernels for the CPU, chosen at run time;
 //! - [`kv`]: the per-sequence KV cache;
 //! - [`sample`]: logits processing and token choice;
 //! - [`sched`]: admission of waiting requests under the sequence and KV limits;
@@ -11,6 +12,7 @@
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod kernels;
 pub mod kv;
 pub mod model;
 pub mod sample;

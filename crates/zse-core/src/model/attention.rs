@@ -20,25 +20,22 @@ pub enum KvRows<'a> {
 }
 
 impl KvRows<'_> {
-    /// Head `g` of slot `slot`, as f32 in `buf`.
+    /// Head `g` of slot `slot`, as f32, into `dst`.
     #[inline]
-    fn head<'b>(
-        &'b self,
-        slot: u32,
-        g: usize,
-        width: usize,
-        hd: usize,
-        buf: &'b mut [f32],
-    ) -> &'b [f32] {
+    fn head_into(&self, slot: u32, g: usize, width: usize, hd: usize, dst: &mut [f32]) {
         let start = slot as usize * width + g * hd;
         match self {
-            KvRows::F16(rows) => {
-                rows[start..start + hd].convert_to_f32_slice(buf);
-                buf
-            }
-            KvRows::F32(rows) => &rows[start..start + hd],
+            KvRows::F16(rows) => rows[start..start + hd].convert_to_f32_slice(dst),
+            KvRows::F32(rows) => dst.copy_from_slice(&rows[start..start + hd]),
         }
     }
+}
+
+thread_local! {
+    /// Per-thread key and value buffers for `paged_attention`.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
 }
 
 /// The shapes of one sequence's attention call.
@@ -74,42 +71,41 @@ pub fn paged_attention(
         .map(|g| {
             let rows = groups * n;
             let qg = &q[g * groups * n * hd..(g + 1) * groups * n * hd];
-            let mut buf = vec![0f32; hd];
-            // Scores: row r = (head in group, query i) sees keys 0..=past + i.
-            let mut scores = vec![f32::NEG_INFINITY; rows * total];
-            for j in 0..total {
-                let key = k.head(slots[j], g, width, hd, &mut buf);
+            SCRATCH.with_borrow_mut(|(keys, values)| {
+                // This head's keys and values as contiguous f32 rows, converted once, in
+                // per-thread buffers that only ever grow (no allocation per call).
+                if keys.len() < total * hd {
+                    keys.resize(total * hd, 0.0);
+                    values.resize(total * hd, 0.0);
+                }
+                for (j, &slot) in slots.iter().enumerate() {
+                    k.head_into(slot, g, width, hd, &mut keys[j * hd..(j + 1) * hd]);
+                    v.head_into(slot, g, width, hd, &mut values[j * hd..(j + 1) * hd]);
+                }
+                let mut out = vec![0f32; rows * hd];
+                let mut scores = vec![0f32; total];
                 for r in 0..rows {
-                    let i = r % n;
-                    if j <= s.past + i {
-                        scores[r * total + j] = dot(&qg[r * hd..(r + 1) * hd], key) * scale;
+                    // Row r = (query head in the group, query i); it sees keys 0..=past + i.
+                    let visible = s.past + r % n + 1;
+                    let qr = &qg[r * hd..(r + 1) * hd];
+                    let sc = &mut scores[..visible];
+                    for (j, x) in sc.iter_mut().enumerate() {
+                        *x = dot(qr, &keys[j * hd..(j + 1) * hd]) * scale;
+                    }
+                    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let mut sum = 0f32;
+                    for x in sc.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    let o = &mut out[r * hd..(r + 1) * hd];
+                    for (j, &p) in sc.iter().enumerate() {
+                        axpy(p * inv, &values[j * hd..(j + 1) * hd], o);
                     }
                 }
-            }
-            for r in 0..rows {
-                let visible = s.past + r % n + 1;
-                let row = &mut scores[r * total..r * total + visible];
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-            let mut out = vec![0f32; rows * hd];
-            for j in 0..total {
-                let value = v.head(slots[j], g, width, hd, &mut buf);
-                for r in 0..rows {
-                    if j <= s.past + r % n {
-                        let p = scores[r * total + j];
-                        let o = &mut out[r * hd..(r + 1) * hd];
-                        o.iter_mut().zip(value).for_each(|(o, &x)| *o += p * x);
-                    }
-                }
-            }
-            out
+                out
+            })
         })
         .collect();
     // To [n, heads * hd]: head h = g * groups + k.
@@ -126,13 +122,18 @@ pub fn paged_attention(
     out
 }
 
-/// A dot product in a fixed order: eight lanes, then the lanes in order.
+/// A dot product in a fixed order: eight lanes (vectorised by the compiler), then
+/// the lanes in order, then the tail.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
+        let (x, y): (&[f32; 8], &[f32; 8]) = (
+            x.try_into().unwrap_or(&[0.0; 8]),
+            y.try_into().unwrap_or(&[0.0; 8]),
+        );
         for l in 0..8 {
             acc[l] += x[l] * y[l];
         }
@@ -142,6 +143,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += x * y;
     }
     sum
+}
+
+/// `o += a * x`, element by element.
+#[inline]
+fn axpy(a: f32, x: &[f32], o: &mut [f32]) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o += a * x;
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::attention::{paged_attention, AttnShape};
 use super::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
+use crate::kernels::{KernelPath, QWeight};
 use crate::kv::KvPool;
 
 /// Where the model reads its tensors from (a `.zse` file, or a test's memory).
@@ -47,8 +48,39 @@ pub enum Logits {
     All,
 }
 
+/// A weight matrix: ZSE's CPU kernels where they handle its block type (on the CPU),
+/// candle's quantized matmul otherwise.
+enum Weight {
+    Kernel(QWeight, KernelPath),
+    Candle(QMatMul),
+}
+
+impl Weight {
+    fn new(t: Arc<QTensor>, device: &Device, path: KernelPath) -> Result<Self> {
+        if device.is_cpu() {
+            if let Some(w) = QWeight::from_qtensor(&t)? {
+                return Ok(Weight::Kernel(w, path));
+            }
+        }
+        Ok(Weight::Candle(QMatMul::from_arc(t)?))
+    }
+
+    /// `x: [tokens, in]` -> `[tokens, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Kernel(w, path) => {
+                let m = x.dim(0)?;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = w.matmul(&xs, m, *path);
+                Ok(Tensor::from_vec(y, (m, w.rows), x.device())?)
+            }
+            Weight::Candle(q) => Ok(q.forward(x)?),
+        }
+    }
+}
+
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
@@ -80,7 +112,7 @@ pub struct Llama {
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
     output_norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Weight,
     /// `[max_positions, head_dim / 2]` tables for RoPE.
     cos: Tensor,
     sin: Tensor,
@@ -198,9 +230,10 @@ impl Llama {
         let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let path = KernelPath::select()?;
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight =
-                QMatMul::from_qtensor(load_checked(src, &format!("{name}.weight"), &[out, inp])?)?;
+            let t = load_checked(src, &format!("{name}.weight"), &[out, inp])?;
+            let weight = Weight::new(Arc::new(t), device, path)?;
             let bias = if bias {
                 Some(load_f32(src, &format!("{name}.bias"), &[out], device)?)
             } else {
@@ -225,9 +258,10 @@ impl Llama {
         }
         let embed = Arc::new(load_checked(src, "token_embd.weight", &[c.vocab_size, h])?);
         let lm_head = if c.tied_embeddings {
-            QMatMul::from_arc(embed.clone())?
+            Weight::new(embed.clone(), device, path)?
         } else {
-            QMatMul::from_qtensor(load_checked(src, "output.weight", &[c.vocab_size, h])?)?
+            let t = load_checked(src, "output.weight", &[c.vocab_size, h])?;
+            Weight::new(Arc::new(t), device, path)?
         };
         let factors = match src.load(ROPE_FREQS)? {
             Some(t) => Some(
