@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +120,28 @@ def test_first_step_distribution_is_close(
     shared = [(t, lp) for t, lp in ref_top if t in ours]
     assert len(shared) >= 4
     assert all(abs(ours[t] - lp) <= 0.8 for t, lp in shared)
+
+
+@pytest.mark.parametrize("path", ["generic", "avx2"])
+def test_every_kernel_path_gives_the_same_results(
+    default_model: Path,
+    engine: zse.Engine,
+    runs: dict[int, zse.Completion],
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """The CPU kernel paths compute the same bits, so the reference results above hold
+    on every path this machine can run (`ZSE_CPU_KERNELS` picks one at load)."""
+    monkeypatch.setenv("ZSE_CPU_KERNELS", path)
+    try:
+        other = zse.Engine(default_model)
+    except zse.UnsupportedModelError:
+        pytest.skip(f"this CPU cannot run the {path} kernels")
+    with other:
+        for i in (0, 3):
+            want = greedy(engine, runs, i)
+            got = other.chat(
+                CASES[i]["messages"], temperature=0, max_tokens=GREEDY_STEPS, top_logprobs=5
+            )
+            assert got.token_ids == want.token_ids
+            assert got.logprobs == want.logprobs
