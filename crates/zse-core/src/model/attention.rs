@@ -38,88 +38,115 @@ thread_local! {
     };
 }
 
-/// The shapes of one sequence's attention call.
+/// Head counts and size.
 #[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    /// Query tokens, at positions `past..past + n`.
-    pub n: usize,
-    pub past: usize,
+pub struct Heads {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
 }
 
-/// `q: [num_heads, n, head_dim]` (rotated), keys and values at `slots` (one per
-/// position `0..past + n`); returns `[n, num_heads * head_dim]`.
+/// One sequence of the batch: its query tokens are rows `offset..offset + n` of the
+/// packed queries, at positions `past..past + n`; `slots` holds the cache slot of
+/// every position `0..past + n`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqAttn<'a> {
+    pub slots: &'a [u32],
+    pub past: usize,
+    pub n: usize,
+    pub offset: usize,
+}
+
+/// Attention for a whole batch in one parallel pass over (sequence, KV head).
+/// `q: [num_heads, tokens, head_dim]` (rotated, packed over the batch); returns
+/// `[tokens, num_heads * head_dim]`.
 pub fn paged_attention(
     q: &[f32],
+    tokens: usize,
     k: KvRows<'_>,
     v: KvRows<'_>,
-    slots: &[u32],
-    s: AttnShape,
+    seqs: &[SeqAttn<'_>],
+    h: Heads,
 ) -> Vec<f32> {
-    let (n, hd, nh, nkv) = (s.n, s.head_dim, s.num_heads, s.num_kv_heads);
-    let groups = nh / nkv;
-    let width = nkv * hd;
-    let total = s.past + n;
-    debug_assert_eq!(slots.len(), total);
-    debug_assert_eq!(q.len(), nh * n * hd);
-    let scale = 1.0 / (hd as f32).sqrt();
-    // Per KV head: the outputs of its `groups` query heads, `[groups, n, hd]`.
-    let per_kv: Vec<Vec<f32>> = (0..nkv)
-        .into_par_iter()
-        .map(|g| {
-            let rows = groups * n;
-            let qg = &q[g * groups * n * hd..(g + 1) * groups * n * hd];
-            SCRATCH.with_borrow_mut(|(keys, values)| {
-                // This head's keys and values as contiguous f32 rows, converted once, in
-                // per-thread buffers that only ever grow (no allocation per call).
-                if keys.len() < total * hd {
-                    keys.resize(total * hd, 0.0);
-                    values.resize(total * hd, 0.0);
-                }
-                for (j, &slot) in slots.iter().enumerate() {
-                    k.head_into(slot, g, width, hd, &mut keys[j * hd..(j + 1) * hd]);
-                    v.head_into(slot, g, width, hd, &mut values[j * hd..(j + 1) * hd]);
-                }
-                let mut out = vec![0f32; rows * hd];
-                let mut scores = vec![0f32; total];
-                for r in 0..rows {
-                    // Row r = (query head in the group, query i); it sees keys 0..=past + i.
-                    let visible = s.past + r % n + 1;
-                    let qr = &qg[r * hd..(r + 1) * hd];
-                    let sc = &mut scores[..visible];
-                    for (j, x) in sc.iter_mut().enumerate() {
-                        *x = dot(qr, &keys[j * hd..(j + 1) * hd]) * scale;
-                    }
-                    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let mut sum = 0f32;
-                    for x in sc.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    let o = &mut out[r * hd..(r + 1) * hd];
-                    for (j, &p) in sc.iter().enumerate() {
-                        axpy(p * inv, &values[j * hd..(j + 1) * hd], o);
-                    }
-                }
-                out
-            })
-        })
+    let (hd, nh, nkv) = (h.head_dim, h.num_heads, h.num_kv_heads);
+    debug_assert_eq!(q.len(), nh * tokens * hd);
+    let work: Vec<(usize, usize)> = (0..seqs.len())
+        .flat_map(|s| (0..nkv).map(move |g| (s, g)))
         .collect();
-    // To [n, heads * hd]: head h = g * groups + k.
-    let mut out = vec![0f32; n * nh * hd];
-    for (g, o) in per_kv.iter().enumerate() {
+    let parts: Vec<Vec<f32>> = work
+        .par_iter()
+        .map(|&(si, g)| attend_head(q, tokens, k, v, &seqs[si], g, h))
+        .collect();
+    let groups = nh / nkv;
+    let mut out = vec![0f32; tokens * nh * hd];
+    for (&(si, g), part) in work.iter().zip(&parts) {
+        let s = &seqs[si];
         for kk in 0..groups {
-            let h = g * groups + kk;
-            for i in 0..n {
-                let src = &o[(kk * n + i) * hd..(kk * n + i + 1) * hd];
-                out[i * nh * hd + h * hd..i * nh * hd + (h + 1) * hd].copy_from_slice(src);
+            let head = g * groups + kk;
+            for i in 0..s.n {
+                let src = &part[(kk * s.n + i) * hd..(kk * s.n + i + 1) * hd];
+                let row = (s.offset + i) * nh * hd + head * hd;
+                out[row..row + hd].copy_from_slice(src);
             }
         }
     }
     out
+}
+
+/// One sequence, one KV head: the outputs of the head's query heads,
+/// `[groups, n, head_dim]`.
+fn attend_head(
+    q: &[f32],
+    tokens: usize,
+    k: KvRows<'_>,
+    v: KvRows<'_>,
+    s: &SeqAttn<'_>,
+    g: usize,
+    h: Heads,
+) -> Vec<f32> {
+    let (hd, nh, nkv) = (h.head_dim, h.num_heads, h.num_kv_heads);
+    let (groups, width) = (nh / nkv, nkv * hd);
+    let total = s.past + s.n;
+    debug_assert_eq!(s.slots.len(), total);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let rows = groups * s.n;
+    SCRATCH.with_borrow_mut(|(keys, values)| {
+        // This head's keys and values as contiguous f32 rows, converted once, in
+        // per-thread buffers that only ever grow (no allocation per call).
+        if keys.len() < total * hd {
+            keys.resize(total * hd, 0.0);
+            values.resize(total * hd, 0.0);
+        }
+        for (j, &slot) in s.slots.iter().enumerate() {
+            k.head_into(slot, g, width, hd, &mut keys[j * hd..(j + 1) * hd]);
+            v.head_into(slot, g, width, hd, &mut values[j * hd..(j + 1) * hd]);
+        }
+        let mut out = vec![0f32; rows * hd];
+        let mut scores = vec![0f32; total];
+        for r in 0..rows {
+            // Row r = (query head in the group, query i); it sees keys 0..=past + i.
+            let (head, i) = (g * groups + r / s.n, r % s.n);
+            let visible = s.past + i + 1;
+            let at = (head * tokens + s.offset + i) * hd;
+            let qr = &q[at..at + hd];
+            let sc = &mut scores[..visible];
+            for (j, x) in sc.iter_mut().enumerate() {
+                *x = dot(qr, &keys[j * hd..(j + 1) * hd]) * scale;
+            }
+            let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for x in sc.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            let o = &mut out[r * hd..(r + 1) * hd];
+            for (j, &p) in sc.iter().enumerate() {
+                axpy(p * inv, &values[j * hd..(j + 1) * hd], o);
+            }
+        }
+        out
+    })
 }
 
 /// A dot product in a fixed order: eight lanes (vectorised by the compiler), then
@@ -180,6 +207,32 @@ mod tests {
         ((i * 7919 % 1000) as f32 / 500.0) - 1.0
     }
 
+    /// One sequence's shapes, for the tests.
+    #[derive(Clone, Copy)]
+    struct AttnShape {
+        n: usize,
+        past: usize,
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    }
+
+    /// `paged_attention` for one sequence with `q: [num_heads, n, head_dim]`.
+    fn one(q: &[f32], k: KvRows<'_>, v: KvRows<'_>, slots: &[u32], s: AttnShape) -> Vec<f32> {
+        let seq = SeqAttn {
+            slots,
+            past: s.past,
+            n: s.n,
+            offset: 0,
+        };
+        let h = Heads {
+            num_heads: s.num_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+        };
+        paged_attention(q, s.n, k, v, &[seq], h)
+    }
+
     fn setup() -> (AttnShape, Vec<f32>, Vec<f32>, Vec<f32>, Vec<u32>) {
         let s = AttnShape {
             n: 3,
@@ -204,7 +257,7 @@ mod tests {
     fn matches_plain_causal_attention_with_gqa() {
         let (s, q, k, v, slots) = setup();
         let (hd, width) = (s.head_dim, s.num_kv_heads * s.head_dim);
-        let out = paged_attention(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
+        let out = one(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
         for h in 0..s.num_heads {
             let g = h / (s.num_heads / s.num_kv_heads);
             for i in 0..s.n {
@@ -228,7 +281,7 @@ mod tests {
     #[test]
     fn a_token_gets_the_same_bits_alone_or_in_a_chunk() {
         let (s, q, k, v, slots) = setup();
-        let chunk = paged_attention(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
+        let chunk = one(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
         let hd = s.head_dim;
         // The last query alone, with everything before it as past.
         let last: Vec<f32> = (0..s.num_heads)
@@ -239,7 +292,7 @@ mod tests {
             past: s.past + s.n - 1,
             ..s
         };
-        let alone = paged_attention(&last, KvRows::F32(&k), KvRows::F32(&v), &slots, alone_shape);
+        let alone = one(&last, KvRows::F32(&k), KvRows::F32(&v), &slots, alone_shape);
         assert_eq!(alone, chunk[(s.n - 1) * s.num_heads * hd..].to_vec());
     }
 
@@ -250,8 +303,8 @@ mod tests {
         let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
         let k32: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
         let v32: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
-        let a = paged_attention(&q, KvRows::F16(&k16), KvRows::F16(&v16), &slots, s);
-        let b = paged_attention(&q, KvRows::F32(&k32), KvRows::F32(&v32), &slots, s);
+        let a = one(&q, KvRows::F16(&k16), KvRows::F16(&v16), &slots, s);
+        let b = one(&q, KvRows::F32(&k32), KvRows::F32(&v32), &slots, s);
         assert_eq!(a, b);
     }
 }

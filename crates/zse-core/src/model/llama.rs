@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::attention::{paged_attention, AttnShape};
+use super::attention::{paged_attention, Heads, SeqAttn};
 use super::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::kernels::{KernelPath, QWeight};
@@ -376,19 +376,7 @@ impl Llama {
             // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
             let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
             pool.write(li, &write, &k_rows, &v)?;
-            let mut outs = Vec::with_capacity(items.len());
-            let mut off = 0;
-            for (it, slots) in items.iter().zip(&read) {
-                let n = it.tokens.len();
-                let qi = q.narrow(1, off, n)?.contiguous()?;
-                outs.push(self.attend(li, &qi, it, slots, pool)?);
-                off += n;
-            }
-            let att = if outs.len() == 1 {
-                outs.swap_remove(0)
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
+            let att = self.attend(li, &q, items, &read, pool)?;
             x = (x + layer.o.forward(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
             let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
@@ -441,46 +429,63 @@ impl Llama {
         Ok(y.squeeze(0)?)
     }
 
-    /// One sequence's attention for layer `li`: in place over the pool on the CPU
-    /// (`attention::paged_attention`), else over keys and values gathered from it.
+    /// The batch's attention for layer `li`, `q: [heads, tokens, head_dim]` ->
+    /// `[tokens, heads * head_dim]`: in place over the pool on the CPU
+    /// (`attention::paged_attention`), else per sequence over keys and values
+    /// gathered from it.
     fn attend(
         &self,
         li: usize,
         q: &Tensor,
-        it: &BatchItem<'_>,
-        slots: &Tensor,
+        items: &[BatchItem<'_>],
+        slots: &[Tensor],
         pool: &KvPool,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let n = it.tokens.len();
-        let shape = AttnShape {
-            n,
-            past: it.past,
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
+        let tokens = q.dim(1)?;
         if q.device().is_cpu() {
+            let mut seqs = Vec::with_capacity(items.len());
+            let mut offset = 0;
+            for it in items {
+                seqs.push(SeqAttn {
+                    slots: it.slots,
+                    past: it.past,
+                    n: it.tokens.len(),
+                    offset,
+                });
+                offset += it.tokens.len();
+            }
+            let heads = Heads {
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            };
             let qv = q.flatten_all()?.to_vec1::<f32>()?;
-            let out = pool.with_rows(li, |k, v| paged_attention(&qv, k, v, it.slots, shape))?;
+            let out =
+                pool.with_rows(li, |k, v| paged_attention(&qv, tokens, k, v, &seqs, heads))?;
             if let Some(out) = out {
-                return Ok(Tensor::from_vec(
-                    out,
-                    (n, c.num_heads * c.head_dim),
-                    &self.device,
-                )?);
+                let shape = (tokens, c.num_heads * c.head_dim);
+                return Ok(Tensor::from_vec(out, shape, &self.device)?);
             }
         }
-        let (kc, vc) = pool.gather(li, slots)?;
-        // The cache may hold F16 (half the memory, llama.cpp's default); attention
-        // itself computes in F32.
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((it.slots.len(), c.num_kv_heads, c.head_dim))?
-                .transpose(0, 1)?
-                .to_dtype(DType::F32)?
-                .contiguous()?)
-        };
-        self.attention(q, &heads(kc)?, &heads(vc)?, it.past)
+        let mut outs = Vec::with_capacity(items.len());
+        let mut off = 0;
+        for (it, slots) in items.iter().zip(slots) {
+            let n = it.tokens.len();
+            let qi = q.narrow(1, off, n)?.contiguous()?;
+            let (kc, vc) = pool.gather(li, slots)?;
+            // The cache may hold F16 (half the memory, llama.cpp's default);
+            // attention itself computes in F32.
+            let heads = |t: Tensor| -> Result<Tensor> {
+                Ok(t.reshape((it.slots.len(), c.num_kv_heads, c.head_dim))?
+                    .transpose(0, 1)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?)
+            };
+            outs.push(self.attention(&qi, &heads(kc)?, &heads(vc)?, it.past)?);
+            off += n;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
     }
 
     /// Causal attention of `q: [heads, n, d]` at positions `pos..pos + n` over the
