@@ -32,13 +32,6 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
-    pub fn name(self) -> &'static str {
-        match self {
-            KernelPath::Generic => "generic",
-            KernelPath::Avx2 => "avx2",
-        }
-    }
-
     /// Whether this CPU can run the path.
     pub fn supported(self) -> bool {
         match self {

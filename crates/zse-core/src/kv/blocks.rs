@@ -61,10 +61,6 @@ impl BlockAllocator {
         }
     }
 
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
     pub fn num_blocks(&self) -> usize {
         self.refs.len()
     }

@@ -53,17 +53,6 @@ impl KvPool {
         })
     }
 
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.layers
-            .first()
-            .map(|(k, _)| k.dtype())
-            .unwrap_or(DType::F32)
-    }
-
     pub fn prepare_write(&self, slots: &[u32]) -> Result<SlotWrite> {
         let n = slots.len();
         let index = Tensor::from_slice(slots, (n, 1), &self.device)?
