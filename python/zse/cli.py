@@ -11,19 +11,12 @@ from typing import Any, get_args
 from . import _core
 from .convert import Quant, convert, inspect
 from .models import pull, resolve_model
+from .units import format_bytes
 
 QUANT_CHOICES = list(get_args(Quant))
 #: `zse serve`'s KV budget: about 90k positions of SmolLM2 (F16 cache), i.e. eleven
 #: full 8k contexts, or 16 streams of 5k.
 DEFAULT_KV_CACHE_MB = 2048.0
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _model_path(arg: str | None) -> Path:
@@ -42,7 +35,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     report = convert(args.src, args.out, quant=args.quant)
     print(
         f"wrote {report['output']} ({report['tensors']} tensors, "
-        f"{_fmt_bytes(report['bytes'])}, {report['quantization']})"
+        f"{format_bytes(report['bytes'])}, {report['quantization']})"
     )
     return 0
 
@@ -60,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context length", c["context_length"]),
         ("vocabulary", c["vocab_size"]),
         ("quantization", info["quantization"]),
-        ("file size", _fmt_bytes(info["file_size"])),
+        ("file size", format_bytes(info["file_size"])),
         ("tokenizer", f"{info['tokenizer']['type']}, {info['tokenizer']['vocab_size']} tokens"),
         ("chat template", "yes" if info["chat_template"] else "no"),
         (

@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..engine import TokenLogprob
 from .context import Ctx, ServerContext
 from .errors import ERROR_RESPONSES, from_engine, invalid
-from .generation import ClientDisconnected, Generation, error_for
+from .generation import Choice, ClientDisconnected, Generation, error_for
 from .schemas import (
     AssistantMessage,
     ChatChoice,
@@ -58,11 +58,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: C
     reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", model)
     if body.stream:
         return _sse(_chat_events(gen, reply, body.include_usage))
-    async with gen:
-        try:
-            choices = await gen.collect(request)
-        except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED)
+    choices = await _collect(gen, request)
+    if choices is None:
+        return Response(status_code=CLIENT_CLOSED)
     return ChatCompletion(
         id=reply.id,
         created=reply.created,
@@ -98,11 +96,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx) -> An
     reply = _Reply(f"cmpl-{uuid.uuid4().hex}", model)
     if body.stream:
         return _sse(_completion_events(gen, reply, body, echo))
-    async with gen:
-        try:
-            choices = await gen.collect(request)
-        except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED)
+    choices = await _collect(gen, request)
+    if choices is None:
+        return Response(status_code=CLIENT_CLOSED)
     return TextCompletion(
         id=reply.id,
         created=reply.created,
@@ -118,6 +114,15 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx) -> An
         ],
         usage=_usage(gen),
     )
+
+
+async def _collect(gen: Generation, request: Request) -> list[Choice] | None:
+    """Every choice's whole answer, or None if the client went away first."""
+    async with gen:
+        try:
+            return await gen.collect(request)
+        except ClientDisconnected:
+            return None
 
 
 def _legacy_prompts(

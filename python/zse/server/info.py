@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..units import format_bytes
 from .context import Ctx, ServerContext
 from .schemas import ModelCard, ModelList
 
@@ -29,14 +30,6 @@ async def list_models(ctx: Ctx) -> ModelList:
 async def get_model(model_id: str, ctx: Ctx) -> ModelCard:
     ctx.served_model(model_id)
     return _card(ctx)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def _duration(seconds: float) -> str:
@@ -62,9 +55,9 @@ async def health(ctx: Ctx) -> dict[str, Any]:
         "model": ctx.config.model_name,
         "device": "cpu",
         # The engine runs on the CPU: its memory is this process's, on this machine.
-        "process_memory_used": _size(process),
-        "system_memory_used": _size(machine.total - machine.available),
-        "system_memory_total": _size(machine.total),
+        "process_memory_used": format_bytes(process, binary=False),
+        "system_memory_used": format_bytes(machine.total - machine.available, binary=False),
+        "system_memory_total": format_bytes(machine.total, binary=False),
         "uptime": _duration(uptime),
         "uptime_seconds": round(uptime, 1),
         "engine": {
