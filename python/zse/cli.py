@@ -10,6 +10,7 @@ from typing import Any, get_args
 
 from . import _core
 from .convert import Quant, convert, inspect
+from .engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_SEQUENCES, Engine
 from .models import pull, resolve_model
 from .units import format_bytes
 
@@ -97,8 +98,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .engine import Engine
-
     engine = Engine(_model_path(args.model))
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
@@ -180,15 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_KV_CACHE_MB,
         help=f"KV-cache memory budget in MiB (default {DEFAULT_KV_CACHE_MB:.0f})",
     )
-    s.add_argument("--max-seqs", type=int, default=16, help="sequences generated at once")
     s.add_argument(
-        "--max-queue", type=int, default=256, help="requests that may wait (beyond: 503)"
+        "--max-seqs",
+        type=int,
+        default=DEFAULT_MAX_SEQUENCES,
+        help=f"sequences generated at once (default {DEFAULT_MAX_SEQUENCES})",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help=f"requests that may wait, beyond: 503 (default {DEFAULT_MAX_QUEUE})",
     )
     s.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=256,
-        help="tokens per engine step; long prompts go in chunks of it (default 256)",
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        help=f"tokens per engine step; prompts go in chunks (default {DEFAULT_MAX_BATCH_TOKENS})",
     )
     s.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")

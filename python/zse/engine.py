@@ -20,6 +20,10 @@ from .models import pull
 
 Message = Mapping[str, Any]
 MAX_TOP_LOGPROBS = 20
+# Scheduling defaults, shared by `Engine`, `zse serve` and its options.
+DEFAULT_MAX_SEQUENCES = 16
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_BATCH_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -355,10 +359,10 @@ class Engine:
         *,
         context_length: int | None = None,
         kv_cache_dtype: Literal["f16", "f32"] = "f16",
-        max_sequences: int = 16,
-        max_queue: int = 256,
+        max_sequences: int = DEFAULT_MAX_SEQUENCES,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         kv_cache_mb: float | None = None,
-        max_batch_tokens: int = 256,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> None:
         if context_length is not None:
             _check_int("context_length", context_length, 1)

@@ -1,7 +1,8 @@
 //! The engine thread: one per model. Requests come in through a channel; every step
-//! runs one forward pass over all running sequences (new prompts and decode steps
-//! together), samples a token for each, and sends each request its events through
-//! its own channel. Callers never hold a lock on the model, and a failure inside a
+//! asks the scheduler (`sched`) what to run, runs one forward pass over it (prompt
+//! chunks and decode steps together), samples a token for each sequence whose known
+//! tokens are all computed, and sends each request its events through its own
+//! channel. Callers never hold a lock on the model, and a failure inside a
 //! step fails the requests of that step, never the thread.
 
 use std::panic::AssertUnwindSafe;
@@ -792,7 +793,11 @@ impl Worker {
         let slots: Vec<Vec<u32>> = running
             .iter()
             .zip(&plan.chunks)
-            .map(|(e, &c)| e.seq.table.slots(bs, e.seq.computed + c))
+            // Only the sequences that run this step need their slots.
+            .map(|(e, &c)| match c {
+                0 => Vec::new(),
+                c => e.seq.table.slots(bs, e.seq.computed + c),
+            })
             .collect();
         let mut items = Vec::new();
         let mut index = Vec::new();

@@ -3,9 +3,9 @@
 //! - [`format`]: the `.zse` file (a GGUF container) and conversion into it;
 //! - [`model`]: the Llama-family transformer on candle;
 //! - [`kernels`]: quantized matmul kernels for the CPU, chosen at run time;
-//! - [`kv`]: the per-sequence KV cache;
+//! - [`kv`]: the block KV cache and its prefix index;
 //! - [`sample`]: logits processing and token choice;
-//! - [`sched`]: admission of waiting requests under the sequence and KV limits;
+//! - [`sched`]: the scheduler (token budget, chunked prefill, admission, preemption);
 //! - [`text`]: tokenizer, chat template, detokenization, stop strings;
 //! - [`engine`]: the engine thread that ties them together.
 

@@ -24,7 +24,12 @@ from granian.server.embed import Server
 
 from .. import __version__
 from ..convert import Quant
-from ..engine import Engine
+from ..engine import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SEQUENCES,
+    Engine,
+)
 from ..models import resolve_model
 from .app import create_app
 from .context import ServerConfig, ServerContext
@@ -43,9 +48,9 @@ class ServeOptions:
     context_length: int | None = None
     #: None: the engine's default, room for ``max_sequences`` full contexts.
     kv_cache_mb: float | None = None
-    max_sequences: int = 16
-    max_queue: int = 256
-    max_batch_tokens: int = 256
+    max_sequences: int = DEFAULT_MAX_SEQUENCES
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     threads: int | None = None
     log_level: str = "info"
     grace_s: float = 30.0

@@ -362,10 +362,6 @@ impl Llama {
             self.sin.index_select(&positions, 0)?,
         );
         let write = pool.prepare_write(&new_slots)?;
-        let read: Vec<Tensor> = items
-            .iter()
-            .map(|it| Tensor::from_slice(it.slots, it.slots.len(), &self.device))
-            .collect::<candle_core::Result<_>>()?;
         let kv_width = c.num_kv_heads * c.head_dim;
         let mut x = self.embed.embedding(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -376,7 +372,7 @@ impl Llama {
             // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
             let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
             pool.write(li, &write, &k_rows, &v)?;
-            let att = self.attend(li, &q, items, &read, pool)?;
+            let att = self.attend(li, &q, items, pool)?;
             x = (x + layer.o.forward(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
             let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
@@ -438,7 +434,6 @@ impl Llama {
         li: usize,
         q: &Tensor,
         items: &[BatchItem<'_>],
-        slots: &[Tensor],
         pool: &KvPool,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -470,10 +465,11 @@ impl Llama {
         }
         let mut outs = Vec::with_capacity(items.len());
         let mut off = 0;
-        for (it, slots) in items.iter().zip(slots) {
+        for it in items {
             let n = it.tokens.len();
             let qi = q.narrow(1, off, n)?.contiguous()?;
-            let (kc, vc) = pool.gather(li, slots)?;
+            let slots = Tensor::from_slice(it.slots, it.slots.len(), &self.device)?;
+            let (kc, vc) = pool.gather(li, &slots)?;
             // The cache may hold F16 (half the memory, llama.cpp's default);
             // attention itself computes in F32.
             let heads = |t: Tensor| -> Result<Tensor> {
