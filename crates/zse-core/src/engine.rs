@@ -587,7 +587,12 @@ impl Worker {
                 }
             }
             if !self.sched.is_idle() {
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.step()));
+                // The whole step runs on a worker of the one rayon pool, so that its
+                // serial parts and the parallel kernels share the pool's threads; on
+                // a thread of its own the step would compete with workers spinning
+                // between kernels (one more runnable thread than cores).
+                let outcome =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| rayon::scope(|_| self.step())));
                 let failure = match outcome {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e.to_string()),
@@ -607,9 +612,12 @@ impl Worker {
             Command::Submit(ids, req, sinks) => self.enqueue(ids, *req, sinks),
             Command::Cancel(id) => self.cancel(id),
             Command::Score(tokens, top, reply) => {
-                let result =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| self.score(&tokens, top)))
-                        .unwrap_or_else(|p| Err(Error::Compute(panic_message(&p))));
+                // On the pool like a step; `&mut` because the worker is Send, not Sync.
+                let worker = &mut *self;
+                let result = std::panic::catch_unwind(AssertUnwindSafe(move || {
+                    rayon::scope(move |_| worker.score(&tokens, top))
+                }))
+                .unwrap_or_else(|p| Err(Error::Compute(panic_message(&p))));
                 let _ = reply.send(result);
             }
         }

@@ -77,7 +77,7 @@ impl Quant {
             return GgmlDType::F32;
         }
         let row = shape[shape.len() - 1];
-        let fits = |t: GgmlDType| row % t.block_size() == 0;
+        let fits = |t: GgmlDType| row.is_multiple_of(t.block_size());
         let or_f16 = |t: GgmlDType| if fits(t) { t } else { GgmlDType::F16 };
         let embedding = name == "token_embd.weight" || name == "output.weight";
         match self {

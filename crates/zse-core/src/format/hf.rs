@@ -246,7 +246,7 @@ impl HfDir {
 pub fn permute_for_interleaved_rope(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::Unsupported(format!(
             "cannot split {rows} rows into {heads} rotary heads"
         )));

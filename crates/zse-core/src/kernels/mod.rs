@@ -1,27 +1,32 @@
-//! CPU matrix multiplication for quantized weights (Q4_0, Q4_1, Q8_0), chosen at run
-//! time among the paths this CPU supports, so one wheel is fast everywhere.
+//! CPU matrix multiplication for quantized weights (Q4_0, Q4_1, Q4_K, Q8_0), chosen at
+//! run time among the paths this CPU supports, so one wheel is fast everywhere.
 //!
-//! Activations are quantized once per matmul to 8-bit blocks. Weight rows are split
-//! across threads in tiles; inside a tile each weight block is unpacked once and
-//! serves every activation row (a prefill chunk, or one row per sequence of a batched
-//! decode), so weights stream from memory once per step, not once per row.
-//! Every output element is one weight row times one activation row in a fixed order
-//! (see `blocks`), so results do not depend on the batch, the tiling or the path.
+//! - `weights`: GGML blocks repacked at load (f32 scales, paired 4-bit blocks).
+//! - `acts`: activations quantized once per matmul to 8-bit blocks.
+//! - `generic`: the portable dot product, which defines the arithmetic.
+//! - `x86`: the AVX2 and AVX-512 VNNI micro-kernels.
 //!
-//! `ZSE_CPU_KERNELS=generic|avx2` picks a path (default: the best available).
+//! Weight rows are split across the threads of the one rayon pool in tiles; inside a
+//! tile each weight block is unpacked once and serves eight activation rows at a time
+//! (a prefill chunk, or one row per sequence of a batched decode), so weights stream
+//! from memory once per step, not once per row. Every output element is one weight
+//! row times one activation row in a fixed order (see `generic`), so results do not
+//! depend on the batch, the tiling or the path.
+//!
+//! `ZSE_CPU_KERNELS=generic|avx2|avx512` picks a path (default: the best available).
 
-pub mod blocks;
-
+pub mod acts;
+pub mod generic;
+pub mod weights;
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+mod x86;
 
 use std::sync::OnceLock;
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
-pub use blocks::WeightType;
-use blocks::{quantize_row, ActBlock, QK};
+pub use acts::Acts;
+pub use weights::{Layout, QWeight, QK};
 
 use crate::error::{Error, Result};
 
@@ -29,26 +34,45 @@ use crate::error::{Error, Result};
 pub enum KernelPath {
     Generic,
     Avx2,
+    Avx512,
 }
 
 impl KernelPath {
+    const ALL: [KernelPath; 3] = [KernelPath::Generic, KernelPath::Avx2, KernelPath::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Generic => "generic",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512 => "avx512",
+        }
+    }
+
     /// Whether this CPU can run the path.
     pub fn supported(self) -> bool {
         match self {
             KernelPath::Generic => true,
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            KernelPath::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => {
+                KernelPath::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            KernelPath::Avx2 => false,
+            _ => false,
         }
     }
 
     /// Every path this CPU can run (for tests that compare them).
     pub fn all_supported() -> Vec<KernelPath> {
-        [KernelPath::Generic, KernelPath::Avx2]
-            .into_iter()
-            .filter(|p| p.supported())
-            .collect()
+        Self::ALL.into_iter().filter(|p| p.supported()).collect()
     }
 
     /// The best supported path, or the one `ZSE_CPU_KERNELS` names.
@@ -56,16 +80,15 @@ impl KernelPath {
         match std::env::var("ZSE_CPU_KERNELS").ok().as_deref() {
             None | Some("") | Some("auto") => Ok(best()),
             Some(name) => {
-                let path = match name {
-                    "generic" => KernelPath::Generic,
-                    "avx2" => KernelPath::Avx2,
-                    other => {
-                        return Err(Error::invalid_argument(
+                let path = Self::ALL
+                    .into_iter()
+                    .find(|p| p.name() == name)
+                    .ok_or_else(|| {
+                        Error::invalid_argument(
                             "ZSE_CPU_KERNELS",
-                            format!("'{other}' (expected generic, avx2 or auto)"),
-                        ))
-                    }
-                };
+                            format!("'{name}' (expected generic, avx2, avx512 or auto)"),
+                        )
+                    })?;
                 if !path.supported() {
                     return Err(Error::Unsupported(format!(
                         "ZSE_CPU_KERNELS={name}: this CPU cannot run it"
@@ -80,121 +103,77 @@ impl KernelPath {
 fn best() -> KernelPath {
     static BEST: OnceLock<KernelPath> = OnceLock::new();
     *BEST.get_or_init(|| {
-        if KernelPath::Avx2.supported() {
-            KernelPath::Avx2
-        } else {
-            KernelPath::Generic
-        }
+        KernelPath::ALL
+            .into_iter()
+            .rev()
+            .find(|p| p.supported())
+            .unwrap_or(KernelPath::Generic)
     })
 }
 
-/// A quantized weight matrix `[rows, cols]` in GGML block layout, row-major.
-#[derive(Debug)]
-pub struct QWeight {
-    pub kind: WeightType,
-    pub rows: usize,
-    pub cols: usize,
-    data: Vec<u8>,
-}
-
 /// Weight rows per task: small enough to spread over threads, large enough that a
-/// task's scheduling cost is noise.
+/// task's scheduling cost is noise, and a multiple of the micro-kernels' four rows.
 const ROWS_PER_TASK: usize = 16;
 
+/// Where a tile writes its results: element (activation row `i`, weight row `k`) of
+/// a row-major `[m, ld]` output. Tiles run in parallel and write disjoint sets of
+/// weight rows (columns), so they share the buffer through a raw pointer.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    ptr: *mut f32,
+    ld: usize,
+}
+
+// SAFETY: an `Out` is only used by tiles that write disjoint elements, while the
+// buffer it points into is borrowed mutably by `matmul`.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `(i, k)` must lie in the buffer, and no other thread may write it.
+    #[inline]
+    pub(crate) unsafe fn set(self, i: usize, k: usize, v: f32) {
+        *self.ptr.add(i * self.ld + k) = v;
+    }
+}
+
 impl QWeight {
-    /// The weights of `t` if a kernel here handles its type (else None: candle's own
-    /// matmul runs it).
-    pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
-        let kind = match t.dtype() {
-            GgmlDType::Q4_0 => WeightType::Q4_0,
-            GgmlDType::Q4_1 => WeightType::Q4_1,
-            GgmlDType::Q8_0 => WeightType::Q8_0,
-            _ => return Ok(None),
-        };
-        let (rows, cols) = t.shape().dims2()?;
-        if cols % QK != 0 {
-            return Ok(None);
-        }
-        let data = t.data()?.into_owned();
-        Self::new(kind, rows, cols, data).map(Some)
-    }
-
-    pub fn new(kind: WeightType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if cols % QK != 0 || data.len() != rows * cols / QK * kind.block_bytes() {
-            return Err(Error::Compute(format!(
-                "{kind:?} weights of {rows}x{cols} need {} bytes, got {}",
-                rows * cols / QK * kind.block_bytes(),
-                data.len()
-            )));
-        }
-        Ok(Self {
-            kind,
-            rows,
-            cols,
-            data,
-        })
-    }
-
-    fn row(&self, r: usize) -> &[u8] {
-        let bytes = self.cols / QK * self.kind.block_bytes();
-        &self.data[r * bytes..(r + 1) * bytes]
-    }
-
     /// `x: [m, cols]` (row-major) times the transposed weights: `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize, path: KernelPath) -> Vec<f32> {
-        debug_assert_eq!(x.len(), m * self.cols);
-        let mut act = Vec::with_capacity(m * self.cols / QK);
-        for row in x.chunks_exact(self.cols) {
-            quantize_row(row, &mut act);
-        }
-        let per_row = self.cols / QK;
-        let xs: Vec<&[ActBlock]> = act.chunks_exact(per_row).collect();
-        // Each task: a tile of weight rows against every activation row, giving
-        // `[tile rows][m]`; scattered into `[m, rows]` at the end.
-        let tiles: Vec<Vec<f32>> = (0..self.rows.div_ceil(ROWS_PER_TASK))
-            .into_par_iter()
-            .map(|tile| {
-                let first = tile * ROWS_PER_TASK;
-                let last = (first + ROWS_PER_TASK).min(self.rows);
-                let mut out = vec![0f32; (last - first) * m];
-                self.tile(first..last, &xs, path, &mut out);
-                out
-            })
-            .collect();
+        assert_eq!(x.len(), m * self.cols, "matmul input of the wrong size");
+        let a = Acts::quantize(x, m);
         let mut y = vec![0f32; m * self.rows];
-        for (tile, out) in tiles.iter().enumerate() {
-            let first = tile * ROWS_PER_TASK;
-            for (k, col) in out.chunks_exact(m).enumerate() {
-                for (r, &v) in col.iter().enumerate() {
-                    y[r * self.rows + first + k] = v;
-                }
-            }
-        }
+        let out = Out {
+            ptr: y.as_mut_ptr(),
+            ld: self.rows,
+        };
+        (0..self.rows.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .for_each(|tile| {
+                let first = tile * ROWS_PER_TASK;
+                let rows = first..(first + ROWS_PER_TASK).min(self.rows);
+                // SAFETY: tiles cover disjoint weight rows of `y`, which outlives them.
+                unsafe { self.tile(rows, &a, path, out) };
+            });
         y
     }
 
-    fn tile(
-        &self,
-        rows: std::ops::Range<usize>,
-        xs: &[&[ActBlock]],
-        path: KernelPath,
-        out: &mut [f32],
-    ) {
-        let m = xs.len();
-        match path {
-            #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 if path.supported() => {
-                let ws: Vec<&[u8]> = rows.map(|r| self.row(r)).collect();
-                // SAFETY: `supported()` checked AVX2 and FMA at run time.
-                unsafe { avx2::tile(self.kind, &ws, xs, out) };
+    /// # Safety
+    /// As `Out::set` for every `(i, k)` of the tile.
+    unsafe fn tile(&self, rows: std::ops::Range<usize>, a: &Acts, path: KernelPath, out: Out) {
+        #[cfg(target_arch = "x86_64")]
+        if path.supported() {
+            match path {
+                // SAFETY: `supported()` checked the path's features at run time.
+                KernelPath::Avx2 => return x86::avx2::tile(self, rows, a, out),
+                KernelPath::Avx512 => return x86::avx512::tile(self, rows, a, out),
+                KernelPath::Generic => {}
             }
-            _ => {
-                for (k, r) in rows.enumerate() {
-                    let w = self.row(r);
-                    for (i, x) in xs.iter().enumerate() {
-                        out[k * m + i] = blocks::dot_generic(self.kind, w, x);
-                    }
-                }
+        }
+        for k in rows {
+            for i in 0..a.m {
+                out.set(i, k, generic::dot(self, k, a, i));
             }
         }
     }
@@ -203,6 +182,7 @@ impl QWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
     /// A pseudo-random matrix with a few large values, quantized by candle.
@@ -232,9 +212,20 @@ mod tests {
 
     #[test]
     fn every_path_and_type_matches_the_float_reference_on_awkward_shapes() {
-        for kind in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            // Rows not a multiple of the tile, one and many activation rows.
-            for (rows, cols, m) in [(1, 32, 1), (17, 64, 3), (37, 576, 5), (5, 1536, 70)] {
+        for kind in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q8_0,
+        ] {
+            // Rows not a multiple of the tile or of four; an odd number of blocks;
+            // activation rows below, at and beyond eight.
+            let shapes: &[(usize, usize, usize)] = if kind == GgmlDType::Q4K {
+                &[(1, 256, 1), (19, 512, 9), (6, 1536, 70)]
+            } else {
+                &[(1, 32, 1), (17, 96, 3), (37, 576, 8), (5, 1536, 70)]
+            };
+            for &(rows, cols, m) in shapes {
                 let (q, deq) = weights(kind, rows, cols, rows as u64);
                 let w = QWeight::from_qtensor(&q).unwrap().unwrap();
                 let x = activations(m, cols);
@@ -284,6 +275,10 @@ mod tests {
     fn unknown_override_is_an_error() {
         std::env::set_var("ZSE_CPU_KERNELS", "sse9");
         assert!(KernelPath::select().is_err());
+        for path in KernelPath::ALL {
+            std::env::set_var("ZSE_CPU_KERNELS", path.name());
+            assert_eq!(KernelPath::select().ok(), path.supported().then_some(path));
+        }
         std::env::remove_var("ZSE_CPU_KERNELS");
         assert!(KernelPath::select().unwrap().supported());
     }

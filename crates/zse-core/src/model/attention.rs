@@ -11,6 +11,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// One layer's keys or values in the pool: a row per slot, `kv_heads * head_dim` wide.
 #[derive(Clone, Copy)]
@@ -21,7 +22,7 @@ pub enum KvRows<'a> {
 
 impl KvRows<'_> {
     /// Head `g` of slot `slot`, as f32, into `dst`.
-    #[inline]
+    #[inline(always)]
     fn head_into(&self, slot: u32, g: usize, width: usize, hd: usize, dst: &mut [f32]) {
         let start = slot as usize * width + g * hd;
         match self {
@@ -32,11 +33,15 @@ impl KvRows<'_> {
 }
 
 thread_local! {
-    /// Per-thread key and value buffers for `paged_attention`.
+    /// Per-thread scores and one key or value row for `attend_head`: buffers that
+    /// only ever grow (no allocation per call).
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
         std::cell::RefCell::new((Vec::new(), Vec::new()))
     };
 }
+
+/// Query rows (of one head) that share each converted key and value row.
+const ROW_TILE: usize = 16;
 
 /// Head counts and size.
 #[derive(Debug, Clone, Copy)]
@@ -57,9 +62,9 @@ pub struct SeqAttn<'a> {
     pub offset: usize,
 }
 
-/// Attention for a whole batch in one parallel pass over (sequence, KV head).
-/// `q: [num_heads, tokens, head_dim]` (rotated, packed over the batch); returns
-/// `[tokens, num_heads * head_dim]`.
+/// Attention for a whole batch in one parallel pass over (sequence, query head,
+/// tile of query rows). `q: [num_heads, tokens, head_dim]` (rotated, packed over
+/// the batch); returns `[tokens, num_heads * head_dim]`.
 pub fn paged_attention(
     q: &[f32],
     tokens: usize,
@@ -68,90 +73,370 @@ pub fn paged_attention(
     seqs: &[SeqAttn<'_>],
     h: Heads,
 ) -> Vec<f32> {
-    let (hd, nh, nkv) = (h.head_dim, h.num_heads, h.num_kv_heads);
+    attention_with(q, tokens, k, v, seqs, h, true)
+}
+
+/// `paged_attention`, with the x86 loops allowed or not (tests compare the two).
+fn attention_with(
+    q: &[f32],
+    tokens: usize,
+    k: KvRows<'_>,
+    v: KvRows<'_>,
+    seqs: &[SeqAttn<'_>],
+    h: Heads,
+    allow_fast: bool,
+) -> Vec<f32> {
+    let (hd, nh) = (h.head_dim, h.num_heads);
     debug_assert_eq!(q.len(), nh * tokens * hd);
-    let work: Vec<(usize, usize)> = (0..seqs.len())
-        .flat_map(|s| (0..nkv).map(move |g| (s, g)))
+    // Small items even for one decoding sequence (one per query head), so that
+    // every thread has work.
+    let work: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            (0..nh).flat_map(move |head| (0..s.n).step_by(ROW_TILE).map(move |i| (si, head, i)))
+        })
         .collect();
     let parts: Vec<Vec<f32>> = work
         .par_iter()
-        .map(|&(si, g)| attend_head(q, tokens, k, v, &seqs[si], g, h))
+        .map(|&(si, head, i)| {
+            let s = &seqs[si];
+            let rows = i..(i + ROW_TILE).min(s.n);
+            attend_rows(q, tokens, (k, v), s, head, rows, h, allow_fast)
+        })
         .collect();
-    let groups = nh / nkv;
     let mut out = vec![0f32; tokens * nh * hd];
-    for (&(si, g), part) in work.iter().zip(&parts) {
+    for (&(si, head, i0), part) in work.iter().zip(&parts) {
         let s = &seqs[si];
-        for kk in 0..groups {
-            let head = g * groups + kk;
-            for i in 0..s.n {
-                let src = &part[(kk * s.n + i) * hd..(kk * s.n + i + 1) * hd];
-                let row = (s.offset + i) * nh * hd + head * hd;
-                out[row..row + hd].copy_from_slice(src);
-            }
+        for (t, src) in part.chunks_exact(hd).enumerate() {
+            let row = (s.offset + i0 + t) * nh * hd + head * hd;
+            out[row..row + hd].copy_from_slice(src);
         }
     }
     out
 }
 
-/// One sequence, one KV head: the outputs of the head's query heads,
-/// `[groups, n, head_dim]`.
-fn attend_head(
+/// Query rows `rows` of one sequence and one query head: `[rows, head_dim]`. Row
+/// `i` sees keys `0..=past + i`. Each key (then each value) row is read once for all
+/// the rows of the tile that see it.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows(
     q: &[f32],
     tokens: usize,
-    k: KvRows<'_>,
-    v: KvRows<'_>,
+    (k, v): (KvRows<'_>, KvRows<'_>),
     s: &SeqAttn<'_>,
-    g: usize,
+    head: usize,
+    rows: Range<usize>,
     h: Heads,
+    allow_fast: bool,
 ) -> Vec<f32> {
     let (hd, nh, nkv) = (h.head_dim, h.num_heads, h.num_kv_heads);
-    let (groups, width) = (nh / nkv, nkv * hd);
-    let total = s.past + s.n;
-    debug_assert_eq!(s.slots.len(), total);
+    let g = head / (nh / nkv);
+    debug_assert_eq!(s.slots.len(), s.past + s.n);
     let scale = 1.0 / (hd as f32).sqrt();
-    let rows = groups * s.n;
-    SCRATCH.with_borrow_mut(|(keys, values)| {
-        // This head's keys and values as contiguous f32 rows, converted once, in
-        // per-thread buffers that only ever grow (no allocation per call).
-        if keys.len() < total * hd {
-            keys.resize(total * hd, 0.0);
-            values.resize(total * hd, 0.0);
+    let n = rows.len();
+    // Row t of the tile sees keys 0..first_visible + t.
+    let first_visible = s.past + rows.start + 1;
+    let span = first_visible + n - 1;
+    let queries = &q[(head * tokens + s.offset + rows.start) * hd..][..n * hd];
+    let view = HeadView {
+        slots: &s.slots[..span],
+        g,
+        width: nkv * hd,
+        hd,
+    };
+    let mut out = vec![0f32; n * hd];
+    SCRATCH.with_borrow_mut(|(scores, row)| {
+        row.resize(hd, 0.0);
+        if scores.len() < n * span {
+            scores.resize(n * span, 0.0);
         }
-        for (j, &slot) in s.slots.iter().enumerate() {
-            k.head_into(slot, g, width, hd, &mut keys[j * hd..(j + 1) * hd]);
-            v.head_into(slot, g, width, hd, &mut values[j * hd..(j + 1) * hd]);
-        }
-        let mut out = vec![0f32; rows * hd];
-        let mut scores = vec![0f32; total];
-        for r in 0..rows {
-            // Row r = (query head in the group, query i); it sees keys 0..=past + i.
-            let (head, i) = (g * groups + r / s.n, r % s.n);
-            let visible = s.past + i + 1;
-            let at = (head * tokens + s.offset + i) * hd;
-            let qr = &q[at..at + hd];
-            let sc = &mut scores[..visible];
-            for (j, x) in sc.iter_mut().enumerate() {
-                *x = dot(qr, &keys[j * hd..(j + 1) * hd]) * scale;
+        let scores = &mut scores[..n * span];
+        if !(allow_fast && fast::scores(k, &view, queries, first_visible, scale, scores)) {
+            for (j, &slot) in view.slots.iter().enumerate() {
+                k.head_into(slot, g, view.width, hd, row);
+                for (t, qr) in queries.chunks_exact(hd).enumerate() {
+                    if j < first_visible + t {
+                        scores[t * span + j] = dot(qr, row) * scale;
+                    }
+                }
             }
+        }
+        // Softmax per row, in position order; the weights stay unnormalised and
+        // `inv` scales each one as the values are summed.
+        let mut inv = [0f32; ROW_TILE];
+        for (t, inv) in inv.iter_mut().enumerate().take(n) {
+            let sc = &mut scores[t * span..t * span + first_visible + t];
             let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let mut sum = 0f32;
             for x in sc.iter_mut() {
                 *x = (*x - max).exp();
                 sum += *x;
             }
-            let inv = 1.0 / sum;
-            let o = &mut out[r * hd..(r + 1) * hd];
-            for (j, &p) in sc.iter().enumerate() {
-                axpy(p * inv, &values[j * hd..(j + 1) * hd], o);
+            *inv = 1.0 / sum;
+        }
+        if !(allow_fast && fast::values(v, &view, scores, &inv[..n], first_visible, &mut out)) {
+            for (j, &slot) in view.slots.iter().enumerate() {
+                v.head_into(slot, g, view.width, hd, row);
+                for (t, o) in out.chunks_exact_mut(hd).enumerate() {
+                    if j < first_visible + t {
+                        axpy(scores[t * span + j] * inv[t], row, o);
+                    }
+                }
             }
         }
-        out
-    })
+    });
+    out
+}
+
+/// The cache rows one tile reads: KV head `g` of the given slots.
+struct HeadView<'a> {
+    slots: &'a [u32],
+    g: usize,
+    /// Values per slot (all KV heads).
+    width: usize,
+    hd: usize,
+}
+
+/// The x86 forms of the two loops of `attend_rows`: the same operations in the same
+/// order (a multiply then an add per lane, lanes summed in order, values added in
+/// position order), with each cache row converted in registers and, for a single
+/// query row, the output kept in registers across all positions. They return false
+/// where they do not apply (no AVX2, a head size other than 64 or 128), and the
+/// portable loops run.
+mod fast {
+    use super::{HeadView, KvRows};
+
+    pub fn scores(
+        k: KvRows<'_>,
+        view: &HeadView<'_>,
+        queries: &[f32],
+        first_visible: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(base) = checked_base(k, view) {
+            let span = view.slots.len();
+            // SAFETY: the features were checked at run time, and `checked_base` that
+            // every slot's head lies in the pool.
+            unsafe {
+                match (base.1, view.hd) {
+                    (true, 64) => x86::scores::<true, 8>(
+                        base.0,
+                        view,
+                        queries,
+                        first_visible,
+                        scale,
+                        scores,
+                        span,
+                    ),
+                    (true, 128) => x86::scores::<true, 16>(
+                        base.0,
+                        view,
+                        queries,
+                        first_visible,
+                        scale,
+                        scores,
+                        span,
+                    ),
+                    (false, 64) => x86::scores::<false, 8>(
+                        base.0,
+                        view,
+                        queries,
+                        first_visible,
+                        scale,
+                        scores,
+                        span,
+                    ),
+                    (false, 128) => x86::scores::<false, 16>(
+                        base.0,
+                        view,
+                        queries,
+                        first_visible,
+                        scale,
+                        scores,
+                        span,
+                    ),
+                    _ => return false,
+                }
+            }
+            return true;
+        }
+        let _ = (k, view, queries, first_visible, scale, scores);
+        false
+    }
+
+    pub fn values(
+        v: KvRows<'_>,
+        view: &HeadView<'_>,
+        weights: &[f32],
+        inv: &[f32],
+        first_visible: usize,
+        out: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(base) = checked_base(v, view) {
+            // SAFETY: as in `scores`.
+            unsafe {
+                match (base.1, view.hd) {
+                    (true, 64) => {
+                        x86::values::<true, 8>(base.0, view, weights, inv, first_visible, out)
+                    }
+                    (true, 128) => {
+                        x86::values::<true, 16>(base.0, view, weights, inv, first_visible, out)
+                    }
+                    (false, 64) => {
+                        x86::values::<false, 8>(base.0, view, weights, inv, first_visible, out)
+                    }
+                    (false, 128) => {
+                        x86::values::<false, 16>(base.0, view, weights, inv, first_visible, out)
+                    }
+                    _ => return false,
+                }
+            }
+            return true;
+        }
+        let _ = (v, view, weights, inv, first_visible, out);
+        false
+    }
+
+    /// The pool's first byte and whether it holds f16, if the CPU has AVX2 and every
+    /// slot's row lies inside the pool.
+    #[cfg(target_arch = "x86_64")]
+    fn checked_base(rows: KvRows<'_>, view: &HeadView<'_>) -> Option<(*const u8, bool)> {
+        if !crate::kernels::KernelPath::Avx2.supported() || !matches!(view.hd, 64 | 128) {
+            return None;
+        }
+        let max_slot = *view.slots.iter().max()? as usize;
+        let (base, len, half) = match rows {
+            KvRows::F16(r) => (r.as_ptr() as *const u8, r.len(), true),
+            KvRows::F32(r) => (r.as_ptr() as *const u8, r.len(), false),
+        };
+        ((max_slot + 1) * view.width <= len && (view.g + 1) * view.hd <= view.width)
+            .then_some((base, half))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        use super::HeadView;
+
+        /// Chunk `c` (8 values) of the row at `p`, as f32.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn chunk<const H: bool>(p: *const u8, c: usize) -> __m256 {
+            if H {
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * c) as *const __m128i))
+            } else {
+                _mm256_loadu_ps((p as *const f32).add(8 * c))
+            }
+        }
+
+        /// Where head `g` of `slot` starts.
+        #[inline]
+        unsafe fn head_at<const H: bool>(
+            base: *const u8,
+            view: &HeadView<'_>,
+            slot: u32,
+        ) -> *const u8 {
+            let esz = if H { 2 } else { 4 };
+            base.add((slot as usize * view.width + view.g * view.hd) * esz)
+        }
+
+        /// `scores[t * span + j] = dot(query t, key j) * scale` for visible keys.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn scores<const H: bool, const C: usize>(
+            base: *const u8,
+            view: &HeadView<'_>,
+            queries: &[f32],
+            first_visible: usize,
+            scale: f32,
+            scores: &mut [f32],
+            span: usize,
+        ) {
+            let hd = 8 * C;
+            for (j, &slot) in view.slots.iter().enumerate() {
+                let p = head_at::<H>(base, view, slot);
+                let mut key = [_mm256_setzero_ps(); C];
+                for (c, kc) in key.iter_mut().enumerate() {
+                    *kc = chunk::<H>(p, c);
+                }
+                for (t, qr) in queries.chunks_exact(hd).enumerate() {
+                    if j >= first_visible + t {
+                        continue;
+                    }
+                    let mut acc = _mm256_setzero_ps();
+                    for (c, kc) in key.iter().enumerate() {
+                        let qc = _mm256_loadu_ps(qr.as_ptr().add(8 * c));
+                        acc = _mm256_add_ps(acc, _mm256_mul_ps(qc, *kc));
+                    }
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                    let mut sum = lanes[0];
+                    for l in &lanes[1..] {
+                        sum += l;
+                    }
+                    scores[t * span + j] = sum * scale;
+                }
+            }
+        }
+
+        /// `out[t] += weights[t * span + j] * inv[t] * value j`, in position order.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn values<const H: bool, const C: usize>(
+            base: *const u8,
+            view: &HeadView<'_>,
+            weights: &[f32],
+            inv: &[f32],
+            first_visible: usize,
+            out: &mut [f32],
+        ) {
+            let (hd, span) = (8 * C, view.slots.len());
+            if let [inv0] = inv {
+                // One row: the output stays in registers.
+                let mut o = [_mm256_setzero_ps(); C];
+                for (j, &slot) in view.slots[..first_visible].iter().enumerate() {
+                    let p = head_at::<H>(base, view, slot);
+                    let a = _mm256_set1_ps(weights[j] * inv0);
+                    for (c, oc) in o.iter_mut().enumerate() {
+                        *oc = _mm256_add_ps(*oc, _mm256_mul_ps(a, chunk::<H>(p, c)));
+                    }
+                }
+                for (c, oc) in o.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *oc);
+                }
+                return;
+            }
+            for (j, &slot) in view.slots.iter().enumerate() {
+                let p = head_at::<H>(base, view, slot);
+                let mut val = [_mm256_setzero_ps(); C];
+                for (c, vc) in val.iter_mut().enumerate() {
+                    *vc = chunk::<H>(p, c);
+                }
+                for (t, o) in out.chunks_exact_mut(hd).enumerate() {
+                    if j >= first_visible + t {
+                        continue;
+                    }
+                    let a = _mm256_set1_ps(weights[t * span + j] * inv[t]);
+                    for (c, vc) in val.iter().enumerate() {
+                        let oc = o.as_mut_ptr().add(8 * c);
+                        _mm256_storeu_ps(
+                            oc,
+                            _mm256_add_ps(_mm256_loadu_ps(oc), _mm256_mul_ps(a, *vc)),
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A dot product in a fixed order: eight lanes (vectorised by the compiler), then
 /// the lanes in order, then the tail.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -173,7 +458,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `o += a * x`, element by element.
-#[inline]
+#[inline(always)]
 fn axpy(a: f32, x: &[f32], o: &mut [f32]) {
     for (o, &x) in o.iter_mut().zip(x) {
         *o += a * x;
@@ -294,6 +579,44 @@ mod tests {
         };
         let alone = one(&last, KvRows::F32(&k), KvRows::F32(&v), &slots, alone_shape);
         assert_eq!(alone, chunk[(s.n - 1) * s.num_heads * hd..].to_vec());
+    }
+
+    #[test]
+    fn fast_loops_give_the_portable_bits() {
+        for hd in [64, 128] {
+            let (nh, nkv, pool) = (4, 2, 64);
+            let width = nkv * hd;
+            let k: Vec<f32> = (0..pool * width).map(pseudo).collect();
+            let v: Vec<f32> = (0..pool * width).map(|i| pseudo(i + 5)).collect();
+            let (k16, v16): (Vec<f16>, Vec<f16>) = (
+                k.iter().map(|&x| f16::from_f32(x)).collect(),
+                v.iter().map(|&x| f16::from_f32(x)).collect(),
+            );
+            let h = Heads {
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+            };
+            // A decode row and a chunk longer than a tile, on scattered slots.
+            for (past, n) in [(30, 1), (3, 2 * ROW_TILE + 3)] {
+                let slots: Vec<u32> = (0..(past + n) as u32).map(|p| (p * 7 + 1) % 64).collect();
+                let q: Vec<f32> = (0..nh * n * hd).map(|i| pseudo(i + 11)).collect();
+                let seq = SeqAttn {
+                    slots: &slots,
+                    past,
+                    n,
+                    offset: 0,
+                };
+                for (kr, vr) in [
+                    (KvRows::F32(&k), KvRows::F32(&v)),
+                    (KvRows::F16(&k16), KvRows::F16(&v16)),
+                ] {
+                    let fast = attention_with(&q, n, kr, vr, &[seq], h, true);
+                    let portable = attention_with(&q, n, kr, vr, &[seq], h, false);
+                    assert_eq!(fast, portable, "hd {hd}, n {n}");
+                }
+            }
+        }
     }
 
     #[test]

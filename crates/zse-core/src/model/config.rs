@@ -70,13 +70,13 @@ impl ModelConfig {
                 return Err(Error::Unsupported(format!("{name} is 0")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::Unsupported(format!(
                 "{} attention heads are not a multiple of {} KV heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Unsupported(format!(
                 "odd head_dim {}",
                 self.head_dim

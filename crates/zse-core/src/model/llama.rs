@@ -79,37 +79,81 @@ impl Weight {
     }
 }
 
-struct Linear {
-    weight: Weight,
-    bias: Option<Tensor>,
+/// Projections of one input (q/k/v, or gate/up), each with an optional bias. Where
+/// the kernels run them all, their weights are stacked into one matrix: one matmul,
+/// one quantization of the input and one parallel dispatch instead of several.
+struct Projections {
+    weights: Vec<Weight>,
+    /// Output width of each projection.
+    widths: Vec<usize>,
+    biases: Vec<Option<Tensor>>,
 }
 
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+impl Projections {
+    fn new(weights: Vec<Weight>, widths: Vec<usize>, biases: Vec<Option<Tensor>>) -> Result<Self> {
+        let stackable = weights.iter().all(|w| matches!(w, Weight::Kernel(..)));
+        let weights = match (stackable, weights.first()) {
+            (true, Some(Weight::Kernel(_, path))) => {
+                let path = *path;
+                let parts = weights
+                    .into_iter()
+                    .filter_map(|w| match w {
+                        Weight::Kernel(q, _) => Some(q),
+                        Weight::Candle(_) => None,
+                    })
+                    .collect();
+                vec![Weight::Kernel(QWeight::stack(parts)?, path)]
+            }
+            _ => weights,
+        };
+        Ok(Self {
+            weights,
+            widths,
+            biases,
         })
+    }
+
+    /// `x: [tokens, in]` -> one `[tokens, width]` tensor per projection.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut outs = Vec::with_capacity(self.widths.len());
+        if let [stacked] = self.weights.as_slice() {
+            let y = stacked.forward(x)?;
+            let mut at = 0;
+            for &w in &self.widths {
+                outs.push(y.narrow(1, at, w)?.contiguous()?);
+                at += w;
+            }
+        } else {
+            for w in &self.weights {
+                outs.push(w.forward(x)?);
+            }
+        }
+        for (y, b) in outs.iter_mut().zip(&self.biases) {
+            if let Some(b) = b {
+                *y = y.broadcast_add(b)?;
+            }
+        }
+        Ok(outs)
     }
 }
 
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    /// q, k and v.
+    qkv: Projections,
+    o: Weight,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    /// gate and up.
+    gate_up: Projections,
+    down: Weight,
 }
 
 pub struct Llama {
     config: ModelConfig,
     device: Device,
-    embed: Arc<QTensor>,
+    /// The token embedding; None when it is the output head's kernel weights (tied
+    /// embeddings), which serve the lookup too instead of a second copy.
+    embed: Option<Arc<QTensor>>,
     layers: Vec<Layer>,
     output_norm: Tensor,
     lm_head: Weight,
@@ -231,37 +275,64 @@ impl Llama {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
         let path = KernelPath::select()?;
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+        let weight = |name: &str, out: usize, inp: usize| -> Result<Weight> {
             let t = load_checked(src, &format!("{name}.weight"), &[out, inp])?;
-            let weight = Weight::new(Arc::new(t), device, path)?;
-            let bias = if bias {
-                Some(load_f32(src, &format!("{name}.bias"), &[out], device)?)
-            } else {
-                None
-            };
-            Ok(Linear { weight, bias })
+            Weight::new(Arc::new(t), device, path)
         };
+        let bias = |name: &str, out: usize, present: bool| -> Result<Option<Tensor>> {
+            present
+                .then(|| load_f32(src, &format!("{name}.bias"), &[out], device))
+                .transpose()
+        };
+        let f = c.intermediate_size;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("blk.{i}");
+            let (q, k, v) = (
+                format!("{p}.attn_q"),
+                format!("{p}.attn_k"),
+                format!("{p}.attn_v"),
+            );
+            let qkv = Projections::new(
+                vec![
+                    weight(&q, q_dim, h)?,
+                    weight(&k, kv_dim, h)?,
+                    weight(&v, kv_dim, h)?,
+                ],
+                vec![q_dim, kv_dim, kv_dim],
+                vec![
+                    bias(&q, q_dim, c.qkv_bias)?,
+                    bias(&k, kv_dim, c.qkv_bias)?,
+                    bias(&v, kv_dim, c.qkv_bias)?,
+                ],
+            )?;
+            let gate_up = Projections::new(
+                vec![
+                    weight(&format!("{p}.ffn_gate"), f, h)?,
+                    weight(&format!("{p}.ffn_up"), f, h)?,
+                ],
+                vec![f, f],
+                vec![None, None],
+            )?;
             layers.push(Layer {
                 attn_norm: load_f32(src, &format!("{p}.attn_norm.weight"), &[h], device)?,
-                q: linear(&format!("{p}.attn_q"), q_dim, h, c.qkv_bias)?,
-                k: linear(&format!("{p}.attn_k"), kv_dim, h, c.qkv_bias)?,
-                v: linear(&format!("{p}.attn_v"), kv_dim, h, c.qkv_bias)?,
-                o: linear(&format!("{p}.attn_output"), h, q_dim, false)?,
+                qkv,
+                o: weight(&format!("{p}.attn_output"), h, q_dim)?,
                 ffn_norm: load_f32(src, &format!("{p}.ffn_norm.weight"), &[h], device)?,
-                gate: linear(&format!("{p}.ffn_gate"), c.intermediate_size, h, false)?,
-                up: linear(&format!("{p}.ffn_up"), c.intermediate_size, h, false)?,
-                down: linear(&format!("{p}.ffn_down"), h, c.intermediate_size, false)?,
+                gate_up,
+                down: weight(&format!("{p}.ffn_down"), h, f)?,
             });
         }
         let embed = Arc::new(load_checked(src, "token_embd.weight", &[c.vocab_size, h])?);
-        let lm_head = if c.tied_embeddings {
-            Weight::new(embed.clone(), device, path)?
+        let (embed, lm_head) = if c.tied_embeddings {
+            let head = Weight::new(embed.clone(), device, path)?;
+            match head {
+                Weight::Kernel(..) => (None, head),
+                Weight::Candle(_) => (Some(embed), head),
+            }
         } else {
             let t = load_checked(src, "output.weight", &[c.vocab_size, h])?;
-            Weight::new(Arc::new(t), device, path)?
+            (Some(embed), Weight::new(Arc::new(t), device, path)?)
         };
         let factors = match src.load(ROPE_FREQS)? {
             Some(t) => Some(
@@ -363,19 +434,28 @@ impl Llama {
         );
         let write = pool.prepare_write(&new_slots)?;
         let kv_width = c.num_kv_heads * c.head_dim;
-        let mut x = self.embed.embedding(&ids)?;
+        let mut x = self.embed(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
-            let q = self.rope(&layer.q.forward(&h)?, c.num_heads, &cos, &sin)?;
-            let k = self.rope(&layer.k.forward(&h)?, c.num_kv_heads, &cos, &sin)?;
-            let v = layer.v.forward(&h)?;
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| Error::Compute("q/k/v projections".into()))?;
+            let q = self.rope(&q, c.num_heads, &cos, &sin)?;
+            let k = self.rope(&k, c.num_kv_heads, &cos, &sin)?;
             // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
             let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
             pool.write(li, &write, &k_rows, &v)?;
             let att = self.attend(li, &q, items, pool)?;
             x = (x + layer.o.forward(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
-            let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .gate_up
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| Error::Compute("gate/up projections".into()))?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + layer.down.forward(&act)?)?;
         }
         // Only the rows whose logits are wanted go through the (large) output head.
@@ -407,6 +487,22 @@ impl Llama {
             start += n;
         }
         Ok(out)
+    }
+
+    /// The embeddings of `ids`, `[tokens, hidden]`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        match (&self.embed, &self.lm_head) {
+            (Some(e), _) => Ok(e.embedding(ids)?),
+            (None, Weight::Kernel(w, _)) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * w.cols];
+                for (row, &id) in out.chunks_exact_mut(w.cols).zip(&ids) {
+                    w.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), w.cols), &self.device)?)
+            }
+            (None, Weight::Candle(_)) => Err(Error::Compute("no token embedding".into())),
+        }
     }
 
     /// `x: [tokens, heads * head_dim]` rotated for its tokens' positions (`cos` and

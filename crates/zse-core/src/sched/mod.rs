@@ -257,7 +257,7 @@ impl<T> Scheduler<T> {
         let bs = self.cfg.block_size;
         let seq = &mut self.running[i].seq;
         let first = seq.computed / bs;
-        if seq.computed % bs != 0 {
+        if !seq.computed.is_multiple_of(bs) {
             let shared = seq.table.blocks[first];
             if self.blocks.is_shared(shared) {
                 let Some(own) = self.blocks.allocate() else {

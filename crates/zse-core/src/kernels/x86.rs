@@ -1,0 +1,247 @@
+//! The x86 paths: the arithmetic of `generic::dot`, eight lanes at a time, with the
+//! accumulators in registers.
+//!
+//! A micro-kernel multiplies `K` weight rows by `R` activation rows block by block.
+//! Batches go `K = 1, R = 8`: each weight block is unpacked once for eight rows, and
+//! the scales of the eight rows are one vector. Leftover rows (every row of a single
+//! sequence's decode) go `K = 4, R = 1`: four independent accumulation chains, so the
+//! loop is bound by throughput, not by the latency of one chain of fused adds.
+//!
+//! The two paths differ only in the integer dot of 4-value lanes: AVX2 multiplies to
+//! 16-bit pairs and adds those (`maddubs` + `madd`); AVX-512 VNNI does it in one
+//! instruction. The pairs never saturate (|w| <= 128, |x| <= 127, two products), so
+//! both give the same integers.
+
+macro_rules! x86_path {
+    ($features:literal, |$a:ident, $b:ident| $idot:expr) => {
+        use std::arch::x86_64::*;
+        use std::ops::Range;
+
+        use crate::kernels::acts::Acts;
+        use crate::kernels::generic::hsum8;
+        use crate::kernels::weights::{Layout, QWeight};
+        use crate::kernels::Out;
+
+        /// `out(i, k)` = weight row `k` times activation row `i`, for the tile's
+        /// weight rows and every activation row.
+        ///
+        /// # Safety
+        /// The CPU must support the path's features (checked by the caller at run
+        /// time), and `out` must hold every `(i, k)` of the tile.
+        #[target_feature(enable = $features)]
+        pub unsafe fn tile(w: &QWeight, rows: Range<usize>, a: &Acts, out: Out) {
+            match (w.layout, w.d.is_half()) {
+                (Layout::Q4Offset, true) => tile_of::<OFFSET, true>(w, rows, a, out),
+                (Layout::Q4Min, true) => tile_of::<MIN, true>(w, rows, a, out),
+                (Layout::Q8, true) => tile_of::<SIGNED8, true>(w, rows, a, out),
+                (Layout::Q4Offset, false) => tile_of::<OFFSET, false>(w, rows, a, out),
+                (Layout::Q4Min, false) => tile_of::<MIN, false>(w, rows, a, out),
+                (Layout::Q8, false) => tile_of::<SIGNED8, false>(w, rows, a, out),
+            }
+        }
+
+        const OFFSET: u8 = 0;
+        const MIN: u8 = 1;
+        const SIGNED8: u8 = 2;
+
+        #[target_feature(enable = $features)]
+        unsafe fn tile_of<const L: u8, const H: bool>(
+            w: &QWeight,
+            rows: Range<usize>,
+            a: &Acts,
+            out: Out,
+        ) {
+            assert!(rows.end <= w.rows && w.nb == a.nb);
+            let m = a.m;
+            let mut i = 0;
+            while i + 8 <= m {
+                for k in rows.clone() {
+                    let y = micro::<L, H, 1, 8>(w, k, a, i);
+                    for (r, &v) in y[0].iter().enumerate() {
+                        out.set(i + r, k, v);
+                    }
+                }
+                i += 8;
+            }
+            for i in i..m {
+                let mut k = rows.start;
+                while k + 4 <= rows.end {
+                    let y = micro::<L, H, 4, 1>(w, k, a, i);
+                    for (j, y) in y.iter().enumerate() {
+                        out.set(i, k + j, y[0]);
+                    }
+                    k += 4;
+                }
+                for k in k..rows.end {
+                    out.set(i, k, micro::<L, H, 1, 1>(w, k, a, i)[0][0]);
+                }
+            }
+        }
+
+        /// The 4-value-lane integer dot of unsigned `a` and signed `b`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn idot($a: __m256i, $b: __m256i) -> __m256i {
+            $idot
+        }
+
+        /// Eight scales or minimums from `p` (f16 when `H`, else f32) as f32.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn load8<const H: bool>(p: *const u8) -> __m256 {
+            if H {
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+            } else {
+                _mm256_loadu_ps(p as *const f32)
+            }
+        }
+
+        /// Weight rows `k..k + K` times activation rows `i..i + R` (`R` is 1 or 8).
+        /// The caller guarantees both ranges exist and the block counts agree.
+        /// Never inlined: compiled on its own, its fixed-size loops unroll and the
+        /// accumulators stay in registers.
+        ///
+        /// Blocks go in groups of eight: the group's weight scales (and minimums)
+        /// are converted in one instruction; for one activation row they are also
+        /// multiplied by its eight scales (and sums) at once, the same products the
+        /// generic code forms one by one.
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn micro<const L: u8, const H: bool, const K: usize, const R: usize>(
+            w: &QWeight,
+            k: usize,
+            a: &Acts,
+            i: usize,
+        ) -> [[f32; R]; K] {
+            let (nb, nbp, m) = (w.nb, w.nbp, a.m);
+            let esz = if H { 2 } else { 4 };
+            let rb = w.row_bytes();
+            // Row starts, bounds-checked once here; the loop indexes within them.
+            let wq: [*const u8; K] = std::array::from_fn(|kk| w.row_values(k + kk).as_ptr());
+            let wd: [*const u8; K] = std::array::from_fn(|kk| w.d.row_bytes((k + kk) * nbp, nbp));
+            let wm: [*const u8; K] = std::array::from_fn(|kk| match L {
+                MIN => w.m.row_bytes((k + kk) * nbp, nbp),
+                _ => std::ptr::null(),
+            });
+            let xq: [*const __m256i; R] =
+                std::array::from_fn(|r| a.row(i + r).as_ptr() as *const __m256i);
+            // By row (one activation row) or transposed (eight).
+            let (xd_row, xs_row) = (
+                a.d_rows[i * nbp..][..nbp].as_ptr(),
+                a.s_rows[i * nbp..][..nbp].as_ptr(),
+            );
+            let (xd_t, xs_t) = (a.d[..nb * m].as_ptr().add(i), a.s[..nb * m].as_ptr().add(i));
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [[_mm256_setzero_ps(); R]; K];
+            let mut summs = [[0f32; R]; K];
+            let mut summv = [_mm256_setzero_ps(); K];
+            for g in (0..nb).step_by(8) {
+                // Per weight row: the group's scales (times the activation scales
+                // when R == 1), and minimums (times the activation sums).
+                let mut sd = [[0f32; 8]; K];
+                let mut sm = [[0f32; 8]; K];
+                for kk in 0..K {
+                    let mut v = load8::<H>(wd[kk].add(g * esz));
+                    if R == 1 {
+                        v = _mm256_mul_ps(v, _mm256_loadu_ps(xd_row.add(g)));
+                    }
+                    _mm256_storeu_ps(sd[kk].as_mut_ptr(), v);
+                    if L == MIN {
+                        let mut v = load8::<H>(wm[kk].add(g * esz));
+                        if R == 1 {
+                            v = _mm256_mul_ps(v, _mm256_loadu_ps(xs_row.add(g)));
+                        }
+                        _mm256_storeu_ps(sm[kk].as_mut_ptr(), v);
+                    }
+                }
+                for b in g..(g + 8).min(nb) {
+                    let lane = b - g;
+                    // Block 2p is the low nibbles of its pair, 2p + 1 the high ones.
+                    let (at, shift) = match L {
+                        SIGNED8 => (b * 32, _mm_setzero_si128()),
+                        _ => ((b / 2) * 32, _mm_cvtsi32_si128(4 * (b & 1) as i32)),
+                    };
+                    for kk in 0..K {
+                        // The same place K rows on: what the next call reads. The
+                        // hardware alone leaves much of the memory bandwidth unused.
+                        _mm_prefetch::<_MM_HINT_T0>(wq[kk].add(at + K * rb) as *const i8);
+                        let raw = _mm256_loadu_si256(wq[kk].add(at) as *const __m256i);
+                        let wv = match L {
+                            SIGNED8 => raw,
+                            MIN => _mm256_and_si256(_mm256_srl_epi16(raw, shift), low),
+                            _ => _mm256_sub_epi8(
+                                _mm256_and_si256(_mm256_srl_epi16(raw, shift), low),
+                                _mm256_set1_epi8(8),
+                            ),
+                        };
+                        // Unsigned weights multiply as they are; signed ones as
+                        // |w| * (x * sign(w)).
+                        let wu = if L == MIN {
+                            wv
+                        } else {
+                            _mm256_sign_epi8(wv, wv)
+                        };
+                        let mut dd = [0f32; R];
+                        if R == 8 {
+                            let v = _mm256_mul_ps(
+                                _mm256_set1_ps(sd[kk][lane]),
+                                _mm256_loadu_ps(xd_t.add(b * m)),
+                            );
+                            _mm256_storeu_ps(dd.as_mut_ptr(), v);
+                        } else {
+                            dd[0] = sd[kk][lane];
+                        }
+                        for r in 0..R {
+                            let xv = _mm256_load_si256(xq[r].add(b));
+                            let x = if L == MIN {
+                                xv
+                            } else {
+                                _mm256_sign_epi8(xv, wv)
+                            };
+                            let p = _mm256_cvtepi32_ps(idot(wu, x));
+                            acc[kk][r] = _mm256_fmadd_ps(_mm256_set1_ps(dd[r]), p, acc[kk][r]);
+                        }
+                        if L == MIN {
+                            if R == 8 {
+                                let t = _mm256_mul_ps(
+                                    _mm256_set1_ps(sm[kk][lane]),
+                                    _mm256_loadu_ps(xs_t.add(b * m)),
+                                );
+                                summv[kk] = _mm256_add_ps(summv[kk], t);
+                            } else {
+                                summs[kk][0] += sm[kk][lane];
+                            }
+                        }
+                    }
+                }
+            }
+            let mut y = [[0f32; R]; K];
+            for kk in 0..K {
+                if R == 8 {
+                    _mm256_storeu_ps(summs[kk].as_mut_ptr(), summv[kk]);
+                }
+                for r in 0..R {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[kk][r]);
+                    y[kk][r] = hsum8(&lanes) + summs[kk][r];
+                }
+            }
+            y
+        }
+    };
+}
+
+/// AVX2 with FMA.
+pub mod avx2 {
+    x86_path!("avx2,fma,f16c", |a, b| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(a, b),
+        _mm256_set1_epi16(1)
+    ));
+}
+
+/// AVX-512 VNNI (with VL, on 256-bit vectors).
+pub mod avx512 {
+    x86_path!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |a, b| {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    });
+}
