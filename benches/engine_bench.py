@@ -1,12 +1,22 @@
-"""Engine benchmark: prefill and decode tokens/s for the default model, and the same
-figures for llama.cpp (llama-cpp-python) in the same run when it is available.
+"""Engine benchmark: zse against llama.cpp (llama-cpp-python, n_threads=2) on the
+default model, in one run: prefill tokens/s on a 512-token prompt, single-stream
+decode tokens/s over 128 tokens, aggregate tokens/s over 8 streams, cold start, peak
+memory, and decode's share of the memory-bandwidth limit.
 
     python benches/engine_bench.py [--runs 5] [--prompt-tokens 512] [--decode-tokens 128]
 
-llama-cpp-python is never a dependency of zse: install it in its own virtual
-environment (see DESIGN.md) and point ZSE_BENCH_LLAMA_PYTHON at that interpreter.
-Machines here are shared and noisy: the figures are medians over runs, and the
-comparison that matters is the ratio within one run.
+Each engine runs in a process of its own (`zse_runner.py`, `llama_cpp_runner.py`),
+so that cold start (process start to first token) and peak memory (the process's
+maximum RSS) are its own. llama-cpp-python is never a dependency of zse: install it
+in its own virtual environment (see DESIGN.md) and point ZSE_BENCH_LLAMA_PYTHON at
+that interpreter; llama-cpp-python serves one request at a time, so its 8 streams run
+one after another, as its server would run them.
+
+Bandwidth: a decode step reads every weight once, so decode tokens/s times the bytes
+of weights is the rate weights stream from memory; it is shown against the machine's
+copy bandwidth (bytes read plus bytes written per second by memcpy over 512 MiB,
+measured here, in this run). Machines here are shared and noisy: the figures are
+medians over runs, and the comparison that matters is the ratio within one run.
 """
 
 from __future__ import annotations
@@ -14,61 +24,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import zse
 from zse.models import default_gguf_path
 
-LLAMA_RUNNER = Path(__file__).with_name("llama_cpp_runner.py")
+HERE = Path(__file__).parent
 
 
-def make_prompt(engine: zse.Engine, n_tokens: int) -> list[int]:
-    text = "The quick brown fox jumps over the lazy dog. " * (n_tokens // 5 + 1)
-    return engine.tokenize(text)[:n_tokens]
-
-
-def bench_zse(engine: zse.Engine, prompt: list[int], decode: int, runs: int) -> dict[str, float]:
-    prefill, decode_rates = [], []
-    for run in range(runs):
-        # A different rotation each run: the prefix cache must not serve the prompt.
-        text = engine.detokenize(prompt[run:] + prompt[:run], skip_special_tokens=False)
+def copy_bandwidth(size: int = 512 << 20, tries: int = 5) -> float:
+    """Bytes moved per second (read + write) by the best of `tries` memcpys."""
+    src = bytearray(os.urandom(1 << 20)) * (size >> 20)
+    dst = bytearray(size)
+    view = memoryview(dst)
+    best = float("inf")
+    for _ in range(tries):
         t0 = time.perf_counter()
-        stream = engine.stream(text, temperature=0, max_tokens=1 + decode, ignore_eos=True)
-        next(stream)
-        t1 = time.perf_counter()
-        for _ in stream:
-            pass
-        t2 = time.perf_counter()
-        assert stream.completion is not None
-        n_prompt = stream.completion.usage.prompt_tokens
-        prefill.append(n_prompt / (t1 - t0))
-        decode_rates.append((stream.completion.usage.completion_tokens - 1) / (t2 - t1))
-    return {
-        "prefill_tok_s": statistics.median(prefill),
-        "decode_tok_s": statistics.median(decode_rates),
-    }
+        view[:] = src
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size / best
 
 
-def bench_llama_cpp(
-    python: str, prompt: list[int], decode: int, runs: int
-) -> dict[str, float] | None:
-    args = [
-        python,
-        str(LLAMA_RUNNER),
-        str(default_gguf_path()),
-        json.dumps(prompt),
-        str(decode),
-        str(runs),
-    ]
-    r = subprocess.run(args, capture_output=True, text=True)
+def run(python: str, runner: str, model: str, args: list[str]) -> dict[str, Any] | None:
+    cmd = [python, str(HERE / runner), model, *args, repr(time.time())]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"llama-cpp-python failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+        print(f"{runner} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
         return None
-    result: dict[str, float] = json.loads(r.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -77,37 +64,56 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--streams", type=int, default=8)
     args = p.parse_args()
 
-    t0 = time.perf_counter()
-    # Prompts in one step, as llama.cpp's n_batch=512 does.
-    engine = zse.Engine(zse.pull(progress=False), max_batch_tokens=max(512, args.prompt_tokens))
-    load_s = time.perf_counter() - t0
-    prompt = make_prompt(engine, args.prompt_tokens)
-    bench_zse(engine, prompt[-32:], 4, 1)  # warm-up: page in the weights
-    ours = bench_zse(engine, prompt, args.decode_tokens, args.runs)
-    rows = [("zse", ours)]
+    model = zse.pull(progress=False)
+    tokenizer = zse.Engine(model)
+    text = "The quick brown fox jumps over the lazy dog. " * (args.prompt_tokens // 5 + 1)
+    prompt = tokenizer.tokenize(text)[: args.prompt_tokens]
+    name = tokenizer.model_name
+    tokenizer.close()
+    work = [json.dumps(prompt), str(args.decode_tokens), str(args.runs), str(args.streams)]
+
+    bandwidth = copy_bandwidth()
+    rows: list[tuple[str, dict[str, Any]]] = []
+    ours = run(sys.executable, "zse_runner.py", str(model), work)
+    if ours is None:
+        sys.exit(1)
+    rows.append(("zse", ours))
     llama_py = os.environ.get("ZSE_BENCH_LLAMA_PYTHON")
     if llama_py:
-        theirs = bench_llama_cpp(llama_py, prompt, args.decode_tokens, args.runs)
+        theirs = run(llama_py, "llama_cpp_runner.py", str(default_gguf_path()), work)
         if theirs:
             rows.append(("llama.cpp", theirs))
     else:
         print("(set ZSE_BENCH_LLAMA_PYTHON to a python with llama-cpp-python for the comparison)")
 
+    weights = ours["weight_bytes"]
     print(
-        f"model: {engine.model_name}, prompt {len(prompt)} tokens, decode {args.decode_tokens} "
-        f"tokens, median of {args.runs} runs, zse load {load_s:.2f} s"
+        f"model: {name}, prompt {len(prompt)} tokens, decode {args.decode_tokens} tokens, "
+        f"{args.streams} streams, median of {args.runs} runs; zse kernels: {ours['kernels']}"
     )
-    print(f"{'engine':<10} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, r in rows:
-        print(f"{name:<10} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}")
+    print(
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per decoded token "
+        f"{weights / 2**20:.1f} MiB (the same GGML blocks in both engines)"
+    )
+    cols = [
+        ("prefill tok/s", "prefill_tok_s", "{:.1f}"),
+        ("decode tok/s", "decode_tok_s", "{:.1f}"),
+        (f"{args.streams} streams tok/s", "aggregate_tok_s", "{:.1f}"),
+        ("cold start s", "cold_start_s", "{:.2f}"),
+        ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+    ]
+    print(f"{'engine':<10}" + "".join(f"{c[0]:>18}" for c in cols) + f"{'of bandwidth':>14}")
+    for label, r in rows:
+        share = weights * r["decode_tok_s"] / bandwidth
+        cells = "".join(f"{fmt.format(r[key]):>18}" for _, key, fmt in cols)
+        print(f"{label:<10}{cells}{share:>13.0%}")
     if len(rows) == 2:
         a, b = rows[0][1], rows[1][1]
-        print(
-            f"{'ratio':<10} {a['prefill_tok_s'] / b['prefill_tok_s']:>14.2f} "
-            f"{a['decode_tok_s'] / b['decode_tok_s']:>13.2f}"
-        )
+        cells = "".join(f"{a[key] / b[key]:>18.2f}" for _, key, _ in cols)
+        print(f"{'ratio':<10}{cells}")
 
 
 if __name__ == "__main__":

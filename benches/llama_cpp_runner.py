@@ -1,7 +1,10 @@
-"""Runs the engine benchmark's workload on llama-cpp-python; prints one JSON line.
+"""Runs the engine benchmark's workload on llama-cpp-python in a process of its own;
+prints one JSON line.
 
 Called by engine_bench.py with the interpreter of llama-cpp-python's own virtual
-environment: MODEL_GGUF PROMPT_IDS_JSON DECODE_TOKENS RUNS.
+environment: MODEL_GGUF PROMPT_IDS_JSON DECODE_TOKENS RUNS STREAMS START_EPOCH.
+The same steps as zse_runner.py, one for one. Its "streams" run one after another,
+as llama-cpp-python's server serves them.
 """
 
 from __future__ import annotations
@@ -21,29 +24,58 @@ def last_logits(llm: Llama) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
+def greedy(llm: Llama, prompt: list[int], decode: int) -> float:
+    """Evaluates the prompt, then decodes; returns when the first token was ready."""
+    llm.reset()
+    llm.eval(prompt)
+    first = time.perf_counter()
+    token = int(last_logits(llm).argmax())
+    for _ in range(decode):
+        llm.eval([token])
+        token = int(last_logits(llm).argmax())
+    return first
+
+
+def peak_rss_mib() -> float:
+    # VmHWM is this process's own high-water mark; getrusage's ru_maxrss would
+    # start from the parent's size at fork.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> None:
-    model, prompt_json, decode_s, runs_s = sys.argv[1:5]
+    model, prompt_json, decode_s, runs_s, streams_s, start_s = sys.argv[1:7]
     prompt: list[int] = json.loads(prompt_json)
-    decode, runs = int(decode_s), int(runs_s)
+    decode, runs, streams = int(decode_s), int(runs_s), int(streams_s)
     llm = Llama(model_path=model, n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+    llm.eval(prompt[:8])
+    last_logits(llm).argmax()
+    cold_start = time.time() - float(start_s)
+
     prefill, decode_rates = [], []
-    for _ in range(runs + 1):  # the first run warms up
-        llm.reset()
+    for run in range(runs + 1):  # the first run warms up
+        ids = prompt[run:] + prompt[:run]
         t0 = time.perf_counter()
-        llm.eval(prompt)
-        t1 = time.perf_counter()
-        token = int(llm._scores[-1].argmax())
-        for _ in range(decode):
-            llm.eval([token])
-            token = int(llm._scores[-1].argmax())
+        t1 = greedy(llm, ids, decode)
         t2 = time.perf_counter()
-        prefill.append(len(prompt) / (t1 - t0))
+        prefill.append(len(ids) / (t1 - t0))
         decode_rates.append(decode / (t2 - t1))
+
+    t0 = time.perf_counter()
+    for i in range(streams):
+        greedy(llm, prompt[32 * i : 32 * (i + 1)], decode - 1)
+    aggregate = streams * decode / (time.perf_counter() - t0)
     print(
         json.dumps(
             {
                 "prefill_tok_s": statistics.median(prefill[1:]),
                 "decode_tok_s": statistics.median(decode_rates[1:]),
+                "aggregate_tok_s": aggregate,
+                "cold_start_s": cold_start,
+                "peak_rss_mib": peak_rss_mib(),
             }
         )
     )

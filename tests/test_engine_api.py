@@ -24,6 +24,14 @@ def test_metadata(tiny_engine: zse.Engine) -> None:
     assert md["source"]["source_sha256"]
 
 
+def test_metadata_of_the_default_model(engine: zse.Engine) -> None:
+    md = engine.metadata
+    assert md["cpu_kernels"] in ("generic", "avx2", "avx512")
+    # The weights as loaded: the file's blocks, repacked without growing by more
+    # than the padding of the scale rows; the tied embedding is not held twice.
+    assert 0.9 * md["file_size"] < md["weight_bytes"] < 1.05 * md["file_size"]
+
+
 def test_generate_result_shape(tiny_engine: zse.Engine) -> None:
     out = tiny_engine.chat(CHAT, temperature=0, max_tokens=5, ignore_eos=True)
     assert out.finish_reason == "length"

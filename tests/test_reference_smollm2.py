@@ -122,7 +122,7 @@ def test_first_step_distribution_is_close(
     assert all(abs(ours[t] - lp) <= 0.8 for t, lp in shared)
 
 
-@pytest.mark.parametrize("path", ["generic", "avx2"])
+@pytest.mark.parametrize("path", ["generic", "avx2", "avx512"])
 def test_every_kernel_path_gives_the_same_results(
     default_model: Path,
     engine: zse.Engine,
@@ -138,6 +138,7 @@ def test_every_kernel_path_gives_the_same_results(
     except zse.UnsupportedModelError:
         pytest.skip(f"this CPU cannot run the {path} kernels")
     with other:
+        assert other.metadata["cpu_kernels"] == path
         for i in (0, 3):
             want = greedy(engine, runs, i)
             got = other.chat(

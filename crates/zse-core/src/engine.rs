@@ -175,6 +175,10 @@ pub struct ModelInfo {
     pub bos_token: Option<String>,
     pub eos_token_ids: Vec<u32>,
     pub limits: EngineLimits,
+    /// Bytes of weights held in memory, all of which a decode step reads.
+    pub weight_bytes: usize,
+    /// The CPU kernel path (`generic`, `avx2`, `avx512`).
+    pub cpu_kernels: String,
 }
 
 /// The scheduling limits the engine runs under, as resolved at load.
@@ -290,6 +294,8 @@ impl Engine {
             bos_token: file.bos_token_id.and_then(|id| tokenizer.id_to_token(id)),
             eos_token_ids: file.eos_token_ids.clone(),
             limits: limits.clone(),
+            weight_bytes: model.weight_bytes(),
+            cpu_kernels: model.kernel_path().name().to_string(),
         };
         drop(file);
         let (tx, rx) = mpsc::channel();

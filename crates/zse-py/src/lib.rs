@@ -280,6 +280,8 @@ impl Engine {
             "bos_token": i.bos_token,
             "eos_token_ids": i.eos_token_ids,
             "parameters": i.config.parameter_count(),
+            "weight_bytes": i.weight_bytes,
+            "cpu_kernels": i.cpu_kernels,
             "limits": {
                 "max_sequences": i.limits.max_running,
                 "max_queue": i.limits.max_waiting,

@@ -92,12 +92,33 @@ impl GgufFile {
         let info = self.tensor_info(name).ok_or_else(|| {
             Error::invalid_file(&self.path, format!("tensor '{name}' is missing"))
         })?;
-        Ok(qtensor_from_ggml(
+        let t = qtensor_from_ggml(
             info.dtype,
             self.tensor_bytes(info),
             info.shape.clone(),
             device,
-        )?)
+        )?;
+        self.release(info);
+        Ok(t)
+    }
+
+    /// Drops a copied tensor's pages of the file from this process's memory, so that
+    /// loading never holds the whole file and the whole model at once (the peak
+    /// resident size would be twice the model's). A failure only costs memory.
+    fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        // SAFETY: the map is a shared, read-only mapping of the file: a dropped page
+        // is read again from the file if anything touches it, with the same bytes
+        // (the hazard of a file changed underneath is the one noted in `open`).
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                info.start,
+                info.len,
+            )
+        };
+        #[cfg(not(unix))]
+        let _ = info;
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

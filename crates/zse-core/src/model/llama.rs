@@ -65,6 +65,18 @@ impl Weight {
         Ok(Weight::Candle(QMatMul::from_arc(t)?))
     }
 
+    fn size_bytes(&self) -> usize {
+        match self {
+            Weight::Kernel(w, _) => w.size_bytes(),
+            Weight::Candle(q) => match q {
+                QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.elem_count() * t.dtype().size_in_bytes()
+                }
+            },
+        }
+    }
+
     /// `x: [tokens, in]` -> `[tokens, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -163,6 +175,7 @@ pub struct Llama {
     max_positions: usize,
     /// Storage type of the KV cache.
     kv_dtype: DType,
+    kernel_path: KernelPath,
 }
 
 /// Every tensor a model with this config has, with its shape (candle order). The
@@ -363,11 +376,38 @@ impl Llama {
             sin,
             max_positions,
             kv_dtype,
+            kernel_path: path,
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The CPU kernel path chosen at load.
+    pub fn kernel_path(&self) -> KernelPath {
+        self.kernel_path
+    }
+
+    /// Bytes of weight matrices held (a decode step reads all of them; norms and
+    /// biases are too small to count).
+    pub fn weight_bytes(&self) -> usize {
+        let mut total = self.lm_head.size_bytes();
+        if let Some(e) = &self.embed {
+            // Read a row per token, but held all the same.
+            total += e.storage_size_in_bytes();
+        }
+        for l in &self.layers {
+            total += l.qkv.weights.iter().map(Weight::size_bytes).sum::<usize>();
+            total += l
+                .gate_up
+                .weights
+                .iter()
+                .map(Weight::size_bytes)
+                .sum::<usize>();
+            total += l.o.size_bytes() + l.down.size_bytes();
+        }
+        total
     }
 
     pub fn max_positions(&self) -> usize {
