@@ -164,7 +164,11 @@ macro_rules! x86_path {
                     for kk in 0..K {
                         // The same place K rows on: what the next call reads. The
                         // hardware alone leaves much of the memory bandwidth unused.
-                        _mm_prefetch::<_MM_HINT_T0>(wq[kk].add(at + K * rb) as *const i8);
+                        // (Past the last row the address is not valid; a prefetch
+                        // never faults, and `wrapping_add` keeps the arithmetic
+                        // defined.)
+                        let ahead = wq[kk].wrapping_add(at + K * rb);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                         let raw = _mm256_loadu_si256(wq[kk].add(at) as *const __m256i);
                         let wv = match L {
                             SIGNED8 => raw,
