@@ -151,6 +151,14 @@ impl QWeight {
         }
     }
 
+    /// Whether `other` can be stacked under this matrix (same columns, layout and
+    /// scale precision).
+    pub fn stacks_with(&self, other: &QWeight) -> bool {
+        self.layout == other.layout
+            && self.cols == other.cols
+            && self.d.is_half() == other.d.is_half()
+    }
+
     /// Several matrices with the same columns and block type, stacked by rows (one
     /// matmul for the q/k/v or gate/up projections). Each output is still one weight
     /// row times one activation row, so the results are those of separate matmuls.
@@ -160,7 +168,7 @@ impl QWeight {
             .next()
             .ok_or_else(|| Error::Compute("nothing to stack".into()))?;
         for w in it {
-            if w.layout != out.layout || w.cols != out.cols || w.d.is_half() != out.d.is_half() {
+            if !out.stacks_with(&w) {
                 return Err(Error::Compute(format!(
                     "cannot stack {:?} {}x{} onto {:?} {}x{}",
                     w.layout, w.rows, w.cols, out.layout, out.rows, out.cols

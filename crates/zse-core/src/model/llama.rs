@@ -103,7 +103,17 @@ struct Projections {
 
 impl Projections {
     fn new(weights: Vec<Weight>, widths: Vec<usize>, biases: Vec<Option<Tensor>>) -> Result<Self> {
-        let stackable = weights.iter().all(|w| matches!(w, Weight::Kernel(..)));
+        // Stacked only where the kernels run every part with one layout (a file may
+        // mix block types across q/k/v); otherwise each runs on its own.
+        let kernels: Vec<&QWeight> = weights
+            .iter()
+            .filter_map(|w| match w {
+                Weight::Kernel(q, _) => Some(q),
+                Weight::Candle(_) => None,
+            })
+            .collect();
+        let stackable =
+            kernels.len() == weights.len() && kernels.windows(2).all(|p| p[0].stacks_with(p[1]));
         let weights = match (stackable, weights.first()) {
             (true, Some(Weight::Kernel(_, path))) => {
                 let path = *path;
@@ -676,4 +686,102 @@ fn rope_tables(
         .reshape((max_positions, 1))?;
     let angles = positions.broadcast_mul(&inv_freq)?;
     Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use std::collections::HashMap;
+
+    /// Tensors in memory, quantized on the way in.
+    struct Memory(HashMap<String, QTensor>);
+
+    impl TensorSource for Memory {
+        fn load(&self, name: &str) -> Result<Option<QTensor>> {
+            Ok(self.0.get(name).map(|t| {
+                let data = t.data().map(|d| d.into_owned()).unwrap_or_default();
+                candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    t.dtype(),
+                    &data,
+                    t.shape().dims().to_vec(),
+                    &Device::Cpu,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+            }))
+        }
+    }
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: "llama".into(),
+            vocab_size: 64,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 32,
+            rope_theta: 10000.0,
+            rope_style: RopeStyle::Interleaved,
+            rms_norm_eps: 1e-5,
+            context_length: 64,
+            qkv_bias: false,
+            tied_embeddings: true,
+        }
+    }
+
+    /// Random weights; `k_type` for the key projection, Q8_0 for the other matrices.
+    fn model(k_type: GgmlDType) -> Llama {
+        let c = config();
+        let mut tensors = HashMap::new();
+        for (i, (name, shape)) in expected_tensors(&c).into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let vals: Vec<f32> = (0..n)
+                .map(|j| (((j + 31 * i) * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+                .collect();
+            let t = Tensor::from_vec(vals, shape.as_slice(), &Device::Cpu).unwrap();
+            let dtype = match (shape.len(), name.contains("attn_k")) {
+                (1, _) => GgmlDType::F32,
+                (_, true) => k_type,
+                _ => GgmlDType::Q8_0,
+            };
+            tensors.insert(name, QTensor::quantize(&t, dtype).unwrap());
+        }
+        Llama::load(&c, &Memory(tensors), 64, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn logits(m: &Llama, tokens: &[u32]) -> Vec<f32> {
+        let pool = m.new_kv_pool(4, 16).unwrap();
+        let slots: Vec<u32> = (0..tokens.len() as u32).collect();
+        let item = BatchItem {
+            tokens,
+            past: 0,
+            slots: &slots,
+            logits: Logits::Last,
+        };
+        let out = m.forward(&[item], &pool).unwrap().remove(0).unwrap();
+        out.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn mixed_block_types_in_qkv_run_as_separate_matmuls() {
+        // All Q8_0: q/k/v stacked into one matmul. Q4_0 keys: three matmuls. Both
+        // load and run; only the keys' quantization differs, so the logits are close.
+        let (stacked, mixed) = (model(GgmlDType::Q8_0), model(GgmlDType::Q4_0));
+        assert_eq!(stacked.layers[0].qkv.weights.len(), 1);
+        assert_eq!(mixed.layers[0].qkv.weights.len(), 3);
+        let tokens = [1u32, 5, 9, 2];
+        let (a, b) = (logits(&stacked, &tokens), logits(&mixed, &tokens));
+        assert_eq!(a.len(), 64);
+        assert!(a.iter().chain(&b).all(|x| x.is_finite()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 0.5, "logits apart by {worst}");
+        // The tied head serves the embedding: no second copy.
+        assert!(stacked.embed.is_none());
+    }
 }
