@@ -62,9 +62,9 @@ pub struct SeqAttn<'a> {
     pub offset: usize,
 }
 
-/// Attention for a whole batch in one parallel pass over (sequence, query head,
-/// tile of query rows). `q: [num_heads, tokens, head_dim]` (rotated, packed over
-/// the batch); returns `[tokens, num_heads * head_dim]`.
+/// Attention for a whole batch in one parallel pass over items of (sequence, query
+/// heads, tile of query rows). `q: [num_heads, tokens, head_dim]` (rotated, packed
+/// over the batch); returns `[tokens, num_heads * head_dim]`.
 pub fn paged_attention(
     q: &[f32],
     tokens: usize,
@@ -74,6 +74,14 @@ pub fn paged_attention(
     h: Heads,
 ) -> Vec<f32> {
     attention_with(q, tokens, k, v, seqs, h, true)
+}
+
+/// One parallel item: query heads `heads` (all reading KV head `heads.start /
+/// groups`) of queries `rows` of sequence `seq`.
+struct Item {
+    seq: usize,
+    heads: Range<usize>,
+    rows: Range<usize>,
 }
 
 /// `paged_attention`, with the x86 loops allowed or not (tests compare the two).
@@ -86,59 +94,85 @@ fn attention_with(
     h: Heads,
     allow_fast: bool,
 ) -> Vec<f32> {
-    let (hd, nh) = (h.head_dim, h.num_heads);
+    let (hd, nh, nkv) = (h.head_dim, h.num_heads, h.num_kv_heads);
+    let groups = nh / nkv;
     debug_assert_eq!(q.len(), nh * tokens * hd);
-    // Small items even for one decoding sequence (one per query head), so that
-    // every thread has work.
-    let work: Vec<(usize, usize, usize)> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(si, s)| {
-            (0..nh).flat_map(move |head| (0..s.n).step_by(ROW_TILE).map(move |i| (si, head, i)))
-        })
-        .collect();
+    // A decoding sequence's query heads of one group read each cache row once
+    // between them, where there are items enough for every thread; otherwise (one
+    // sequence, or prefill chunks, whose rows share cache rows already) an item is
+    // one query head, so that every thread has work. Neither changes any row's
+    // arithmetic.
+    let grouped = seqs.len() * nkv >= 2 * rayon::current_num_threads();
+    let mut work = Vec::new();
+    for (seq, s) in seqs.iter().enumerate() {
+        let per_item = if grouped && s.n == 1 { groups } else { 1 };
+        for first in (0..nh).step_by(per_item) {
+            for i in (0..s.n).step_by(ROW_TILE) {
+                work.push(Item {
+                    seq,
+                    heads: first..first + per_item,
+                    rows: i..(i + ROW_TILE).min(s.n),
+                });
+            }
+        }
+    }
     let parts: Vec<Vec<f32>> = work
         .par_iter()
-        .map(|&(si, head, i)| {
-            let s = &seqs[si];
-            let rows = i..(i + ROW_TILE).min(s.n);
-            attend_rows(q, tokens, (k, v), s, head, rows, h, allow_fast)
+        .map(|it| {
+            let s = &seqs[it.seq];
+            let queries: Vec<Query<'_>> = it
+                .heads
+                .clone()
+                .flat_map(|head| {
+                    it.rows.clone().map(move |i| {
+                        let at = (head * tokens + s.offset + i) * hd;
+                        Query {
+                            q: &q[at..at + hd],
+                            visible: s.past + i + 1,
+                        }
+                    })
+                })
+                .collect();
+            attend_rows(&queries, (k, v), s, it.heads.start / groups, h, allow_fast)
         })
         .collect();
     let mut out = vec![0f32; tokens * nh * hd];
-    for (&(si, head, i0), part) in work.iter().zip(&parts) {
-        let s = &seqs[si];
-        for (t, src) in part.chunks_exact(hd).enumerate() {
-            let row = (s.offset + i0 + t) * nh * hd + head * hd;
+    for (it, part) in work.iter().zip(&parts) {
+        let s = &seqs[it.seq];
+        let dests = it.heads.clone().flat_map(|head| {
+            it.rows
+                .clone()
+                .map(move |i| (s.offset + i) * nh * hd + head * hd)
+        });
+        for (src, row) in part.chunks_exact(hd).zip(dests) {
             out[row..row + hd].copy_from_slice(src);
         }
     }
     out
 }
 
-/// Query rows `rows` of one sequence and one query head: `[rows, head_dim]`. Row
-/// `i` sees keys `0..=past + i`. Each key (then each value) row is read once for all
-/// the rows of the tile that see it.
-#[allow(clippy::too_many_arguments)]
+/// A query row and how many cache positions it sees (keys `0..visible`).
+struct Query<'a> {
+    q: &'a [f32],
+    visible: usize,
+}
+
+/// The outputs of `queries` (all of sequence `s`, reading KV head `g`):
+/// `[queries, head_dim]`. Each key (then each value) row is read once for all the
+/// queries that see it.
 fn attend_rows(
-    q: &[f32],
-    tokens: usize,
+    queries: &[Query<'_>],
     (k, v): (KvRows<'_>, KvRows<'_>),
     s: &SeqAttn<'_>,
-    head: usize,
-    rows: Range<usize>,
+    g: usize,
     h: Heads,
     allow_fast: bool,
 ) -> Vec<f32> {
-    let (hd, nh, nkv) = (h.head_dim, h.num_heads, h.num_kv_heads);
-    let g = head / (nh / nkv);
+    let (hd, nkv) = (h.head_dim, h.num_kv_heads);
     debug_assert_eq!(s.slots.len(), s.past + s.n);
     let scale = 1.0 / (hd as f32).sqrt();
-    let n = rows.len();
-    // Row t of the tile sees keys 0..first_visible + t.
-    let first_visible = s.past + rows.start + 1;
-    let span = first_visible + n - 1;
-    let queries = &q[(head * tokens + s.offset + rows.start) * hd..][..n * hd];
+    let n = queries.len();
+    let span = queries.iter().map(|r| r.visible).max().unwrap_or(0);
     let view = HeadView {
         slots: &s.slots[..span],
         g,
@@ -152,21 +186,21 @@ fn attend_rows(
             scores.resize(n * span, 0.0);
         }
         let scores = &mut scores[..n * span];
-        if !(allow_fast && fast::scores(k, &view, queries, first_visible, scale, scores)) {
+        if !(allow_fast && fast::scores(k, &view, queries, scale, scores)) {
             for (j, &slot) in view.slots.iter().enumerate() {
                 k.head_into(slot, g, view.width, hd, row);
-                for (t, qr) in queries.chunks_exact(hd).enumerate() {
-                    if j < first_visible + t {
-                        scores[t * span + j] = dot(qr, row) * scale;
+                for (t, r) in queries.iter().enumerate() {
+                    if j < r.visible {
+                        scores[t * span + j] = dot(r.q, row) * scale;
                     }
                 }
             }
         }
         // Softmax per row, in position order; the weights stay unnormalised and
         // `inv` scales each one as the values are summed.
-        let mut inv = [0f32; ROW_TILE];
-        for (t, inv) in inv.iter_mut().enumerate().take(n) {
-            let sc = &mut scores[t * span..t * span + first_visible + t];
+        let mut inv = vec![0f32; n];
+        for (t, (r, inv)) in queries.iter().zip(inv.iter_mut()).enumerate() {
+            let sc = &mut scores[t * span..t * span + r.visible];
             let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let mut sum = 0f32;
             for x in sc.iter_mut() {
@@ -175,11 +209,11 @@ fn attend_rows(
             }
             *inv = 1.0 / sum;
         }
-        if !(allow_fast && fast::values(v, &view, scores, &inv[..n], first_visible, &mut out)) {
+        if !(allow_fast && fast::values(v, &view, queries, scores, &inv, &mut out)) {
             for (j, &slot) in view.slots.iter().enumerate() {
                 v.head_into(slot, g, view.width, hd, row);
-                for (t, o) in out.chunks_exact_mut(hd).enumerate() {
-                    if j < first_visible + t {
+                for (t, (r, o)) in queries.iter().zip(out.chunks_exact_mut(hd)).enumerate() {
+                    if j < r.visible {
                         axpy(scores[t * span + j] * inv[t], row, o);
                     }
                 }
@@ -205,13 +239,12 @@ struct HeadView<'a> {
 /// where they do not apply (no AVX2, a head size other than 64 or 128), and the
 /// portable loops run.
 mod fast {
-    use super::{HeadView, KvRows};
+    use super::{HeadView, KvRows, Query};
 
     pub fn scores(
         k: KvRows<'_>,
         view: &HeadView<'_>,
-        queries: &[f32],
-        first_visible: usize,
+        queries: &[Query<'_>],
         scale: f32,
         scores: &mut [f32],
     ) -> bool {
@@ -222,57 +255,33 @@ mod fast {
             // every slot's head lies in the pool.
             unsafe {
                 match (base.1, view.hd) {
-                    (true, 64) => x86::scores::<true, 8>(
-                        base.0,
-                        view,
-                        queries,
-                        first_visible,
-                        scale,
-                        scores,
-                        span,
-                    ),
-                    (true, 128) => x86::scores::<true, 16>(
-                        base.0,
-                        view,
-                        queries,
-                        first_visible,
-                        scale,
-                        scores,
-                        span,
-                    ),
-                    (false, 64) => x86::scores::<false, 8>(
-                        base.0,
-                        view,
-                        queries,
-                        first_visible,
-                        scale,
-                        scores,
-                        span,
-                    ),
-                    (false, 128) => x86::scores::<false, 16>(
-                        base.0,
-                        view,
-                        queries,
-                        first_visible,
-                        scale,
-                        scores,
-                        span,
-                    ),
+                    (true, 64) => {
+                        x86::scores::<true, 8>(base.0, view, queries, scale, scores, span)
+                    }
+                    (true, 128) => {
+                        x86::scores::<true, 16>(base.0, view, queries, scale, scores, span)
+                    }
+                    (false, 64) => {
+                        x86::scores::<false, 8>(base.0, view, queries, scale, scores, span)
+                    }
+                    (false, 128) => {
+                        x86::scores::<false, 16>(base.0, view, queries, scale, scores, span)
+                    }
                     _ => return false,
                 }
             }
             return true;
         }
-        let _ = (k, view, queries, first_visible, scale, scores);
+        let _ = (k, view, queries, scale, scores);
         false
     }
 
     pub fn values(
         v: KvRows<'_>,
         view: &HeadView<'_>,
+        queries: &[Query<'_>],
         weights: &[f32],
         inv: &[f32],
-        first_visible: usize,
         out: &mut [f32],
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -280,24 +289,22 @@ mod fast {
             // SAFETY: as in `scores`.
             unsafe {
                 match (base.1, view.hd) {
-                    (true, 64) => {
-                        x86::values::<true, 8>(base.0, view, weights, inv, first_visible, out)
-                    }
+                    (true, 64) => x86::values::<true, 8>(base.0, view, queries, weights, inv, out),
                     (true, 128) => {
-                        x86::values::<true, 16>(base.0, view, weights, inv, first_visible, out)
+                        x86::values::<true, 16>(base.0, view, queries, weights, inv, out)
                     }
                     (false, 64) => {
-                        x86::values::<false, 8>(base.0, view, weights, inv, first_visible, out)
+                        x86::values::<false, 8>(base.0, view, queries, weights, inv, out)
                     }
                     (false, 128) => {
-                        x86::values::<false, 16>(base.0, view, weights, inv, first_visible, out)
+                        x86::values::<false, 16>(base.0, view, queries, weights, inv, out)
                     }
                     _ => return false,
                 }
             }
             return true;
         }
-        let _ = (v, view, weights, inv, first_visible, out);
+        let _ = (v, view, queries, weights, inv, out);
         false
     }
 
@@ -321,7 +328,7 @@ mod fast {
     mod x86 {
         use std::arch::x86_64::*;
 
-        use super::HeadView;
+        use super::{HeadView, Query};
 
         /// Chunk `c` (8 values) of the row at `p`, as f32.
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -351,26 +358,24 @@ mod fast {
         pub unsafe fn scores<const H: bool, const C: usize>(
             base: *const u8,
             view: &HeadView<'_>,
-            queries: &[f32],
-            first_visible: usize,
+            queries: &[Query<'_>],
             scale: f32,
             scores: &mut [f32],
             span: usize,
         ) {
-            let hd = 8 * C;
             for (j, &slot) in view.slots.iter().enumerate() {
                 let p = head_at::<H>(base, view, slot);
                 let mut key = [_mm256_setzero_ps(); C];
                 for (c, kc) in key.iter_mut().enumerate() {
                     *kc = chunk::<H>(p, c);
                 }
-                for (t, qr) in queries.chunks_exact(hd).enumerate() {
-                    if j >= first_visible + t {
+                for (t, r) in queries.iter().enumerate() {
+                    if j >= r.visible {
                         continue;
                     }
                     let mut acc = _mm256_setzero_ps();
                     for (c, kc) in key.iter().enumerate() {
-                        let qc = _mm256_loadu_ps(qr.as_ptr().add(8 * c));
+                        let qc = _mm256_loadu_ps(r.q[8 * c..][..8].as_ptr());
                         acc = _mm256_add_ps(acc, _mm256_mul_ps(qc, *kc));
                     }
                     let mut lanes = [0f32; 8];
@@ -389,16 +394,16 @@ mod fast {
         pub unsafe fn values<const H: bool, const C: usize>(
             base: *const u8,
             view: &HeadView<'_>,
+            queries: &[Query<'_>],
             weights: &[f32],
             inv: &[f32],
-            first_visible: usize,
             out: &mut [f32],
         ) {
             let (hd, span) = (8 * C, view.slots.len());
-            if let [inv0] = inv {
+            if let ([r], [inv0]) = (queries, inv) {
                 // One row: the output stays in registers.
                 let mut o = [_mm256_setzero_ps(); C];
-                for (j, &slot) in view.slots[..first_visible].iter().enumerate() {
+                for (j, &slot) in view.slots[..r.visible].iter().enumerate() {
                     let p = head_at::<H>(base, view, slot);
                     let a = _mm256_set1_ps(weights[j] * inv0);
                     for (c, oc) in o.iter_mut().enumerate() {
@@ -416,8 +421,8 @@ mod fast {
                 for (c, vc) in val.iter_mut().enumerate() {
                     *vc = chunk::<H>(p, c);
                 }
-                for (t, o) in out.chunks_exact_mut(hd).enumerate() {
-                    if j >= first_visible + t {
+                for (t, (r, o)) in queries.iter().zip(out.chunks_exact_mut(hd)).enumerate() {
+                    if j >= r.visible {
                         continue;
                     }
                     let a = _mm256_set1_ps(weights[t * span + j] * inv[t]);
@@ -616,6 +621,51 @@ mod tests {
                     assert_eq!(fast, portable, "hd {hd}, n {n}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn decoding_sequences_get_the_same_bits_alone_or_batched() {
+        // Batched, a decoding sequence's query heads of one group share an item;
+        // alone, each head is an item of its own.
+        let (nh, nkv, hd, pool) = (6, 2, 64, 96);
+        let width = nkv * hd;
+        let k: Vec<f16> = (0..pool * width)
+            .map(|i| f16::from_f32(pseudo(i)))
+            .collect();
+        let v: Vec<f16> = (0..pool * width)
+            .map(|i| f16::from_f32(pseudo(i + 9)))
+            .collect();
+        let h = Heads {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let slots: Vec<Vec<u32>> = [20u32, 7, 33, 12]
+            .iter()
+            .enumerate()
+            .map(|(s, &len)| (0..len).map(|p| (p * 3 + s as u32 * 24) % 96).collect())
+            .collect();
+        let seqs: Vec<SeqAttn<'_>> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, sl)| SeqAttn {
+                slots: sl,
+                past: sl.len() - 1,
+                n: 1,
+                offset: i,
+            })
+            .collect();
+        let tokens = seqs.len();
+        let q: Vec<f32> = (0..nh * tokens * hd).map(|i| pseudo(i + 2)).collect();
+        let batched = paged_attention(&q, tokens, KvRows::F16(&k), KvRows::F16(&v), &seqs, h);
+        for (i, s) in seqs.iter().enumerate() {
+            let qi: Vec<f32> = (0..nh)
+                .flat_map(|head| q[(head * tokens + i) * hd..][..hd].to_vec())
+                .collect();
+            let alone_seq = SeqAttn { offset: 0, ..*s };
+            let alone = paged_attention(&qi, 1, KvRows::F16(&k), KvRows::F16(&v), &[alone_seq], h);
+            assert_eq!(alone, batched[i * nh * hd..(i + 1) * nh * hd].to_vec());
         }
     }
 
