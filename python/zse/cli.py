@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, get_args
 
 from . import _core
 from .convert import Quant, convert, inspect
 from .engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_SEQUENCES, Engine
+from .keys import default_path as default_keys_path
 from .models import pull, resolve_model
 from .units import format_bytes
 
@@ -93,8 +95,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             log_level=args.log_level,
             grace_s=args.grace,
+            keys_db=args.keys_db,
+            rate_limit_rpm=args.rate_limit_rpm,
+            rate_limit_tpm=args.rate_limit_tpm,
+            cors_origins=tuple(args.cors_origin or ()),
         )
     )
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import KeyStore
+
+    store = KeyStore(args.db)
+    if args.keys_command == "create":
+        record, key = store.create(
+            args.name, rpm=args.rpm, tpm=args.tpm, expires_in_days=args.expires_in_days
+        )
+        print(key)
+        print(
+            f"id {record.id}: keep the key now, it is not stored and cannot be shown again",
+            file=sys.stderr,
+        )
+        return 0
+    if args.keys_command == "revoke":
+        if not store.revoke(args.id):
+            raise ValueError(f"no key with id '{args.id}' in {store.path}")
+        print(f"revoked {args.id}")
+        return 0
+    rows = [
+        (
+            "ID",
+            "NAME",
+            "PREFIX",
+            "RPM",
+            "TPM",
+            "CREATED",
+            "EXPIRES",
+            "LAST USED",
+            "REQUESTS",
+            "TOKENS",
+            "STATE",
+        )
+    ]
+    for r in store.list():
+        rows.append(
+            (
+                r.id,
+                r.name or "-",
+                r.prefix + "...",
+                str(r.rpm or "-"),
+                str(r.tpm or "-"),
+                _when(r.created_at),
+                _when(r.expires_at),
+                _when(r.last_used_at),
+                str(r.requests),
+                str(r.tokens),
+                r.state(),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t is not None else "-"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -206,7 +272,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 30)",
     )
     s.add_argument("--quant", choices=QUANT_CHOICES, help="for a GGUF/HF model: convert with this")
+    s.add_argument(
+        "--keys-db",
+        metavar="PATH",
+        help="also accept the managed keys in this file (see zse keys), with their limits",
+    )
+    s.add_argument("--rate-limit-rpm", type=_positive, help="requests per minute, whole server")
+    s.add_argument("--rate-limit-tpm", type=_positive, help="tokens per minute, whole server")
+    s.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="allow browsers on this origin to call the API (repeatable; default: none)",
+    )
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("keys", help="create, list and revoke managed API keys")
+    s.add_argument(
+        "--db", default=str(default_keys_path()), help="the key file (default: %(default)s)"
+    )
+    ks = s.add_subparsers(dest="keys_command", required=True)
+    k = ks.add_parser("create", help="create a key and print it (once)")
+    k.add_argument("--name", default="", help="a label for the key")
+    k.add_argument("--rpm", type=_positive, help="requests per minute for this key")
+    k.add_argument("--tpm", type=_positive, help="tokens per minute for this key")
+    k.add_argument("--expires-in-days", type=float, help="the key expires after this many days")
+    ks.add_parser("list", help="list keys: name, prefix, limits, dates, usage")
+    k = ks.add_parser("revoke", help="revoke a key (a running server refuses it at once)")
+    k.add_argument("id", help="the key's id (from zse keys list)")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("chat", help="chat with a model in the terminal")
     s.add_argument("model", nargs="?", help=model_help)
@@ -237,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     return p
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

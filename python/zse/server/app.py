@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..engine import Engine
+from ..keys import KeyStore
 from . import completions, errors, info
 from .context import ServerConfig, ServerContext
 from .metrics import Metrics
-from .middleware import ApiKeyAuth, BodyLimit, StatusCounter
+from .middleware import Auth, BodyLimit, StatusCounter
+from .ratelimit import RateLimiter
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -20,7 +23,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         version=__version__,
         summary="OpenAI-compatible API of a ZSE inference server",
     )
-    ctx = ServerContext(engine=engine, config=config, metrics=Metrics(engine))
+    ctx = ServerContext(
+        engine=engine,
+        config=config,
+        metrics=Metrics(engine),
+        limiter=RateLimiter(config.rate_limit),
+        keys=KeyStore(config.keys_db) if config.keys_db else None,
+    )
     app.state.ctx = ctx
     app.include_router(completions.router)
     app.include_router(info.router)
@@ -34,9 +43,18 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         ]
         + ["/docs", "/openapi.json"]
     )
-    # Outermost first at run time: count every response, then check the key before
-    # reading a body, then bound the body.
+    # Outermost first at run time: count every response, answer CORS preflights
+    # (which carry no key), check the key and the rate limits before reading a
+    # body, then bound the body.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, keys=config.api_keys)
+    app.add_middleware(Auth, keys=config.api_keys, store=ctx.keys, limiter=ctx.limiter)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "x-ratelimit-*"],
+        )
     app.add_middleware(StatusCounter, metrics=ctx.metrics, routes=routes)
     return app

@@ -14,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ..engine import TokenLogprob
 from .context import Ctx, ServerContext
-from .errors import ERROR_RESPONSES, from_engine, invalid
+from .errors import ERROR_RESPONSES, APIError, from_engine, invalid
 from .generation import Choice, ClientDisconnected, Generation, error_for
 from .schemas import (
     AssistantMessage,
@@ -46,6 +46,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: Ctx) -> Any:
     model = ctx.served_model(body.model)
+    if len(body.messages) > ctx.config.max_messages:
+        raise APIError(
+            400,
+            f"too many messages: {len(body.messages)} (at most {ctx.config.max_messages})",
+            param="messages",
+            code="too_many_messages",
+        )
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in body.messages
@@ -54,7 +61,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: C
         prompt = ctx.engine.prompt_ids(messages)
     except ValueError as e:  # the chat template refused the conversation
         raise from_engine(e, "messages") from None
-    gen = Generation.start(ctx, [prompt], body.engine_sampling(), body.n, "messages")
+    gen = Generation.start(ctx, [prompt], body.engine_sampling(), body.n, "messages", request)
     reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", model)
     if body.stream:
         return _sse(_chat_events(gen, reply, body.include_usage))
@@ -92,7 +99,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx) -> An
         raise invalid("echo together with logprobs is not supported", param="echo")
     prompts = _legacy_prompts(ctx, body.prompt)
     echo = [ctx.engine.detokenize(p) if body.echo else "" for p in prompts]
-    gen = Generation.start(ctx, prompts, body.engine_sampling(), body.n, "prompt")
+    gen = Generation.start(ctx, prompts, body.engine_sampling(), body.n, "prompt", request)
     reply = _Reply(f"cmpl-{uuid.uuid4().hex}", model)
     if body.stream:
         return _sse(_completion_events(gen, reply, body, echo))

@@ -11,11 +11,17 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..engine import AsyncDeltaStream, Engine
+from ..keys import KeyStore
 from .errors import APIError
 from .metrics import Metrics
+from .ratelimit import Limits, RateLimiter
 
 #: Request bodies beyond this get 413 (a long chat is a few hundred KiB).
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+#: At most this many messages in a chat request (OpenAI accepts 2048).
+DEFAULT_MAX_MESSAGES = 2048
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,14 @@ class ServerConfig:
     #: The id clients use for the model; "default" is accepted too.
     model_name: str
     api_keys: tuple[str, ...] = ()
+    #: A SQLite file of managed keys (`zse keys`); None: no managed keys.
+    keys_db: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_messages: int = DEFAULT_MAX_MESSAGES
+    #: Server-wide requests and tokens per minute (None: unlimited).
+    rate_limit: Limits = field(default_factory=Limits)
+    #: Origins allowed to call the API from a browser; none by default (CORS off).
+    cors_origins: tuple[str, ...] = ()
 
 
 class InFlight:
@@ -61,8 +74,18 @@ class ServerContext:
     engine: Engine
     config: ServerConfig
     metrics: Metrics
+    limiter: RateLimiter
+    keys: KeyStore | None = None
     inflight: InFlight = field(default_factory=InFlight)
     started_at: float = field(default_factory=time.time)
+
+    def record_usage(self, key_id: str | None, tokens: int) -> None:
+        """Counts a finished request's tokens against its key and the server."""
+        self.limiter.record_tokens(key_id, tokens)
+        if key_id is not None and self.keys is not None:
+            store = self.keys
+            # The file write runs off the event loop; a failure only loses a count.
+            asyncio.get_running_loop().run_in_executor(None, store.record_use, key_id, tokens)
 
     def served_model(self, requested: str) -> str:
         """The model id to answer with; unknown ids are the caller's 404."""

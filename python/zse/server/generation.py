@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,8 @@ class Generation:
     started: float
     _last_token: dict[int, float] = field(default_factory=dict)
     completion_tokens: int = 0
+    #: Called once at the end with the request's tokens (prompt and completion).
+    on_finish: Callable[[int], None] | None = None
 
     @classmethod
     def start(
@@ -43,6 +45,7 @@ class Generation:
         sampling: dict[str, Any],
         n: int,
         prompt_param: str,
+        request: Request | None = None,
     ) -> Generation:
         """Submits ``n`` choices per prompt (choice index = prompt index * n + i),
         which share the prompt's cache. With a seed, choice i uses seed + i, so the
@@ -50,6 +53,19 @@ class Generation:
         engine: Engine = ctx.engine
         if ctx.inflight.draining:
             raise shutting_down()
+        max_tokens = sampling.get("max_tokens")
+        longest = max((len(ids) for ids in prompt_ids), default=0)
+        # (A prompt that alone fills the context is the engine's error, about the prompt.)
+        room = engine.context_length - longest
+        if max_tokens is not None and 0 < room < max_tokens:
+            raise APIError(
+                400,
+                f"max_tokens is too large: {max_tokens}. The context holds "
+                f"{engine.context_length} tokens and the prompt takes {longest}, so at "
+                f"most {room} can be generated",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         streams: list[AsyncDeltaStream] = []
         try:
             for ids in prompt_ids:
@@ -59,6 +75,8 @@ class Generation:
                 s.cancel()
             raise from_engine(e, prompt_param) from None
         ctx.inflight.add(streams)
+        account = request.scope.get("zse.account") if request is not None else None
+        key_id = getattr(account, "key_id", None)
         return cls(
             engine=engine,
             metrics=ctx.metrics,
@@ -66,6 +84,7 @@ class Generation:
             streams=streams,
             prompt_tokens=sum(len(ids) for ids in prompt_ids),
             started=time.perf_counter(),
+            on_finish=lambda tokens: ctx.record_usage(key_id, tokens),
         )
 
     async def __aenter__(self) -> Generation:
@@ -75,6 +94,9 @@ class Generation:
         for s in self.streams:
             s.cancel()
         self.inflight.discard(self.streams)
+        if self.on_finish is not None:
+            self.on_finish(self.prompt_tokens + self.completion_tokens)
+            self.on_finish = None
 
     @property
     def usage(self) -> Usage:

@@ -1,15 +1,19 @@
-"""ASGI middleware that runs before routing: API-key checks, the request-body limit,
-and counting responses by status for `/metrics`. Written as plain ASGI (not
+"""ASGI middleware that runs before routing: API keys and rate limits, the
+request-body limit, and counting responses by status for `/metrics`. Written as plain ASGI (not
 Starlette's ``BaseHTTPMiddleware``) so that streaming responses pass straight through."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..keys import KeyStore
 from .errors import APIError
 from .metrics import Metrics
+from .ratelimit import Limits, RateLimiter, retry_after_header
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -19,6 +23,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Routes that never need a key (load balancers and orchestrators probe them).
 OPEN_PATHS = frozenset({"/health"})
+
+#: Routes that generate, and so count against rate limits.
+LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 async def _send_error(send: Send, err: APIError) -> None:
@@ -30,41 +37,108 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-class ApiKeyAuth:
-    """With keys configured, every route but `OPEN_PATHS` needs
-    ``Authorization: Bearer KEY``. Keys are compared in constant time, and every key
-    is compared, so the time taken says nothing about which one nearly matched."""
+@dataclass(frozen=True)
+class Account:
+    """Who a request runs for: a managed key (its id and limits), or None for a
+    ``--api-key`` key or a server without keys."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    key_id: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class Auth:
+    """Keys and rate limits, before routing.
+
+    With keys configured (``--api-key`` values and/or a key store), every route but
+    `OPEN_PATHS` needs ``Authorization: Bearer KEY``. Static keys are compared in
+    constant time, every one of them, so the time taken says nothing about which one
+    nearly matched; managed keys are looked up in the store on every request, so a
+    revoked or expired key is refused at once. The generation routes then pass the
+    rate limiter (per key, and for the server); the request's `Account` goes to the
+    routes in ``scope["zse.account"]`` so that its tokens are counted when it ends.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Sequence[str],
+        store: KeyStore | None,
+        limiter: RateLimiter,
+    ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.store = store
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
+        account = Account()
+        if self.keys or self.store is not None:
+            found = await self._authenticate(scope)
+            if isinstance(found, APIError):
+                await _send_error(send, found)
+                return
+            account = found
+        scope["zse.account"] = account
+        if scope["path"] not in LIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        decision = self.limiter.admit(account.key_id, account.limits)
+        if not decision.allowed:
+            headers = {
+                **decision.headers,
+                "Retry-After": retry_after_header(decision.retry_after_s),
+            }
+            await _send_error(
+                send,
+                APIError(
+                    429,
+                    f"rate limit reached: {decision.reason}; retry after "
+                    f"{decision.retry_after_s:.1f} s",
+                    type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers=headers,
+                ),
+            )
+            return
+        extra = [(k.encode(), v.encode()) for k, v in decision.headers.items()]
+
+        async def send_with_headers(msg: Message) -> None:
+            if msg["type"] == "http.response.start" and extra:
+                msg = {**msg, "headers": [*msg.get("headers", []), *extra]}
+            await send(msg)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _authenticate(self, scope: Scope) -> Account | APIError:
         token = _bearer_token(scope)
+        if token is None:
+            return _unauthorized("missing API key: send 'Authorization: Bearer YOUR_KEY'")
         matched = False
         for key in self.keys:
-            matched |= token is not None and hmac.compare_digest(token, key)
+            matched |= hmac.compare_digest(token, key)
         if matched:
-            await self.app(scope, receive, send)
-            return
-        message = (
-            "missing API key: send 'Authorization: Bearer YOUR_KEY'"
-            if token is None
-            else "invalid API key"
-        )
-        await _send_error(
-            send,
-            APIError(
-                401,
-                message,
-                type="authentication_error",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            ),
-        )
+            return Account()
+        if self.store is not None:
+            text = token.decode(errors="replace")
+            record, state = await asyncio.to_thread(self.store.verify, text)
+            if record is not None and state == "active":
+                return Account(record.id, Limits(record.rpm, record.tpm))
+            if record is not None:
+                return _unauthorized(f"this API key has been {state}")
+        return _unauthorized("invalid API key")
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(
+        401,
+        message,
+        type="authentication_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def _bearer_token(scope: Scope) -> bytes | None:

@@ -33,6 +33,7 @@ from ..engine import (
 from ..models import resolve_model
 from .app import create_app
 from .context import ServerConfig, ServerContext
+from .ratelimit import Limits
 
 log = logging.getLogger("zse.server")
 
@@ -54,6 +55,12 @@ class ServeOptions:
     threads: int | None = None
     log_level: str = "info"
     grace_s: float = 30.0
+    #: Managed keys (`zse keys`); None: only ``api_keys``.
+    keys_db: str | None = None
+    #: Server-wide requests and tokens per minute.
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
+    cors_origins: tuple[str, ...] = ()
 
 
 def serve(opts: ServeOptions) -> int:
@@ -74,7 +81,13 @@ def serve(opts: ServeOptions) -> int:
     try:
         # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.
         name = opts.model_name or Path(opts.model or path).stem
-        config = ServerConfig(model_name=name, api_keys=opts.api_keys)
+        config = ServerConfig(
+            model_name=name,
+            api_keys=opts.api_keys,
+            keys_db=opts.keys_db,
+            rate_limit=Limits(opts.rate_limit_rpm, opts.rate_limit_tpm),
+            cors_origins=opts.cors_origins,
+        )
         app = create_app(engine, config)
         _banner(opts, engine, config)
         asyncio.run(_run(app, app.state.ctx, opts))
@@ -156,7 +169,7 @@ def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
         ("sequences", f"{limits['max_sequences']} at once, {limits['max_queue']} may wait"),
         ("batch", f"{limits['max_batch_tokens']} tokens per step (prompts in chunks)"),
         ("threads", threads),
-        ("API key", "required" if config.api_keys else "not required"),
+        ("API key", "required" if config.api_keys or config.keys_db else "not required"),
         ("URL", f"http://{host}:{opts.port}/v1"),
     ]
     width = max(len(k) for k, _ in rows)
