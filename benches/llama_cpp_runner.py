@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 from llama_cpp import Llama
+from procstat import peak_rss_mib
 
 
 def last_logits(llm: Llama) -> np.ndarray:
@@ -34,16 +35,6 @@ def greedy(llm: Llama, prompt: list[int], decode: int) -> float:
         llm.eval([token])
         token = int(last_logits(llm).argmax())
     return first
-
-
-def peak_rss_mib() -> float:
-    # VmHWM is this process's own high-water mark; getrusage's ru_maxrss would
-    # start from the parent's size at fork.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

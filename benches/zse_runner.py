@@ -14,18 +14,9 @@ import sys
 import time
 
 import zse
+from procstat import peak_rss_mib
 
 LLAMA_N_CTX = 2048  # as llama_cpp_runner.py
-
-
-def peak_rss_mib() -> float:
-    # VmHWM is this process's own high-water mark; getrusage's ru_maxrss would
-    # start from the parent's size at fork.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

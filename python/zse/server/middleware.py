@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..keys import KeyStore
-from .errors import APIError
+from .errors import APIError, unauthorized
 from .metrics import Metrics
 from .ratelimit import Limits, RateLimiter, retry_after_header
 
@@ -115,7 +115,7 @@ class Auth:
     async def _authenticate(self, scope: Scope) -> Account | APIError:
         token = _bearer_token(scope)
         if token is None:
-            return _unauthorized("missing API key: send 'Authorization: Bearer YOUR_KEY'")
+            return unauthorized("missing API key: send 'Authorization: Bearer YOUR_KEY'")
         matched = False
         for key in self.keys:
             matched |= hmac.compare_digest(token, key)
@@ -127,18 +127,8 @@ class Auth:
             if record is not None and state == "active":
                 return Account(record.id, Limits(record.rpm, record.tpm))
             if record is not None:
-                return _unauthorized(f"this API key has been {state}")
-        return _unauthorized("invalid API key")
-
-
-def _unauthorized(message: str) -> APIError:
-    return APIError(
-        401,
-        message,
-        type="authentication_error",
-        code="invalid_api_key",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+                return unauthorized(f"this API key has been {state}")
+        return unauthorized("invalid API key")
 
 
 def _bearer_token(scope: Scope) -> bytes | None:
