@@ -25,9 +25,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": what}
     for status, what in {
         400: "Invalid parameters, bad JSON, or a prompt over the context length",
-        401: "Missing or wrong API key",
+        401: "Missing, wrong, revoked or expired API key",
         404: "Unknown model",
         413: "Request body too large",
+        429: "A rate limit is reached (see Retry-After and the x-ratelimit-* headers)",
         503: "The engine's queue is full (see Retry-After) or the server is stopping",
     }.items()
 }

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..units import format_bytes
 from .context import Ctx, ServerContext
+from .errors import ERROR_RESPONSES
 from .schemas import ModelCard, ModelList
 
 router = APIRouter()
@@ -21,12 +22,22 @@ def _card(ctx: ServerContext) -> ModelCard:
     return ModelCard(id=ctx.config.model_name, created=int(ctx.started_at))
 
 
-@router.get("/v1/models", response_model=ModelList, summary="List the served model")
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses=ERROR_RESPONSES,
+    summary="List the served model",
+)
 async def list_models(ctx: Ctx) -> ModelList:
     return ModelList(data=[_card(ctx)])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, summary="Describe a model")
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=ModelCard,
+    responses=ERROR_RESPONSES,
+    summary="Describe a model",
+)
 async def get_model(model_id: str, ctx: Ctx) -> ModelCard:
     ctx.served_model(model_id)
     return _card(ctx)
@@ -75,6 +86,11 @@ async def health(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses=ERROR_RESPONSES,
+)
 async def metrics(ctx: Ctx) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
