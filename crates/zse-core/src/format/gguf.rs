@@ -37,6 +37,10 @@ pub struct TensorInfo {
 pub struct GgufFile {
     path: String,
     map: memmap2::Mmap,
+    /// Bytes of the file (an anonymous map of an empty buffer holds one byte).
+    len: usize,
+    /// Whether the map is of a file (whose dropped pages come back from it).
+    file_backed: bool,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
@@ -59,11 +63,28 @@ impl GgufFile {
         // SAFETY: the map is read-only and private to this process; a file truncated
         // underneath us by another process is the one hazard mmap cannot rule out.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&shown, e))?;
+        let len = map.len();
+        Self::from_map(shown, map, len, true)
+    }
+
+    /// A file held in memory (the fuzz target and tests), named `name` in errors.
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        let io = |e| Error::io(name, e);
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        let map = map.make_read_only().map_err(io)?;
+        Self::from_map(name.to_string(), map, bytes.len(), false)
+    }
+
+    /// The file in the first `len` bytes of `map`.
+    fn from_map(shown: String, map: memmap2::Mmap, len: usize, file_backed: bool) -> Result<Self> {
         let (version, metadata, tensors) =
-            parse(&map).map_err(|message| Error::invalid_file(&shown, message))?;
+            parse(&map[..len]).map_err(|message| Error::invalid_file(&shown, message))?;
         Ok(Self {
             path: shown,
             map,
+            len,
+            file_backed,
             version,
             metadata,
             tensors,
@@ -75,7 +96,7 @@ impl GgufFile {
     }
 
     pub fn file_size(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
@@ -106,6 +127,10 @@ impl GgufFile {
     /// loading never holds the whole file and the whole model at once (the peak
     /// resident size would be twice the model's). A failure only costs memory.
     fn release(&self, info: &TensorInfo) {
+        // Dropped pages of an anonymous map would come back as zeros.
+        if !self.file_backed {
+            return;
+        }
         #[cfg(unix)]
         // SAFETY: the map is a shared, read-only mapping of the file: a dropped page
         // is read again from the file if anything touches it, with the same bytes
@@ -322,8 +347,10 @@ fn parse(buf: &[u8]) -> ParseResult<Parsed> {
         raw.push((name, ne, dtype, offset));
     }
     let alignment = match metadata.get("general.alignment").and_then(value_as_u64) {
-        Some(a) if a.is_power_of_two() => a,
-        Some(a) => return Err(format!("general.alignment {a} is not a power of two")),
+        // GGUF asks for a multiple of 8; tensor data is read in place as f32 or
+        // blocks, so a smaller one could misalign it.
+        Some(a) if a.is_power_of_two() && a >= 8 => a,
+        Some(a) => return Err(format!("general.alignment {a} is not a power of two >= 8")),
         None => DEFAULT_ALIGNMENT,
     };
     let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
@@ -336,6 +363,11 @@ fn parse(buf: &[u8]) -> ParseResult<Parsed> {
             return Err(format!(
                 "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {block}",
                 ne[0]
+            ));
+        }
+        if offset % alignment != 0 {
+            return Err(format!(
+                "tensor '{name}' starts at offset {offset}, not a multiple of the alignment {alignment}"
             ));
         }
         let len = (elems / block).checked_mul(dtype.type_size() as u64);

@@ -2,6 +2,7 @@
 //! and converting GGUF files and HF directories into `.zse`.
 
 pub mod convert;
+pub mod fuzz;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;

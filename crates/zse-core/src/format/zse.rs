@@ -54,7 +54,15 @@ pub struct ZseFile {
 
 impl ZseFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let gguf = GgufFile::open(path)?;
+        Self::from_gguf(GgufFile::open(path)?)
+    }
+
+    /// A file held in memory (the fuzz target and tests), named `name` in errors.
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        Self::from_gguf(GgufFile::from_bytes(name, bytes)?)
+    }
+
+    fn from_gguf(gguf: GgufFile) -> Result<Self> {
         let p = gguf.path().to_string();
         let version = gguf.get_u64(keys::FORMAT_VERSION).ok_or_else(|| {
             Error::invalid_file(&p, "this is a GGUF file but not a .zse file (no zse.* metadata); run `zse convert` on it first")
