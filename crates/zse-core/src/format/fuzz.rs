@@ -56,6 +56,29 @@ mod tests {
         out.into_inner()
     }
 
+    /// Inputs the fuzz target once crashed on, kept as regressions (hex).
+    const FOUND: &[&str] = &[
+        // A zero dimension beside two whose product overflows: candle multiplied
+        // the shape in the other order.
+        "474755460300000001000000000000000000000000000000010000000000000000040000\
+         000000000000000000020000000000474755460300000001000080000000000400000000\
+         000000000000000000000000000000010b000000000000000000000000000000000000\
+         000000000000000506000000000000000004000000",
+    ];
+
+    #[test]
+    fn inputs_the_fuzzer_found_are_errors() {
+        for hex in FOUND {
+            let hex: String = hex.split_whitespace().collect();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            assert!(GgufFile::from_bytes("found", &bytes).is_err());
+            exercise(&bytes);
+        }
+    }
+
     #[test]
     fn mutated_files_give_errors_not_panics() {
         let base = seed();

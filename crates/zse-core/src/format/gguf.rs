@@ -356,6 +356,11 @@ fn parse(buf: &[u8]) -> ParseResult<Parsed> {
     let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, ne, dtype, offset) in raw {
+        // No zero dimension: with one, the product below would hide others whose
+        // product overflows (as multiplying them in another order would show).
+        if ne.contains(&0) {
+            return Err(format!("tensor '{name}' has an empty dimension in {ne:?}"));
+        }
         let elems = ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let elems = elems.ok_or_else(|| format!("tensor '{name}' has an absurd shape {ne:?}"))?;
         let block = dtype.block_size() as u64;
