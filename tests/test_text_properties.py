@@ -1,6 +1,9 @@
 """Property tests (hypothesis) of the text pipeline: the incremental detokenizer and
 the stop-string matcher, over the random token sequences of the tiny random model
-(byte-level pieces that often split characters) and stop strings drawn from them."""
+(byte-level pieces that often split characters) and stop strings drawn from them.
+Stop strings end a generation at the first delta after which one is complete, and the
+text is cut where the earliest complete one starts: a stream cannot wait to learn
+whether a stop string that starts earlier will complete later."""
 
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ def test_stop_strings_cut_the_text_and_never_stream(
     tiny_engine: zse.Engine, data: st.DataObject, seed: int, max_tokens: int
 ) -> None:
     kw = {"seed": seed, "max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True}
-    free = tiny_engine.generate(PROMPT, **kw).text
+    free_deltas = list(tiny_engine.stream(PROMPT, **kw))
+    free = "".join(free_deltas)
     if len(free) < 2:
         return
     # Stop strings taken from the free text (so they do occur), plus maybe one that
@@ -60,7 +64,15 @@ def test_stop_strings_cut_the_text_and_never_stream(
     if data.draw(st.booleans()):
         stops.append("\u2603 never")
     deltas, whole = run(tiny_engine, **kw, stop=stops)
-    first = min(i for i in (free.find(s) for s in stops) if i >= 0)
+    # Generation stops at the first delta after which some stop string is complete;
+    # the text is cut where the earliest of the stop strings complete by then starts.
+    ends = [free.find(s) + len(s) for s in stops if s in free]
+    boundary = 0
+    for d in free_deltas:
+        boundary += len(d)
+        if boundary >= min(ends):
+            break
+    first = min(free.find(s) for s in stops if s in free and free.find(s) + len(s) <= boundary)
     assert whole.text == free[:first]
     assert whole.finish_reason == "stop"
     assert "".join(deltas) == whole.text
