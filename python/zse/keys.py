@@ -69,7 +69,8 @@ class KeyRecord:
         """``active``, ``revoked`` or ``expired``."""
         if self.revoked_at is not None:
             return "revoked"
-        if self.expires_at is not None and (now or time.time()) >= self.expires_at:
+        now = time.time() if now is None else now
+        if self.expires_at is not None and now >= self.expires_at:
             return "expired"
         return "active"
 

@@ -69,10 +69,6 @@ class RateLimiter:
         self._server_usage = _Usage()
         self._keys: dict[str, _Usage] = {}
 
-    @property
-    def active(self) -> bool:
-        return self.server.rpm is not None or self.server.tpm is not None or bool(self._keys)
-
     def admit(self, key_id: str | None, limits: Limits, now: float | None = None) -> Decision:
         """Counts a request against the key (when it has limits) and the server, or
         refuses it."""

@@ -71,17 +71,6 @@ impl Scales {
         }
     }
 
-    pub fn len(&self) -> usize {
-        match self {
-            Scales::Half(v) => v.len(),
-            Scales::Single(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn is_half(&self) -> bool {
         matches!(self, Scales::Half(_))
     }
@@ -300,17 +289,6 @@ impl QWeight {
             }
         }
         q
-    }
-
-    /// The bytes holding block `b` of row `r` (for `Q4*`, the pair it belongs to).
-    #[inline]
-    pub fn block_bytes(&self, r: usize, b: usize) -> &[u8] {
-        let bytes = self.layout.row_bytes(self.nb);
-        let at = match self.layout {
-            Layout::Q4Offset | Layout::Q4Min => (b / 2) * QK,
-            Layout::Q8 => b * QK,
-        };
-        &self.qs[r * bytes + at..][..QK]
     }
 
     /// Row `r` as floats (the embedding lookup of a tied output head).

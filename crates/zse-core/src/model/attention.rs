@@ -241,6 +241,21 @@ struct HeadView<'a> {
 mod fast {
     use super::{HeadView, KvRows, Query};
 
+    /// `x86::$f::<HALF, CHUNKS>(args)` for the pool's precision (f16 or not) and a
+    /// head size of 64 or 128 (8 or 16 chunks of 8); `return false` for another.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! by_shape {
+        ($half:expr, $hd:expr, $f:ident($($arg:expr),*)) => {
+            match ($half, $hd) {
+                (true, 64) => x86::$f::<true, 8>($($arg),*),
+                (true, 128) => x86::$f::<true, 16>($($arg),*),
+                (false, 64) => x86::$f::<false, 8>($($arg),*),
+                (false, 128) => x86::$f::<false, 16>($($arg),*),
+                _ => return false,
+            }
+        };
+    }
+
     pub fn scores(
         k: KvRows<'_>,
         view: &HeadView<'_>,
@@ -254,22 +269,12 @@ mod fast {
             // SAFETY: the features were checked at run time, and `checked_base` that
             // every slot's head lies in the pool.
             unsafe {
-                match (base.1, view.hd) {
-                    (true, 64) => {
-                        x86::scores::<true, 8>(base.0, view, queries, scale, scores, span)
-                    }
-                    (true, 128) => {
-                        x86::scores::<true, 16>(base.0, view, queries, scale, scores, span)
-                    }
-                    (false, 64) => {
-                        x86::scores::<false, 8>(base.0, view, queries, scale, scores, span)
-                    }
-                    (false, 128) => {
-                        x86::scores::<false, 16>(base.0, view, queries, scale, scores, span)
-                    }
-                    _ => return false,
-                }
-            }
+                by_shape!(
+                    base.1,
+                    view.hd,
+                    scores(base.0, view, queries, scale, scores, span)
+                )
+            };
             return true;
         }
         let _ = (k, view, queries, scale, scores);
@@ -288,20 +293,12 @@ mod fast {
         if let Some(base) = checked_base(v, view) {
             // SAFETY: as in `scores`.
             unsafe {
-                match (base.1, view.hd) {
-                    (true, 64) => x86::values::<true, 8>(base.0, view, queries, weights, inv, out),
-                    (true, 128) => {
-                        x86::values::<true, 16>(base.0, view, queries, weights, inv, out)
-                    }
-                    (false, 64) => {
-                        x86::values::<false, 8>(base.0, view, queries, weights, inv, out)
-                    }
-                    (false, 128) => {
-                        x86::values::<false, 16>(base.0, view, queries, weights, inv, out)
-                    }
-                    _ => return false,
-                }
-            }
+                by_shape!(
+                    base.1,
+                    view.hd,
+                    values(base.0, view, queries, weights, inv, out)
+                )
+            };
             return true;
         }
         let _ = (v, view, queries, weights, inv, out);
