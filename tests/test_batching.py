@@ -152,3 +152,36 @@ def test_float_weights_are_batch_invariant_too(qwen_tiny: Path) -> None:
             work = jobs(seeded)
             alone = [e.generate(**j).token_ids for j in work]
             assert run_together(e, work) == alone
+
+
+def test_a_request_that_makes_the_engine_fail_fails_alone(
+    default_model: Path, batched: zse.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward pass that fails (here a panic injected on one token) fails only the
+    request it comes from: the others in its batch go on with the same tokens."""
+    work = jobs(False)[:8]
+    alone = [batched.generate(**j).token_ids for j in work]
+    fault = batched.tokenize(" giraffe")[-1]
+    for j, tokens in zip(work, alone, strict=True):
+        assert fault not in batched.tokenize(j["prompt"]) + tokens
+    monkeypatch.setenv("ZSE_FAULT_TOKEN", str(fault))
+    with zse.Engine(default_model, max_batch_tokens=64) as e:
+        poisoned = {"prompt": prompt(5) + " giraffe", "max_tokens": 8, "temperature": 0}
+
+        async def main() -> list[list[int] | BaseException]:
+            async def one(job: dict) -> list[int]:
+                return (await e.agenerate(**job)).token_ids
+
+            # The poisoned request joins while the others are being computed.
+            tasks = [asyncio.ensure_future(one(j)) for j in work]
+            await asyncio.sleep(0.2)
+            assert e.stats()["running"] > 1
+            bad = asyncio.ensure_future(one(poisoned))
+            return await asyncio.gather(*tasks, bad, return_exceptions=True)
+
+        *rest, failure = asyncio.run(main())
+        assert rest == alone
+        assert isinstance(failure, zse.ZseError) and "fault injected" in str(failure)
+        # The engine goes on serving, and the failed request's blocks came back.
+        assert e.generate(**work[0]).token_ids == alone[0]
+        assert wait_idle(e)["kv_blocks_used"] == 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import zse
 from conftest import ROOT
 from serving import ServerProcess
 
@@ -341,6 +342,42 @@ def test_full_queue_is_503_with_retry_after(default_model: Path) -> None:
             assert s.health()["status"] == "healthy"
         assert s.wait_idle(timeout=5)
         assert httpx.post(url, json=chat_body(), timeout=60).status_code == 200
+
+
+def test_a_request_that_makes_the_engine_fail_fails_alone(
+    default_model: Path, engine: zse.Engine
+) -> None:
+    """The engine is made to fail (a panic) on any batch holding one token: the
+    request with it gets a 500, the stream computed beside it goes on unchanged, and
+    the server keeps serving."""
+    fault = engine.tokenize(" giraffe")[-1]
+    body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 120}
+    body |= {"temperature": 0, "logit_bias": {str(EOS): -100}}
+    with ServerProcess(default_model, env={"ZSE_FAULT_TOKEN": str(fault)}) as s:
+        url = s.url("/v1/completions")
+        expected = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+        streamed: list[str] = []
+
+        def consume() -> None:
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+                streamed.append(r.read().decode())
+
+        survivor = threading.Thread(target=consume)
+        survivor.start()
+        deadline = time.monotonic() + 10
+        while s.health()["engine"]["running_sequences"] != 1:  # type: ignore[index]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        poisoned = {**body, "prompt": engine.tokenize("A giraffe"), "max_tokens": 4}
+        err = error_of(httpx.post(url, json=poisoned, timeout=60), 500)
+        assert err["type"] == "server_error" and "giraffe" not in err["message"]
+        survivor.join(60)
+        chunks = [json.loads(p) for p in sse_events(streamed[0])[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert "fault injected" in s.log()
+        assert httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"] == expected
+        assert s.wait_idle(timeout=5) and s.health()["status"] == "healthy"
 
 
 def test_sigterm_drains_then_cancels_and_exits_0(default_model: Path) -> None:

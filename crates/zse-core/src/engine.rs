@@ -315,6 +315,7 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             eos: info.eos_token_ids.clone(),
             stats: stats.clone(),
+            fault_token: fault_token()?,
         };
         let thread = std::thread::Builder::new()
             .name("zse-engine".into())
@@ -564,6 +565,12 @@ impl Request {
     }
 }
 
+/// Per running sequence, the logits row to sample from (None: nothing to sample).
+type LogitRows = Vec<Option<Vec<f32>>>;
+
+/// A running sequence (its index) that failed, and why.
+type Failure = (usize, String);
+
 struct Worker {
     model: Llama,
     pool: KvPool,
@@ -571,6 +578,8 @@ struct Worker {
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
     stats: Arc<EngineStats>,
+    /// Test hook (`ZSE_FAULT_TOKEN`): a forward pass over this token fails.
+    fault_token: Option<u32>,
 }
 
 impl Worker {
@@ -754,7 +763,7 @@ impl Worker {
     }
 
     fn step(&mut self) -> Result<()> {
-        let plan = self.sched.schedule();
+        let mut plan = self.sched.schedule();
         for e in &mut self.sched.running {
             if !e.data.started {
                 e.data.started = true;
@@ -767,7 +776,7 @@ impl Worker {
         for &(from, to, rows) in &plan.copies {
             self.pool.copy_block(from, to, rows)?;
         }
-        let mut logits = self.forward(&plan)?;
+        let (mut logits, mut failed) = self.forward_isolating(&mut plan);
         self.sched.commit(&plan);
         // Sample where every known token is now computed. Unborn siblings are born
         // first, sharing the blocks, and sample from the same logits.
@@ -785,38 +794,78 @@ impl Worker {
                 logits.push(Some(row.clone()));
             }
             let entry = &mut self.sched.running[i];
-            match advance(&self.tokenizer, &self.eos, &self.model, entry, &mut row)? {
-                Advance::Continue => {}
-                Advance::Finished | Advance::Gone => done.push(i),
+            match advance(&self.tokenizer, &self.eos, &self.model, entry, &mut row) {
+                Ok(Advance::Continue) => {}
+                Ok(Advance::Finished | Advance::Gone) => done.push(i),
+                Err(e) => failed.push((i, e.to_string())),
             }
             i += 1;
         }
         // `finish` swaps the last entry in: remove from the back.
-        for i in done.into_iter().rev() {
-            self.sched.finish(i);
-            self.stats.finished.fetch_add(1, Ordering::Relaxed);
+        let mut ends: Vec<(usize, Option<String>)> = done.into_iter().map(|i| (i, None)).collect();
+        ends.extend(failed.into_iter().map(|(i, msg)| (i, Some(msg))));
+        ends.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, failure) in ends {
+            let e = self.sched.finish(i);
+            match failure {
+                None => {
+                    self.stats.finished.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(msg) => self.retire(e, FinishReason::Error(msg)),
+            }
         }
         Ok(())
     }
 
-    /// The forward pass of a plan: per running sequence, the logits row to sample
-    /// from if its chunk completes every token it knows.
-    fn forward(&self, plan: &Plan) -> Result<Vec<Option<Vec<f32>>>> {
+    /// The forward pass of a plan, in which a failure fails only the sequences it
+    /// comes from. When the batch fails, each sequence's chunk is run alone (its
+    /// results do not depend on the batch, so they are the batch's); those that
+    /// fail alone are returned with their error, and their chunks are taken out of
+    /// the plan so that nothing they wrote is committed or shared.
+    fn forward_isolating(&self, plan: &mut Plan) -> (LogitRows, Vec<Failure>) {
+        let failure = match guarded(|| self.forward(plan, None)) {
+            Ok(rows) => return (rows, Vec::new()),
+            Err(msg) => msg,
+        };
+        let mut rows = vec![None; plan.chunks.len()];
+        let mut failed = Vec::new();
+        let ran: Vec<usize> = (0..plan.chunks.len())
+            .filter(|&i| plan.chunks[i] > 0)
+            .collect();
+        if ran.len() == 1 {
+            failed.push((ran[0], failure));
+        } else {
+            for &i in &ran {
+                match guarded(|| self.forward(plan, Some(i))) {
+                    Ok(mut alone) => rows[i] = alone[i].take(),
+                    Err(msg) => failed.push((i, msg)),
+                }
+            }
+        }
+        for &(i, _) in &failed {
+            plan.chunks[i] = 0;
+        }
+        (rows, failed)
+    }
+
+    /// The forward pass of a plan (of its sequence `only` where given): per running
+    /// sequence, the logits row to sample from if its chunk completes every token
+    /// it knows.
+    fn forward(&self, plan: &Plan, only: Option<usize>) -> Result<LogitRows> {
         let bs = self.sched.config().block_size;
         let running = &self.sched.running;
-        let slots: Vec<Vec<u32>> = running
-            .iter()
-            .zip(&plan.chunks)
-            // Only the sequences that run this step need their slots.
-            .map(|(e, &c)| match c {
-                0 => Vec::new(),
-                c => e.seq.table.slots(bs, e.seq.computed + c),
+        let runs = |i: usize| plan.chunks[i] > 0 && only.is_none_or(|o| o == i);
+        // Only the sequences that run need their slots.
+        let slots: Vec<Vec<u32>> = (running.iter().enumerate())
+            .map(|(i, e)| match runs(i) {
+                true => e.seq.table.slots(bs, e.seq.computed + plan.chunks[i]),
+                false => Vec::new(),
             })
             .collect();
         let mut items = Vec::new();
         let mut index = Vec::new();
         for (i, (e, &chunk)) in running.iter().zip(&plan.chunks).enumerate() {
-            if chunk == 0 {
+            if !runs(i) {
                 continue;
             }
             let seq = &e.seq;
@@ -836,6 +885,11 @@ impl Worker {
         let mut rows = vec![None; running.len()];
         if items.is_empty() {
             return Ok(rows);
+        }
+        if let Some(t) = self.fault_token {
+            if items.iter().any(|item| item.tokens.contains(&t)) {
+                panic!("fault injected by {FAULT_TOKEN_VAR}: the batch holds token {t}");
+            }
         }
         let logits = self.model.forward(&items, &self.pool)?;
         for (i, l) in index.into_iter().zip(logits) {
@@ -979,6 +1033,28 @@ fn resolve_limits(
         kv_block_size: KV_BLOCK_SIZE,
         kv_bytes_per_token: per_token,
     })
+}
+
+/// The environment variable that names a token whose forward pass fails (by a
+/// panic, the worst case): how the tests prove that one failing request fails alone.
+pub const FAULT_TOKEN_VAR: &str = "ZSE_FAULT_TOKEN";
+
+fn fault_token() -> Result<Option<u32>> {
+    match std::env::var(FAULT_TOKEN_VAR) {
+        Err(_) => Ok(None),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+            Error::invalid_argument(FAULT_TOKEN_VAR, format!("{v:?} is not a token id"))
+        }),
+    }
+}
+
+/// Runs `f`, turning an error or a panic into its message.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(panic_message(&panic)),
+    }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
