@@ -48,6 +48,12 @@ def test_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
     assert r.returncode == 1 and "magic" in r.stderr
 
 
+def test_serve_on_a_device_this_build_lacks_is_a_clear_error(qwen_tiny: Path) -> None:
+    r = zse("serve", str(qwen_tiny), "--device", "cuda")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "no CUDA support" in r.stderr and "build-cuda-wheel" in r.stderr
+
+
 def test_chat_one_message(qwen_tiny: Path) -> None:
     r = zse("chat", str(qwen_tiny), "-m", "Hello", "--max-tokens", "8", "--temperature", "0")
     assert r.returncode == 0, r.stderr

@@ -323,3 +323,25 @@ def test_bad_limits(qwen_tiny: Path, kwargs: dict[str, float], param: str) -> No
 def test_a_budget_below_one_position_is_refused(qwen_tiny: Path) -> None:
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         zse.Engine(qwen_tiny, kv_cache_mb=1e-6)
+
+
+def test_devices(qwen_tiny: Path) -> None:
+    """`auto` is the CPU in this CPU-only build; CUDA is refused with a clear error
+    naming what to do, and a spec that names no device is a ValueError."""
+    with zse.Engine(qwen_tiny, device="auto") as e:
+        assert e.device == e.metadata["device"] == "cpu"
+        assert e.gpu_memory() is None
+        # On the CPU without a budget, the KV cache holds max_sequences full contexts.
+        assert e.metadata["kv_budget"] == "full contexts"
+        assert e.limits["kv_cache_tokens"] >= e.limits["max_sequences"] * e.context_length
+    with zse.Engine(qwen_tiny, device="CPU", kv_cache_mb=1) as e:
+        assert e.device == "cpu" and e.metadata["kv_budget"] == "given"
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(zse.DeviceUnavailableError, match="no CUDA support"):
+            zse.Engine(qwen_tiny, device=spec)
+    for spec in ("tpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match="'device'"):
+            zse.Engine(qwen_tiny, device=spec)
+    for fraction in (0, 1.5, "half"):
+        with pytest.raises(ValueError, match="gpu_memory_fraction"):
+            zse.Engine(qwen_tiny, gpu_memory_fraction=fraction)  # type: ignore[arg-type]

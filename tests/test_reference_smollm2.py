@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ TOLERANCE = 0.05
 # expected to fail until the reference and the engine share one arithmetic; strict,
 # so a case that starts passing is noticed and moved back.
 KNOWN_GREEDY_MISMATCH = {1, 7}
+# candle's CPU quantized matmul rounds in its own order too: the same two cases, and
+# case 3, where it flips a near-tie (top-2 gap 0.08) at step 1. The exact check of
+# that code path is the F32 Qwen2 reference (test_reference_qwen2.py), run on both.
+KNOWN_GREEDY_MISMATCH_CANDLE = {1, 3, 7}
 KNOWN_LOGPROB_MISMATCH = set(range(len(CASES)))
 
 
@@ -72,8 +77,32 @@ def near_tie(case: dict[str, Any], out: zse.Completion, step: int) -> float:
 
 @pytest.mark.parametrize("i", cases(KNOWN_GREEDY_MISMATCH))
 def test_greedy_tokens_match(engine: zse.Engine, runs: dict[int, zse.Completion], i: int) -> None:
+    check_greedy(CASES[i], greedy(engine, runs, i))
+
+
+@pytest.fixture(scope="module")
+def candle_engine(default_model: Path) -> Iterator[zse.Engine]:
+    """The model on candle's own operations: the code path a GPU runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZSE_CPU_KERNELS", "candle")
+        e = zse.Engine(default_model)
+    assert e.metadata["cpu_kernels"] == "candle"
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("i", cases(KNOWN_GREEDY_MISMATCH_CANDLE))
+def test_greedy_tokens_match_on_candles_operations(candle_engine: zse.Engine, i: int) -> None:
+    """The GPU's code path (candle's quantized matmul, attention over keys and values
+    gathered from the pool) against llama.cpp, run here on candle's CPU kernels."""
     case = CASES[i]
-    out = greedy(engine, runs, i)
+    out = candle_engine.chat(
+        case["messages"], temperature=0, max_tokens=GREEDY_STEPS, top_logprobs=5
+    )
+    check_greedy(case, out)
+
+
+def check_greedy(case: dict[str, Any], out: zse.Completion) -> None:
     ref = case["greedy_ids"][:GREEDY_STEPS]
     got = out.token_ids
     # Both lists end at EOS (included) or at 16 tokens, so the first difference,

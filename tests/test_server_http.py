@@ -248,6 +248,8 @@ def test_banner(short_context: ServerProcess) -> None:
 def test_health(server: ServerProcess) -> None:
     h = server.health()
     assert h["status"] == "healthy" and h["model"] == MODEL
+    # This build and machine have no GPU: the REST reference's GPU fields say so.
+    assert h["device"] == "cpu" and h["gpu_memory_used"] is h["gpu_memory_total"] is None
     for key in ("process_memory_used", "system_memory_used", "system_memory_total"):
         assert re.fullmatch(r"\d+(\.\d)? (B|KB|MB|GB)", str(h[key])), h[key]
     assert re.fullmatch(r"(\d+d )?(\d+h )?\d+m( \d+s)?", str(h["uptime"]))

@@ -7,6 +7,7 @@
 
 from ._core import (
     ContextLengthExceededError,
+    DeviceUnavailableError,
     EngineOverloadedError,
     EngineStoppedError,
     ModelFileError,
@@ -35,6 +36,7 @@ __all__ = [
     "Completion",
     "ContextLengthExceededError",
     "Delta",
+    "DeviceUnavailableError",
     "Engine",
     "EngineOverloadedError",
     "EngineStoppedError",

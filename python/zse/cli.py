@@ -11,15 +11,18 @@ from typing import Any, get_args
 
 from . import _core
 from .convert import Quant, convert, inspect
-from .engine import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_SEQUENCES, Engine
+from .engine import (
+    DEFAULT_KV_CACHE_MB,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SEQUENCES,
+    Engine,
+)
 from .keys import default_path as default_keys_path
 from .models import pull, resolve_model
 from .units import format_bytes
 
 QUANT_CHOICES = list(get_args(Quant))
-#: `zse serve`'s KV budget: about 90k positions of SmolLM2 (F16 cache), i.e. eleven
-#: full 8k contexts, or 16 streams of 5k.
-DEFAULT_KV_CACHE_MB = 2048.0
 
 
 def _model_path(arg: str | None) -> Path:
@@ -89,6 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_name=args.model_name,
             context_length=args.context_length,
             kv_cache_mb=args.kv_cache_mb,
+            device=args.device,
+            gpu_memory_fraction=args.gpu_memory_fraction,
             max_sequences=args.max_seqs,
             max_queue=args.max_queue,
             max_batch_tokens=args.max_batch_tokens,
@@ -240,10 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="the model id clients use (default: from the file)")
     s.add_argument("--context-length", type=int, help="tokens per sequence (default: model's)")
     s.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default: the first usable GPU where this build "
+        "has CUDA, else the CPU)",
+    )
+    s.add_argument(
         "--kv-cache-mb",
         type=float,
-        default=DEFAULT_KV_CACHE_MB,
-        help=f"KV-cache memory budget in MiB (default {DEFAULT_KV_CACHE_MB:.0f})",
+        help=f"KV-cache memory budget in MiB (default {DEFAULT_KV_CACHE_MB:.0f} on the CPU; "
+        "on a GPU, what --gpu-memory-fraction leaves beside the weights)",
+    )
+    s.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=0.9,
+        help="share of the GPU's free memory for weights and KV cache (default 0.9)",
     )
     s.add_argument(
         "--max-seqs",

@@ -24,6 +24,9 @@ MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_SEQUENCES = 16
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_BATCH_TOKENS = 256
+#: `zse serve`'s KV budget on the CPU: about 90k positions of SmolLM2 (F16 cache),
+#: i.e. eleven full 8k contexts, or 16 streams of 5k.
+DEFAULT_KV_CACHE_MB = 2048.0
 
 
 @dataclass(frozen=True)
@@ -344,8 +347,11 @@ class Engine:
     same result. Each step processes at most ``max_batch_tokens`` tokens: long prompts
     go in chunks between the decode steps of the others. Prompt prefixes seen before
     (a system prompt, earlier turns) are reused from the cache.
-    CPU threads come from ``RAYON_NUM_THREADS`` (default: every core), read once per
-    process when the first engine starts.
+    ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the default: the
+    first GPU where this build has CUDA and one is usable, else the CPU). On a GPU
+    without ``kv_cache_mb``, weights and KV cache take ``gpu_memory_fraction`` of the
+    GPU's free memory. CPU threads come from ``RAYON_NUM_THREADS`` (default: every
+    core), read once per process when the first engine starts.
     Sampling keywords (all methods that generate): ``max_tokens``, ``temperature``
     (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
@@ -363,6 +369,8 @@ class Engine:
         max_queue: int = DEFAULT_MAX_QUEUE,
         kv_cache_mb: float | None = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        device: str = "auto",
+        gpu_memory_fraction: float = 0.9,
     ) -> None:
         if context_length is not None:
             _check_int("context_length", context_length, 1)
@@ -374,6 +382,11 @@ class Engine:
             if _check_float("kv_cache_mb", kv_cache_mb) <= 0:
                 raise ValueError(f"invalid value for 'kv_cache_mb': {kv_cache_mb} must be > 0")
             kv_bytes = int(kv_cache_mb * 2**20)
+        fraction = _check_float("gpu_memory_fraction", gpu_memory_fraction)
+        if not 0 < fraction <= 1:
+            raise ValueError(
+                f"invalid value for 'gpu_memory_fraction': {fraction} (expected 0 < f <= 1)"
+            )
         model = Path(path) if path is not None else pull()
         self._native = _core.Engine(
             str(model),
@@ -383,8 +396,21 @@ class Engine:
             max_queue=max_queue,
             kv_cache_bytes=kv_bytes,
             max_batch_tokens=max_batch_tokens,
+            device=device,
+            gpu_memory_fraction=fraction,
         )
         self.metadata: dict[str, Any] = json.loads(self._native.info_json())
+
+    @property
+    def device(self) -> str:
+        """Where the model runs: ``"cpu"`` or ``"cuda:N"``."""
+        name: str = self.metadata["device"]
+        return name
+
+    def gpu_memory(self) -> tuple[int, int] | None:
+        """``(used, total)`` bytes of the engine's GPU, every process's use as its
+        driver reports it; None on the CPU."""
+        return self._native.gpu_memory()
 
     @property
     def model_name(self) -> str:

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 
 use candle_core::{DType, Device};
 
+use crate::device::{device_name, gpu_memory, GpuMemory};
 use crate::error::{Error, Result};
 use crate::format::zse::{Provenance, ZseTensors};
 use crate::format::ZseFile;
@@ -43,6 +44,9 @@ pub struct EngineOptions {
     /// Tokens per step, over all sequences: prompts are processed in chunks of
     /// what the decoding sequences leave of it.
     pub max_batch_tokens: usize,
+    /// On a GPU without `kv_cache_bytes`: the share of the GPU's free memory (as
+    /// found before loading) that weights and KV cache may take together.
+    pub gpu_memory_fraction: f64,
 }
 
 /// Positions per KV block: small enough that little is wasted at a sequence's end,
@@ -59,6 +63,7 @@ impl Default for EngineOptions {
             max_waiting: 256,
             kv_cache_bytes: None,
             max_batch_tokens: 256,
+            gpu_memory_fraction: 0.9,
         }
     }
 }
@@ -177,8 +182,34 @@ pub struct ModelInfo {
     pub limits: EngineLimits,
     /// Bytes of weights held in memory, all of which a decode step reads.
     pub weight_bytes: usize,
-    /// The CPU kernel path (`generic`, `avx2`, `avx512`).
+    /// How the model computes: ZSE's CPU kernels (`generic`, `avx2`, `avx512`) or
+    /// candle's operations (`candle`, always so on a GPU).
     pub cpu_kernels: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Where the KV budget came from: the caller, the default, or the GPU's memory.
+    pub kv_budget: KvBudgetSource,
+}
+
+/// Where the KV-cache budget came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvBudgetSource {
+    /// `kv_cache_bytes`.
+    Given,
+    /// Room for `max_running` sequences of the full context (CPU default).
+    FullContexts,
+    /// `gpu_memory_fraction` of the GPU's free memory, less the weights.
+    GpuMemory,
+}
+
+impl KvBudgetSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvBudgetSource::Given => "given",
+            KvBudgetSource::FullContexts => "full contexts",
+            KvBudgetSource::GpuMemory => "gpu memory",
+        }
+    }
 }
 
 /// The scheduling limits the engine runs under, as resolved at load.
@@ -230,6 +261,7 @@ pub struct EngineStats {
 
 pub struct Engine {
     info: ModelInfo,
+    device: Device,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     stats: Arc<EngineStats>,
@@ -240,8 +272,22 @@ pub struct Engine {
 
 impl Engine {
     /// Opens a `.zse` file, loads the model and starts its engine thread.
-    pub fn load(path: &Path, opts: EngineOptions) -> Result<Self> {
+    pub fn load(path: &Path, mut opts: EngineOptions) -> Result<Self> {
         let file = ZseFile::open(path)?;
+        let kv_budget = match opts.kv_cache_bytes {
+            Some(_) => KvBudgetSource::Given,
+            None => match gpu_memory(&opts.device)? {
+                None => KvBudgetSource::FullContexts,
+                Some(mem) => {
+                    opts.kv_cache_bytes = Some(gpu_kv_budget(
+                        mem,
+                        opts.gpu_memory_fraction,
+                        file.gguf().file_size(),
+                    )?);
+                    KvBudgetSource::GpuMemory
+                }
+            },
+        };
         let model_ctx = file.config.context_length;
         let mut context_length = match opts.context_length {
             Some(0) => {
@@ -295,7 +341,9 @@ impl Engine {
             eos_token_ids: file.eos_token_ids.clone(),
             limits: limits.clone(),
             weight_bytes: model.weight_bytes(),
-            cpu_kernels: model.kernel_path().name().to_string(),
+            cpu_kernels: model.backend().name().to_string(),
+            device: device_name(&opts.device),
+            kv_budget,
         };
         drop(file);
         let (tx, rx) = mpsc::channel();
@@ -323,6 +371,7 @@ impl Engine {
             .map_err(|e| Error::EngineStopped(e.to_string()))?;
         Ok(Self {
             info,
+            device: opts.device.clone(),
             tokenizer,
             template,
             stats,
@@ -334,6 +383,11 @@ impl Engine {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The memory of the GPU the engine runs on; None on the CPU.
+    pub fn gpu_memory(&self) -> Result<Option<GpuMemory>> {
+        gpu_memory(&self.device)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -780,7 +834,7 @@ impl Worker {
         self.sched.commit(&plan);
         // Sample where every known token is now computed. Unborn siblings are born
         // first, sharing the blocks, and sample from the same logits.
-        let mut done = Vec::new();
+        let mut ends = Vec::new();
         let mut i = 0;
         while i < self.sched.running.len() {
             let Some(mut row) = logits.get_mut(i).and_then(Option::take) else {
@@ -796,22 +850,30 @@ impl Worker {
             let entry = &mut self.sched.running[i];
             match advance(&self.tokenizer, &self.eos, &self.model, entry, &mut row) {
                 Ok(Advance::Continue) => {}
-                Ok(Advance::Finished | Advance::Gone) => done.push(i),
+                Ok(Advance::Finished(last)) => ends.push((i, End::Last(last))),
+                Ok(Advance::Gone) => ends.push((i, End::Gone)),
                 Err(e) => failed.push((i, e.to_string())),
             }
             i += 1;
         }
+        ends.extend(failed.into_iter().map(|(i, msg)| (i, End::Failed(msg))));
         // `finish` swaps the last entry in: remove from the back.
-        let mut ends: Vec<(usize, Option<String>)> = done.into_iter().map(|i| (i, None)).collect();
-        ends.extend(failed.into_iter().map(|(i, msg)| (i, Some(msg))));
         ends.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
-        for (i, failure) in ends {
-            let e = self.sched.finish(i);
-            match failure {
-                None => {
-                    self.stats.finished.fetch_add(1, Ordering::Relaxed);
+        let ended: Vec<_> = (ends.into_iter())
+            .map(|(i, end)| (self.sched.finish(i), end))
+            .collect();
+        self.stats
+            .finished
+            .fetch_add(ended.len() as u64, Ordering::Relaxed);
+        // A caller who sees a request's last event sees its sequence and blocks gone.
+        self.publish_stats();
+        for (e, end) in ended {
+            match end {
+                End::Last(event) => {
+                    e.data.sink.send(event);
                 }
-                Some(msg) => self.retire(e, FinishReason::Error(msg)),
+                End::Gone => {}
+                End::Failed(msg) => e.data.end(FinishReason::Error(msg)),
             }
         }
         Ok(())
@@ -916,7 +978,8 @@ impl Worker {
     }
 }
 
-/// Samples the next token of a sequence, sends its event, and says whether it ended.
+/// Samples the next token of a sequence, sends its event (or returns it, when it is
+/// the last), and says whether it ended.
 fn advance(
     tokenizer: &Tokenizer,
     eos: &[u32],
@@ -978,25 +1041,54 @@ fn advance(
         ev.finish = Some((r.clone(), req.usage()));
     }
     entry.seq.tokens.push(token);
+    if reason.is_some() {
+        return Ok(Advance::Finished(ev));
+    }
     if !req.sink.send(ev) {
         return Ok(Advance::Gone);
     }
-    Ok(if reason.is_some() {
-        Advance::Finished
-    } else {
-        Advance::Continue
-    })
+    Ok(Advance::Continue)
 }
 
 enum Advance {
     Continue,
-    Finished,
+    /// The sequence ended; its last event is sent once it has left the scheduler.
+    Finished(Event),
     /// The caller dropped its receiver: stop computing for it.
     Gone,
 }
 
+/// How a running sequence left in a step.
+enum End {
+    /// Finished: its last event, to send.
+    Last(Event),
+    /// Its caller went away.
+    Gone,
+    /// Its computation failed.
+    Failed(String),
+}
+
 /// The limits for `opts`: the KV budget in positions (at least one full context
 /// when no budget is given per sequence) and the bounds of both queues.
+/// The KV budget on a GPU: `fraction` of its free memory less the weights (the
+/// file's size bounds them: they stay as stored).
+fn gpu_kv_budget(mem: GpuMemory, fraction: f64, weights: usize) -> Result<usize> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(Error::invalid_argument(
+            "gpu_memory_fraction",
+            format!("{fraction} (expected more than 0, at most 1)"),
+        ));
+    }
+    let usable = (mem.free as f64 * fraction) as usize;
+    usable.checked_sub(weights).ok_or_else(|| {
+        Error::DeviceUnavailable(format!(
+            "the model ({weights} bytes) does not fit {fraction} of the GPU's free memory \
+             ({} of {} bytes free)",
+            mem.free, mem.total
+        ))
+    })
+}
+
 fn resolve_limits(
     config: &ModelConfig,
     opts: &EngineOptions,

@@ -20,6 +20,11 @@ pub enum Error {
     #[error("unsupported model: {0}")]
     Unsupported(String),
 
+    /// The device asked for cannot be used: not in this build, not present, or too
+    /// small for the model.
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(String),
+
     /// The prompt (plus at least one generated token) does not fit the context.
     #[error(
         "the prompt has {prompt_tokens} tokens but the model's context length is {context_length}"

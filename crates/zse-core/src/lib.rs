@@ -7,8 +7,10 @@
 //! - [`sample`]: logits processing and token choice;
 //! - [`sched`]: the scheduler (token budget, chunked prefill, admission, preemption);
 //! - [`text`]: tokenizer, chat template, detokenization, stop strings;
-//! - [`engine`]: the engine thread that ties them together.
+//! - [`engine`]: the engine thread that ties them together;
+//! - [`device`]: CPU or GPU, and a GPU's memory.
 
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod format;

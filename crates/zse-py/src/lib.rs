@@ -12,6 +12,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::{create_exception, PyErr};
+use zse_core::device::{device_name, parse_device};
 use zse_core::engine::{Event, EventSink, RequestId};
 use zse_core::format::{self, Quant, ZseFile};
 use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
@@ -33,6 +34,12 @@ create_exception!(
     UnsupportedModelError,
     ZseError,
     "A model ZSE cannot run (architecture, tensor type)."
+);
+create_exception!(
+    _core,
+    DeviceUnavailableError,
+    ZseError,
+    "The device asked for cannot be used: not in this build, absent, or too small."
 );
 create_exception!(
     _core,
@@ -65,6 +72,7 @@ fn to_py(e: Error) -> PyErr {
         Error::InvalidArgument { .. } | Error::Tokenizer(_) => PyValueError::new_err(msg),
         Error::InvalidFile { .. } => ModelFileError::new_err(msg),
         Error::Unsupported(_) => UnsupportedModelError::new_err(msg),
+        Error::DeviceUnavailable(_) => DeviceUnavailableError::new_err(msg),
         Error::ContextLengthExceeded { .. } => ContextLengthExceededError::new_err(msg),
         Error::Template(_) => TemplateError::new_err(msg),
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
@@ -226,7 +234,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (
         path, *, context_length=None, kv_cache_dtype="f16", max_sequences=16, max_queue=256,
-        kv_cache_bytes=None, max_batch_tokens=256
+        kv_cache_bytes=None, max_batch_tokens=256, device="auto", gpu_memory_fraction=0.9
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -238,6 +246,8 @@ impl Engine {
         max_queue: usize,
         kv_cache_bytes: Option<usize>,
         max_batch_tokens: usize,
+        device: &str,
+        gpu_memory_fraction: f64,
     ) -> PyResult<Self> {
         let kv_dtype = match kv_cache_dtype {
             "f16" => candle_core::DType::F16,
@@ -248,14 +258,16 @@ impl Engine {
                 )))
             }
         };
+        let device = parse_device(device).map_err(to_py)?;
         let opts = EngineOptions {
             context_length,
+            device,
+            gpu_memory_fraction,
             kv_dtype,
             max_running: max_sequences,
             max_waiting: max_queue,
             kv_cache_bytes,
             max_batch_tokens,
-            ..Default::default()
         };
         let inner = py
             .detach(|| zse_core::Engine::load(&path, opts))
@@ -282,6 +294,8 @@ impl Engine {
             "parameters": i.config.parameter_count(),
             "weight_bytes": i.weight_bytes,
             "cpu_kernels": i.cpu_kernels,
+            "device": i.device,
+            "kv_budget": i.kv_budget.as_str(),
             "limits": {
                 "max_sequences": i.limits.max_running,
                 "max_queue": i.limits.max_waiting,
@@ -419,6 +433,13 @@ impl Engine {
     /// The engine's counters now: running and waiting sequences, finished requests,
     /// KV blocks in use and positions filled, prefix-cache lookups and hits (in
     /// positions), preemptions.
+    /// `(used, total)` bytes of the GPU the engine runs on (every process's use, as
+    /// the driver reports it); None on the CPU.
+    fn gpu_memory(&self) -> PyResult<Option<(usize, usize)>> {
+        let mem = self.inner.gpu_memory().map_err(to_py)?;
+        Ok(mem.map(|m| (m.used(), m.total)))
+    }
+
     fn stats(&self) -> HashMap<&'static str, u64> {
         let s = self.inner.stats();
         let get = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
@@ -507,6 +528,13 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     .to_string())
 }
 
+/// The device a spec (`cpu`, `cuda`, `cuda:N`, `auto`) resolves to here, as
+/// `cpu` or `cuda:N`.
+#[pyfunction]
+fn resolve_device(spec: &str) -> PyResult<String> {
+    Ok(device_name(&parse_device(spec).map_err(to_py)?))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -514,12 +542,17 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RequestStream>()?;
     m.add_class::<Chunk>()?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add("ZseError", py.get_type::<ZseError>())?;
     m.add("ModelFileError", py.get_type::<ModelFileError>())?;
     m.add(
         "UnsupportedModelError",
         py.get_type::<UnsupportedModelError>(),
+    )?;
+    m.add(
+        "DeviceUnavailableError",
+        py.get_type::<DeviceUnavailableError>(),
     )?;
     m.add("EngineStoppedError", py.get_type::<EngineStoppedError>())?;
     m.add(

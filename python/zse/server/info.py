@@ -61,11 +61,15 @@ async def health(ctx: Ctx) -> dict[str, Any]:
     limits = ctx.engine.limits
     process = psutil.Process().memory_info().rss
     machine = psutil.virtual_memory()
+    # On a GPU, its memory as the driver reports it (every process's); on the CPU
+    # there is none, and the engine's memory is this process's.
+    gpu = ctx.engine.gpu_memory()
     return {
         "status": "draining" if ctx.inflight.draining else "healthy",
         "model": ctx.config.model_name,
-        "device": "cpu",
-        # The engine runs on the CPU: its memory is this process's, on this machine.
+        "device": ctx.engine.device,
+        "gpu_memory_used": None if gpu is None else format_bytes(gpu[0], binary=False),
+        "gpu_memory_total": None if gpu is None else format_bytes(gpu[1], binary=False),
         "process_memory_used": format_bytes(process, binary=False),
         "system_memory_used": format_bytes(machine.total - machine.available, binary=False),
         "system_memory_total": format_bytes(machine.total, binary=False),

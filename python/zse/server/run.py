@@ -23,14 +23,17 @@ from granian.log import LogLevels
 from granian.server.embed import Server
 
 from .. import __version__
+from .._core import resolve_device
 from ..convert import Quant
 from ..engine import (
+    DEFAULT_KV_CACHE_MB,
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_SEQUENCES,
     Engine,
 )
 from ..models import resolve_model
+from ..units import format_bytes
 from .app import create_app
 from .context import ServerConfig, ServerContext
 from .ratelimit import Limits
@@ -47,8 +50,11 @@ class ServeOptions:
     api_keys: tuple[str, ...] = ()
     model_name: str | None = None
     context_length: int | None = None
-    #: None: the engine's default, room for ``max_sequences`` full contexts.
+    #: None: DEFAULT_KV_CACHE_MB on the CPU; on a GPU, ``gpu_memory_fraction`` of its
+    #: free memory less the weights.
     kv_cache_mb: float | None = None
+    device: str = "auto"
+    gpu_memory_fraction: float = 0.9
     max_sequences: int = DEFAULT_MAX_SEQUENCES
     max_queue: int = DEFAULT_MAX_QUEUE
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
@@ -70,13 +76,19 @@ def serve(opts: ServeOptions) -> int:
         # candle sizes its thread pool from this when the engine first computes.
         os.environ["RAYON_NUM_THREADS"] = str(opts.threads)
     path = resolve_model(opts.model, quant=opts.quant)
+    device = resolve_device(opts.device)
+    kv_cache_mb = opts.kv_cache_mb
+    if kv_cache_mb is None and device == "cpu":
+        kv_cache_mb = DEFAULT_KV_CACHE_MB
     engine = Engine(
         path,
         context_length=opts.context_length,
         max_sequences=opts.max_sequences,
         max_queue=opts.max_queue,
-        kv_cache_mb=opts.kv_cache_mb,
+        kv_cache_mb=kv_cache_mb,
         max_batch_tokens=opts.max_batch_tokens,
+        device=device,
+        gpu_memory_fraction=opts.gpu_memory_fraction,
     )
     try:
         # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.
@@ -157,14 +169,22 @@ def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
     kv_mb = limits["kv_cache_tokens"] * limits["kv_bytes_per_token"] / 2**20
     threads = os.environ.get("RAYON_NUM_THREADS") or str(os.cpu_count())
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    budget = engine.metadata["kv_budget"]
+    kv_from = f", {opts.gpu_memory_fraction:g} of free GPU memory" if budget == "gpu memory" else ""
+    device = engine.device
+    gpu = engine.gpu_memory()
+    if gpu is not None:
+        used, total = (format_bytes(n, binary=True) for n in gpu)
+        device += f" ({used} of {total} used)"
     rows = [
         ("model", f"{config.model_name} ({engine.metadata['path']})"),
+        ("device", f"{device}, {engine.metadata['cpu_kernels']} kernels"),
         ("quantization", engine.metadata["quantization"]),
         ("context", f"{engine.context_length} tokens"),
         (
             "KV cache",
             f"{kv_mb:.0f} MiB = {limits['kv_blocks']} blocks of {limits['kv_block_size']} "
-            f"positions ({limits['kv_bytes_per_token']} B each), prefix reuse on",
+            f"positions ({limits['kv_bytes_per_token']} B each){kv_from}, prefix reuse on",
         ),
         ("sequences", f"{limits['max_sequences']} at once, {limits['max_queue']} may wait"),
         ("batch", f"{limits['max_batch_tokens']} tokens per step (prompts in chunks)"),

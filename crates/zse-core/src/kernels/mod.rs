@@ -13,7 +13,8 @@
 //! row times one activation row in a fixed order (see `generic`), so results do not
 //! depend on the batch, the tiling or the path.
 //!
-//! `ZSE_CPU_KERNELS=generic|avx2|avx512` picks a path (default: the best available).
+//! `ZSE_CPU_KERNELS=generic|avx2|avx512` picks a path (default: the best available);
+//! `candle` runs candle's own operations instead (`model::Backend`).
 
 pub mod acts;
 pub mod generic;
@@ -86,7 +87,7 @@ impl KernelPath {
                     .ok_or_else(|| {
                         Error::invalid_argument(
                             "ZSE_CPU_KERNELS",
-                            format!("'{name}' (expected generic, avx2, avx512 or auto)"),
+                            format!("'{name}' (expected generic, avx2, avx512, candle or auto)"),
                         )
                     })?;
                 if !path.supported() {

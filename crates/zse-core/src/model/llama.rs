@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::{paged_attention, Heads, SeqAttn};
@@ -37,6 +37,82 @@ pub struct BatchItem<'a> {
     pub logits: Logits,
 }
 
+/// The one-token items of a batch (decoding sequences), laid out once per forward
+/// pass for `Llama::attend_decoding`, which every layer runs.
+struct DecodeBatch {
+    count: usize,
+    /// The longest of their contexts (cached positions plus the new one).
+    longest: usize,
+    /// `[count]`: their rows among the batch's tokens.
+    rows: Tensor,
+    /// `[count * longest]`: each one's slots, padded with its first slot (written,
+    /// so finite; the mask hides it).
+    slots: Tensor,
+    /// `[count, 1, 1, longest]`: 0 where a position exists, -inf past its end.
+    mask: Tensor,
+    /// Where the batch also has longer items: the permutation from [decoding rows;
+    /// the others' rows] back to the batch's token order.
+    order: Option<Tensor>,
+}
+
+impl DecodeBatch {
+    fn new(items: &[BatchItem<'_>], device: &Device) -> Result<Option<Self>> {
+        let decoding: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].tokens.len() == 1)
+            .collect();
+        if decoding.is_empty() {
+            return Ok(None);
+        }
+        let count = decoding.len();
+        let longest = decoding
+            .iter()
+            .map(|&i| items[i].slots.len())
+            .max()
+            .unwrap_or(1);
+        let mut slots = Vec::with_capacity(count * longest);
+        let mut mask = Vec::with_capacity(count * longest);
+        for &i in &decoding {
+            let s = items[i].slots;
+            slots.extend_from_slice(s);
+            slots.extend(std::iter::repeat_n(s[0], longest - s.len()));
+            mask.extend(std::iter::repeat_n(0f32, s.len()));
+            mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, longest - s.len()));
+        }
+        // Token rows of the batch, and for each its row in [decoding; others].
+        let mut starts = Vec::with_capacity(items.len());
+        let mut total = 0;
+        for it in items {
+            starts.push(total);
+            total += it.tokens.len();
+        }
+        let rows: Vec<u32> = decoding.iter().map(|&i| starts[i] as u32).collect();
+        let order = (count < items.len()).then(|| {
+            let mut order = vec![0u32; total];
+            let mut next = count as u32;
+            for (i, it) in items.iter().enumerate() {
+                match decoding.binary_search(&i) {
+                    Ok(j) => order[starts[i]] = j as u32,
+                    Err(_) => {
+                        for r in 0..it.tokens.len() {
+                            order[starts[i] + r] = next;
+                            next += 1;
+                        }
+                    }
+                }
+            }
+            Tensor::from_vec(order, total, device)
+        });
+        Ok(Some(Self {
+            count,
+            longest,
+            rows: Tensor::from_vec(rows, count, device)?,
+            slots: Tensor::from_vec(slots, count * longest, device)?,
+            mask: Tensor::from_vec(mask, (count, 1, 1, longest), device)?,
+            order: order.transpose()?,
+        }))
+    }
+}
+
 /// Which positions of a batch item need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -48,19 +124,56 @@ pub enum Logits {
     All,
 }
 
-/// A weight matrix: ZSE's CPU kernels where they handle its block type (on the CPU),
-/// candle's quantized matmul otherwise.
+/// How the model computes: on the CPU with ZSE's kernels and its attention in place
+/// over the KV pool, or with candle's own operations (quantized matmul, attention
+/// over gathered keys and values). The second is how a GPU runs; on the CPU,
+/// `ZSE_CPU_KERNELS=candle` picks it, so that the GPU's code path is tested here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Kernels(KernelPath),
+    Candle,
+}
+
+impl Backend {
+    /// The backend for `device`: candle's on a GPU; on the CPU, the kernels
+    /// `ZSE_CPU_KERNELS` names (default: the best this CPU runs).
+    pub fn select(device: &Device) -> Result<Self> {
+        let forced = std::env::var("ZSE_CPU_KERNELS").ok();
+        if !device.is_cpu() || forced.as_deref() == Some("candle") {
+            return Ok(Backend::Candle);
+        }
+        Ok(Backend::Kernels(KernelPath::select()?))
+    }
+
+    /// `generic`, `avx2` or `avx512` for ZSE's kernels, `candle` otherwise.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Kernels(path) => path.name(),
+            Backend::Candle => "candle",
+        }
+    }
+}
+
+/// A weight matrix: ZSE's CPU kernels where they handle its block type, candle's
+/// quantized matmul otherwise.
 enum Weight {
     Kernel(QWeight, KernelPath),
     Candle(QMatMul),
 }
 
 impl Weight {
-    fn new(t: Arc<QTensor>, device: &Device, path: KernelPath) -> Result<Self> {
-        if device.is_cpu() {
+    fn new(t: Arc<QTensor>, device: &Device, backend: Backend) -> Result<Self> {
+        if let Backend::Kernels(path) = backend {
             if let Some(w) = QWeight::from_qtensor(&t)? {
                 return Ok(Weight::Kernel(w, path));
             }
+        }
+        // Candle widens 16-bit float weights to F32; on a GPU they stay 16-bit (half
+        // the memory, and a decode step reads every weight once).
+        if !device.is_cpu() && matches!(t.dtype(), GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(Weight::Candle(QMatMul::TensorF16(
+                t.dequantize_f16(device)?,
+            )));
         }
         Ok(Weight::Candle(QMatMul::from_arc(t)?))
     }
@@ -173,9 +286,9 @@ struct Layer {
 pub struct Llama {
     config: ModelConfig,
     device: Device,
-    /// The token embedding; None when it is the output head's kernel weights (tied
+    /// The token embedding; None when it is the output head's weights (tied
     /// embeddings), which serve the lookup too instead of a second copy.
-    embed: Option<Arc<QTensor>>,
+    embed: Option<Weight>,
     layers: Vec<Layer>,
     output_norm: Tensor,
     lm_head: Weight,
@@ -185,7 +298,7 @@ pub struct Llama {
     max_positions: usize,
     /// Storage type of the KV cache.
     kv_dtype: DType,
-    kernel_path: KernelPath,
+    backend: Backend,
 }
 
 /// Every tensor a model with this config has, with its shape (candle order). The
@@ -279,7 +392,8 @@ fn load_f32(
 
 impl Llama {
     /// Builds the model from `src`, checking every tensor's presence and shape.
-    /// `max_positions` bounds the RoPE tables (the serving context length).
+    /// `max_positions` bounds the RoPE tables (the serving context length). It
+    /// computes as `Backend::select` says for the device.
     pub fn load(
         config: &ModelConfig,
         src: &dyn TensorSource,
@@ -287,6 +401,25 @@ impl Llama {
         kv_dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let backend = Backend::select(device)?;
+        Self::load_with(config, src, max_positions, kv_dtype, device, backend)
+    }
+
+    /// `load` with the backend given.
+    pub fn load_with(
+        config: &ModelConfig,
+        src: &dyn TensorSource,
+        max_positions: usize,
+        kv_dtype: DType,
+        device: &Device,
+        backend: Backend,
+    ) -> Result<Self> {
+        if backend != Backend::Candle && !device.is_cpu() {
+            return Err(Error::invalid_argument(
+                "backend",
+                "ZSE's kernels run on the CPU only",
+            ));
+        }
         config.validate()?;
         if !matches!(kv_dtype, DType::F16 | DType::F32) {
             return Err(Error::invalid_argument(
@@ -297,10 +430,9 @@ impl Llama {
         let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let path = KernelPath::select()?;
         let weight = |name: &str, out: usize, inp: usize| -> Result<Weight> {
             let t = load_checked(src, &format!("{name}.weight"), &[out, inp])?;
-            Weight::new(Arc::new(t), device, path)
+            Weight::new(Arc::new(t), device, backend)
         };
         let bias = |name: &str, out: usize, present: bool| -> Result<Option<Tensor>> {
             present
@@ -346,16 +478,11 @@ impl Llama {
                 down: weight(&format!("{p}.ffn_down"), h, f)?,
             });
         }
-        let embed = Arc::new(load_checked(src, "token_embd.weight", &[c.vocab_size, h])?);
+        let embed = weight("token_embd", c.vocab_size, h)?;
         let (embed, lm_head) = if c.tied_embeddings {
-            let head = Weight::new(embed.clone(), device, path)?;
-            match head {
-                Weight::Kernel(..) => (None, head),
-                Weight::Candle(_) => (Some(embed), head),
-            }
+            (None, embed)
         } else {
-            let t = load_checked(src, "output.weight", &[c.vocab_size, h])?;
-            (Some(embed), Weight::new(Arc::new(t), device, path)?)
+            (Some(embed), weight("output", c.vocab_size, h)?)
         };
         let factors = match src.load(ROPE_FREQS)? {
             Some(t) => Some(
@@ -386,7 +513,7 @@ impl Llama {
             sin,
             max_positions,
             kv_dtype,
-            kernel_path: path,
+            backend,
         })
     }
 
@@ -394,9 +521,9 @@ impl Llama {
         &self.config
     }
 
-    /// The CPU kernel path chosen at load.
-    pub fn kernel_path(&self) -> KernelPath {
-        self.kernel_path
+    /// How the model computes, chosen at load.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Bytes of weight matrices held (a decode step reads all of them; norms and
@@ -405,7 +532,7 @@ impl Llama {
         let mut total = self.lm_head.size_bytes();
         if let Some(e) = &self.embed {
             // Read a row per token, but held all the same.
-            total += e.storage_size_in_bytes();
+            total += e.size_bytes();
         }
         for l in &self.layers {
             total += l.qkv.weights.iter().map(Weight::size_bytes).sum::<usize>();
@@ -439,7 +566,8 @@ impl Llama {
     }
 
     /// Runs one step for a batch of sequences, storing their new keys and values in
-    /// `pool`, and returns per item the logits it asked for (`[n, vocab]`).
+    /// `pool`, and returns per item the logits it asked for (`[n, vocab]`, in CPU
+    /// memory).
     pub fn forward(&self, items: &[BatchItem<'_>], pool: &KvPool) -> Result<Vec<Option<Tensor>>> {
         let c = &self.config;
         let mut ids = Vec::new();
@@ -483,6 +611,10 @@ impl Llama {
             self.sin.index_select(&positions, 0)?,
         );
         let write = pool.prepare_write(&new_slots)?;
+        let decode = match self.backend {
+            Backend::Candle => DecodeBatch::new(items, &self.device)?,
+            Backend::Kernels(_) => None,
+        };
         let kv_width = c.num_kv_heads * c.head_dim;
         let mut x = self.embed(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -497,7 +629,7 @@ impl Llama {
             // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
             let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
             pool.write(li, &write, &k_rows, &v)?;
-            let att = self.attend(li, &q, items, pool)?;
+            let att = self.attend(li, &q, items, pool, decode.as_ref())?;
             x = (x + layer.o.forward(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
             let [gate, up]: [Tensor; 2] = layer
@@ -529,7 +661,12 @@ impl Llama {
         let rows_t = Tensor::from_vec(rows, counts.iter().sum::<usize>(), &self.device)?;
         let x = x.index_select(&rows_t, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.output_norm, c.rms_norm_eps)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        // Sampling runs on the CPU: one copy of every row from a GPU, not one per row.
+        let logits = self
+            .lm_head
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
         let mut out = Vec::with_capacity(counts.len());
         let mut start = 0;
         for n in counts {
@@ -541,9 +678,8 @@ impl Llama {
 
     /// The embeddings of `ids`, `[tokens, hidden]`.
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        match (&self.embed, &self.lm_head) {
-            (Some(e), _) => Ok(e.embedding(ids)?),
-            (None, Weight::Kernel(w, _)) => {
+        match self.embed.as_ref().unwrap_or(&self.lm_head) {
+            Weight::Kernel(w, _) => {
                 let ids = ids.to_vec1::<u32>()?;
                 let mut out = vec![0f32; ids.len() * w.cols];
                 for (row, &id) in out.chunks_exact_mut(w.cols).zip(&ids) {
@@ -551,7 +687,7 @@ impl Llama {
                 }
                 Ok(Tensor::from_vec(out, (ids.len(), w.cols), &self.device)?)
             }
-            (None, Weight::Candle(_)) => Err(Error::Compute("no token embedding".into())),
+            Weight::Candle(q) => Ok(q.embedding(ids)?.to_dtype(DType::F32)?),
         }
     }
 
@@ -572,19 +708,21 @@ impl Llama {
     }
 
     /// The batch's attention for layer `li`, `q: [heads, tokens, head_dim]` ->
-    /// `[tokens, heads * head_dim]`: in place over the pool on the CPU
-    /// (`attention::paged_attention`), else per sequence over keys and values
-    /// gathered from it.
+    /// `[tokens, heads * head_dim]`: in place over the pool with ZSE's kernels
+    /// (`attention::paged_attention`); on candle's operations, the decoding
+    /// sequences together (`decode`) and the others one by one, over keys and
+    /// values gathered from the pool.
     fn attend(
         &self,
         li: usize,
         q: &Tensor,
         items: &[BatchItem<'_>],
         pool: &KvPool,
+        decode: Option<&DecodeBatch>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let tokens = q.dim(1)?;
-        if q.device().is_cpu() {
+        if let Backend::Kernels(_) = self.backend {
             let mut seqs = Vec::with_capacity(items.len());
             let mut offset = 0;
             for it in items {
@@ -609,10 +747,17 @@ impl Llama {
                 return Ok(Tensor::from_vec(out, shape, &self.device)?);
             }
         }
-        let mut outs = Vec::with_capacity(items.len());
+        let mut outs = Vec::with_capacity(items.len() + 1);
+        if let Some(d) = decode {
+            outs.push(self.attend_decoding(li, q, d, pool)?);
+        }
         let mut off = 0;
         for it in items {
             let n = it.tokens.len();
+            if decode.is_some() && n == 1 {
+                off += n;
+                continue;
+            }
             let qi = q.narrow(1, off, n)?.contiguous()?;
             let slots = Tensor::from_slice(it.slots, it.slots.len(), &self.device)?;
             let (kc, vc) = pool.gather(li, &slots)?;
@@ -627,7 +772,43 @@ impl Llama {
             outs.push(self.attention(&qi, &heads(kc)?, &heads(vc)?, it.past)?);
             off += n;
         }
-        Ok(Tensor::cat(&outs, 0)?)
+        let out = Tensor::cat(&outs, 0)?;
+        match decode.and_then(|d| d.order.as_ref()) {
+            Some(order) => Ok(out.index_select(order, 0)?),
+            None => Ok(out),
+        }
+    }
+
+    /// Attention of every one-token item of the batch at once, `[decoding, heads *
+    /// head_dim]`: keys and values gathered into `[decoding, kv_heads, longest,
+    /// head_dim]`, shorter sequences masked.
+    fn attend_decoding(
+        &self,
+        li: usize,
+        q: &Tensor,
+        d: &DecodeBatch,
+        pool: &KvPool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (n, len) = (d.count, d.longest);
+        let q = q
+            .index_select(&d.rows, 1)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, nkv, nh / nkv, hd))?;
+        let (kc, vc) = pool.gather(li, &d.slots)?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((n, len, nkv, hd))?
+                .transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .contiguous()?)
+        };
+        let (k, v) = (heads(kc)?, heads(vc)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&d.mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(probs.matmul(&v)?.reshape((n, nh * hd))?)
     }
 
     /// Causal attention of `q: [heads, n, d]` at positions `pos..pos + n` over the
@@ -733,6 +914,16 @@ mod tests {
 
     /// Random weights; `k_type` for the key projection, Q8_0 for the other matrices.
     fn model(k_type: GgmlDType) -> Llama {
+        model_with(
+            k_type,
+            GgmlDType::Q8_0,
+            Backend::select(&Device::Cpu).unwrap(),
+        )
+    }
+
+    /// Random weights, `k_type` for the key projection and `w_type` for the other
+    /// matrices, on `backend`.
+    fn model_with(k_type: GgmlDType, w_type: GgmlDType, backend: Backend) -> Llama {
         let c = config();
         let mut tensors = HashMap::new();
         for (i, (name, shape)) in expected_tensors(&c).into_iter().enumerate() {
@@ -744,11 +935,12 @@ mod tests {
             let dtype = match (shape.len(), name.contains("attn_k")) {
                 (1, _) => GgmlDType::F32,
                 (_, true) => k_type,
-                _ => GgmlDType::Q8_0,
+                _ => w_type,
             };
             tensors.insert(name, QTensor::quantize(&t, dtype).unwrap());
         }
-        Llama::load(&c, &Memory(tensors), 64, DType::F32, &Device::Cpu).unwrap()
+        let src = Memory(tensors);
+        Llama::load_with(&c, &src, 64, DType::F32, &Device::Cpu, backend).unwrap()
     }
 
     fn logits(m: &Llama, tokens: &[u32]) -> Vec<f32> {
@@ -783,5 +975,60 @@ mod tests {
         assert!(worst < 0.5, "logits apart by {worst}");
         // The tied head serves the embedding: no second copy.
         assert!(stacked.embed.is_none());
+    }
+
+    fn item<'a>(tokens: &'a [u32], past: usize, slots: &'a [u32]) -> BatchItem<'a> {
+        BatchItem {
+            tokens,
+            past,
+            slots,
+            logits: Logits::All,
+        }
+    }
+
+    /// Runs two steps of three sequences on `m`: A and C prefill, then A and C
+    /// decode beside B's prefill. Returns every logits row of the second step.
+    fn two_steps(m: &Llama) -> Vec<Vec<f32>> {
+        let pool = m.new_kv_pool(4, 16).unwrap();
+        let (a, b, c) = (
+            [3u32, 7, 1, 4, 9, 2],
+            [5u32, 6, 8],
+            [2u32, 2, 4, 8, 16, 32, 1, 11],
+        );
+        let slots = |r: std::ops::Range<u32>| r.collect::<Vec<u32>>();
+        let (sa, sb, sc) = (slots(0..6), slots(16..19), slots(32..40));
+        m.forward(
+            &[item(&a[..5], 0, &sa[..5]), item(&c[..7], 0, &sc[..7])],
+            &pool,
+        )
+        .unwrap();
+        let second = [
+            item(&a[5..], 5, &sa),
+            item(&b, 0, &sb),
+            item(&c[7..], 7, &sc),
+        ];
+        let out = m.forward(&second, &pool).unwrap();
+        out.into_iter()
+            .flat_map(|t| t.unwrap().to_vec2::<f32>().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn candles_operations_compute_what_the_kernels_compute() {
+        // F32 weights: the same matmul on both; only attention differs (in place
+        // over the pool, against gathered, with the decoding sequences batched and
+        // the rows put back in the batch's order).
+        let kernels = Backend::select(&Device::Cpu).unwrap();
+        let native = two_steps(&model_with(GgmlDType::F32, GgmlDType::F32, kernels));
+        let candle = two_steps(&model_with(GgmlDType::F32, GgmlDType::F32, Backend::Candle));
+        assert_eq!(native.len(), 1 + 3 + 1);
+        for (row, (x, y)) in native.iter().zip(&candle).enumerate() {
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "row {row}: logits apart by {worst}");
+        }
     }
 }

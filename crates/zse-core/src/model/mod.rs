@@ -6,4 +6,4 @@ pub mod config;
 pub mod llama;
 
 pub use config::{ModelConfig, RopeStyle};
-pub use llama::{BatchItem, Llama, Logits};
+pub use llama::{Backend, BatchItem, Llama, Logits};
