@@ -38,8 +38,12 @@ fn cuda(ordinal: usize) -> Result<Device> {
                 .into(),
         ));
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::DeviceUnavailable(format!("cannot use GPU cuda:{ordinal}: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| {
+        // candle appends a backtrace to some errors: the first line says it all.
+        let e = e.to_string();
+        let cause = e.lines().next().unwrap_or_default();
+        Error::DeviceUnavailable(format!("cannot use GPU cuda:{ordinal}: {cause}"))
+    })
 }
 
 /// How the device is named to users: `cpu` or `cuda:N`.
