@@ -17,7 +17,7 @@ TOLERANCE = 2e-3  # F32 throughout: only summation order differs from llama.cpp
 
 @pytest.fixture(scope="module", params=["kernels", "candle"])
 def tiny(request: pytest.FixtureRequest, qwen_tiny: Path) -> Iterator[zse.Engine]:
-    """The model on the CPU's own path, and on candle's operations (the code path a
+    """The model on ZSE's CPU kernels, and on candle's operations (the code path a
     GPU runs: candle's matmul, attention over keys and values gathered from the pool)."""
     with pytest.MonkeyPatch.context() as mp:
         if request.param == "candle":

@@ -383,10 +383,6 @@ class Engine:
                 raise ValueError(f"invalid value for 'kv_cache_mb': {kv_cache_mb} must be > 0")
             kv_bytes = int(kv_cache_mb * 2**20)
         fraction = _check_float("gpu_memory_fraction", gpu_memory_fraction)
-        if not 0 < fraction <= 1:
-            raise ValueError(
-                f"invalid value for 'gpu_memory_fraction': {fraction} (expected 0 < f <= 1)"
-            )
         model = Path(path) if path is not None else pull()
         self._native = _core.Engine(
             str(model),

@@ -273,6 +273,14 @@ pub struct Engine {
 impl Engine {
     /// Opens a `.zse` file, loads the model and starts its engine thread.
     pub fn load(path: &Path, mut opts: EngineOptions) -> Result<Self> {
+        // Checked on every device, so that a bad value fails where it is written.
+        let fraction = opts.gpu_memory_fraction;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(Error::invalid_argument(
+                "gpu_memory_fraction",
+                format!("{fraction} (expected more than 0, at most 1)"),
+            ));
+        }
         let file = ZseFile::open(path)?;
         let kv_budget = match opts.kv_cache_bytes {
             Some(_) => KvBudgetSource::Given,
@@ -1068,17 +1076,9 @@ enum End {
     Failed(String),
 }
 
-/// The limits for `opts`: the KV budget in positions (at least one full context
-/// when no budget is given per sequence) and the bounds of both queues.
 /// The KV budget on a GPU: `fraction` of its free memory less the weights (the
 /// file's size bounds them: they stay as stored).
 fn gpu_kv_budget(mem: GpuMemory, fraction: f64, weights: usize) -> Result<usize> {
-    if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(Error::invalid_argument(
-            "gpu_memory_fraction",
-            format!("{fraction} (expected more than 0, at most 1)"),
-        ));
-    }
     let usable = (mem.free as f64 * fraction) as usize;
     usable.checked_sub(weights).ok_or_else(|| {
         Error::DeviceUnavailable(format!(
@@ -1089,6 +1089,8 @@ fn gpu_kv_budget(mem: GpuMemory, fraction: f64, weights: usize) -> Result<usize>
     })
 }
 
+/// The limits for `opts`: the KV budget in positions (at least one full context
+/// when no budget is given per sequence) and the bounds of both queues.
 fn resolve_limits(
     config: &ModelConfig,
     opts: &EngineOptions,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::{create_exception, PyErr};
-use zse_core::device::{device_name, parse_device};
+use zse_core::device::{parse_device, resolve_device_name};
 use zse_core::engine::{Event, EventSink, RequestId};
 use zse_core::format::{self, Quant, ZseFile};
 use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
@@ -529,10 +529,10 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
 }
 
 /// The device a spec (`cpu`, `cuda`, `cuda:N`, `auto`) resolves to here, as
-/// `cpu` or `cuda:N`.
+/// `cpu` or `cuda:N`, without opening it.
 #[pyfunction]
 fn resolve_device(spec: &str) -> PyResult<String> {
-    Ok(device_name(&parse_device(spec).map_err(to_py)?))
+    resolve_device_name(spec).map_err(to_py)
 }
 
 #[pymodule]
