@@ -1,7 +1,9 @@
 //! Activations quantized to 8 bits once per matmul (llama.cpp's Q8_0/Q8_1 form), laid
 //! out for the kernels: each row's blocks of 32 values contiguous, and the per-block
 //! scales twice, by row (eight consecutive blocks of a row are one vector load) and
-//! transposed (`[block][row]`: one block of eight consecutive rows is one load).
+//! transposed (`[block][row]`: one block of eight consecutive rows is one load); and
+//! each whole group of eight rows again, interleaved block by block for the kernels'
+//! batched form.
 
 use half::f16;
 use rayon::prelude::*;
@@ -15,6 +17,20 @@ const PAR_MIN_ROWS: usize = 16;
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(32))]
 pub struct QBlock(pub [i8; QK]);
+
+/// Rows the kernels take at once in their batched form.
+pub const GROUP: usize = 8;
+
+/// One block of a group of `GROUP` consecutive rows: the rows' blocks, then their
+/// scales, each repeated in eight lanes. A kernel serving the group finds row `r`'s
+/// block and scale at fixed offsets (no address arithmetic per row) and loads the
+/// scale as a vector (no shuffle to broadcast it).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+pub struct GroupBlock {
+    pub qs: [QBlock; GROUP],
+    pub d: [[f32; 8]; GROUP],
+}
 
 /// `m` rows of `nb` blocks.
 #[derive(Debug)]
@@ -34,6 +50,9 @@ pub struct Acts {
     /// `[block][row]`: the scale times the sum of the block's values, rounded through
     /// f16 (the correction term of weights with a minimum).
     pub s: Vec<f32>,
+    /// `[group][block]`: the rows of each whole group of `GROUP` (`m / GROUP`
+    /// groups), again, block by block.
+    pub groups: Vec<GroupBlock>,
 }
 
 impl Acts {
@@ -61,6 +80,16 @@ impl Acts {
                 s_rows[i * nbp + b] = sb;
             }
         }
+        let mut groups = Vec::with_capacity(m / GROUP * nb);
+        for g in 0..m / GROUP {
+            for b in 0..nb {
+                let row = |r: usize| (g * GROUP + r) * nb + b;
+                groups.push(GroupBlock {
+                    qs: std::array::from_fn(|r| qs[row(r)]),
+                    d: std::array::from_fn(|r| [ds[row(r)].0; 8]),
+                });
+            }
+        }
         Acts {
             m,
             nb,
@@ -70,6 +99,7 @@ impl Acts {
             s_rows,
             d,
             s,
+            groups,
         }
     }
 

@@ -349,7 +349,53 @@ mod fast {
             base.add((slot as usize * view.width + view.g * view.hd) * esz)
         }
 
+        /// The lane sums of eight vectors, each in lane order (as `dot` sums its
+        /// lanes), as the lanes of one vector: transposed, then added row by row.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn sum_lanes8(v: &[__m256; 8]) -> __m256 {
+            let lo = |a, b| _mm256_unpacklo_ps(a, b);
+            let hi = |a, b| _mm256_unpackhi_ps(a, b);
+            // Pairs interleaved: (v0 v1) lanes 0 1 | 4 5, and 2 3 | 6 7; likewise
+            // for (v2 v3), (v4 v5), (v6 v7).
+            let t = [
+                lo(v[0], v[1]),
+                hi(v[0], v[1]),
+                lo(v[2], v[3]),
+                hi(v[2], v[3]),
+                lo(v[4], v[5]),
+                hi(v[4], v[5]),
+                lo(v[6], v[7]),
+                hi(v[6], v[7]),
+            ];
+            // Lane l of v0..v3 in the low half (l < 4) or lane l + 4 (high half).
+            let quad = |a, b, c, d| {
+                [
+                    _mm256_shuffle_ps::<0x44>(a, b),
+                    _mm256_shuffle_ps::<0xEE>(a, b),
+                    _mm256_shuffle_ps::<0x44>(c, d),
+                    _mm256_shuffle_ps::<0xEE>(c, d),
+                ]
+            };
+            let u = quad(t[0], t[2], t[1], t[3]);
+            let w = quad(t[4], t[6], t[5], t[7]);
+            // Row l: lane l of v0..v7.
+            let mut sum = _mm256_permute2f128_ps::<0x20>(u[0], w[0]);
+            for l in 1..8 {
+                let row = if l < 4 {
+                    _mm256_permute2f128_ps::<0x20>(u[l], w[l])
+                } else {
+                    _mm256_permute2f128_ps::<0x31>(u[l - 4], w[l - 4])
+                };
+                sum = _mm256_add_ps(sum, row);
+            }
+            sum
+        }
+
         /// `scores[t * span + j] = dot(query t, key j) * scale` for visible keys.
+        /// Eight (query, key) pairs at a time: their chains of adds overlap, and
+        /// their lane sums are one transposition; each score's own order is
+        /// unchanged.
         #[target_feature(enable = "avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn scores<const H: bool, const C: usize>(
@@ -360,33 +406,80 @@ mod fast {
             scores: &mut [f32],
             span: usize,
         ) {
-            for (j, &slot) in view.slots.iter().enumerate() {
-                let p = head_at::<H>(base, view, slot);
-                let mut key = [_mm256_setzero_ps(); C];
-                for (c, kc) in key.iter_mut().enumerate() {
-                    *kc = chunk::<H>(p, c);
+            let mut t = 0;
+            while t < queries.len() {
+                let tile = ScoreTile {
+                    base,
+                    view,
+                    first: t,
+                    scale,
+                    span,
+                };
+                t += match queries.len() - t {
+                    1 => tile.run::<H, C, 1, 8>(queries, scores),
+                    2 | 3 => tile.run::<H, C, 2, 4>(queries, scores),
+                    _ => tile.run::<H, C, 4, 2>(queries, scores),
+                };
+            }
+        }
+
+        /// Queries `first..first + Q` of a `scores` call.
+        struct ScoreTile<'a, 'b> {
+            base: *const u8,
+            view: &'a HeadView<'b>,
+            first: usize,
+            scale: f32,
+            span: usize,
+        }
+
+        impl ScoreTile<'_, '_> {
+            /// The tile's scores, `K` keys at a time (`Q * K == 8`); returns `Q`.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn run<const H: bool, const C: usize, const Q: usize, const K: usize>(
+                &self,
+                queries: &[Query<'_>],
+                scores: &mut [f32],
+            ) -> usize {
+                let qs = &queries[self.first..self.first + Q];
+                let seen = qs.iter().map(|r| r.visible).max().unwrap_or(0);
+                let scale = _mm256_set1_ps(self.scale);
+                let mut j = 0;
+                while j < seen {
+                    let n = K.min(seen - j);
+                    // Past the last key, the last key again (computed, not stored).
+                    let keys: [*const u8; K] = std::array::from_fn(|kk| {
+                        head_at::<H>(self.base, self.view, self.view.slots[j + kk.min(n - 1)])
+                    });
+                    // Pair (t, kk) at t * K + kk.
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in 0..C {
+                        let qc: [__m256; Q] =
+                            std::array::from_fn(|t| _mm256_loadu_ps(qs[t].q.as_ptr().add(8 * c)));
+                        for (kk, &key) in keys.iter().enumerate() {
+                            let kc = chunk::<H>(key, c);
+                            for t in 0..Q {
+                                let a = &mut acc[t * K + kk];
+                                *a = _mm256_add_ps(*a, _mm256_mul_ps(qc[t], kc));
+                            }
+                        }
+                    }
+                    let mut sums = [0f32; 8];
+                    _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_mul_ps(sum_lanes8(&acc), scale));
+                    for (t, r) in qs.iter().enumerate() {
+                        let row = (self.first + t) * self.span + j;
+                        for kk in 0..n.min(r.visible.saturating_sub(j)) {
+                            scores[row + kk] = sums[t * K + kk];
+                        }
+                    }
+                    j += n;
                 }
-                for (t, r) in queries.iter().enumerate() {
-                    if j >= r.visible {
-                        continue;
-                    }
-                    let mut acc = _mm256_setzero_ps();
-                    for (c, kc) in key.iter().enumerate() {
-                        let qc = _mm256_loadu_ps(r.q[8 * c..][..8].as_ptr());
-                        acc = _mm256_add_ps(acc, _mm256_mul_ps(qc, *kc));
-                    }
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                    let mut sum = lanes[0];
-                    for l in &lanes[1..] {
-                        sum += l;
-                    }
-                    scores[t * span + j] = sum * scale;
-                }
+                Q
             }
         }
 
         /// `out[t] += weights[t * span + j] * inv[t] * value j`, in position order.
+        /// One query keeps its whole output in registers; several go two at a time,
+        /// 32 values of the output at a time, in registers too.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn values<const H: bool, const C: usize>(
             base: *const u8,
@@ -397,12 +490,13 @@ mod fast {
             out: &mut [f32],
         ) {
             let (hd, span) = (8 * C, view.slots.len());
-            if let ([r], [inv0]) = (queries, inv) {
-                // One row: the output stays in registers.
+            // Value `j`'s weight for query `t`.
+            let weight = |t: usize, j: usize| _mm256_set1_ps(weights[t * span + j] * inv[t]);
+            if let [r] = queries {
                 let mut o = [_mm256_setzero_ps(); C];
-                for (j, &slot) in view.slots[..r.visible].iter().enumerate() {
-                    let p = head_at::<H>(base, view, slot);
-                    let a = _mm256_set1_ps(weights[j] * inv0);
+                for j in 0..r.visible {
+                    let p = head_at::<H>(base, view, view.slots[j]);
+                    let a = weight(0, j);
                     for (c, oc) in o.iter_mut().enumerate() {
                         *oc = _mm256_add_ps(*oc, _mm256_mul_ps(a, chunk::<H>(p, c)));
                     }
@@ -412,23 +506,35 @@ mod fast {
                 }
                 return;
             }
-            for (j, &slot) in view.slots.iter().enumerate() {
-                let p = head_at::<H>(base, view, slot);
-                let mut val = [_mm256_setzero_ps(); C];
-                for (c, vc) in val.iter_mut().enumerate() {
-                    *vc = chunk::<H>(p, c);
-                }
-                for (t, (r, o)) in queries.iter().zip(out.chunks_exact_mut(hd)).enumerate() {
-                    if j >= r.visible {
-                        continue;
+            const GROUP: usize = 4;
+            for t0 in (0..queries.len()).step_by(2) {
+                let pair = &queries[t0..(t0 + 2).min(queries.len())];
+                // Both queries see the first `both` values; the rest are one's alone.
+                let both = pair.iter().map(|r| r.visible).min().unwrap_or(0);
+                for c0 in (0..C).step_by(GROUP) {
+                    let mut o = [[_mm256_setzero_ps(); GROUP]; 2];
+                    for j in 0..both {
+                        let p = head_at::<H>(base, view, view.slots[j]);
+                        let a = [weight(t0, j), weight(t0 + pair.len() - 1, j)];
+                        for c in 0..GROUP {
+                            let vc = chunk::<H>(p, c0 + c);
+                            for (o, a) in o.iter_mut().zip(a).take(pair.len()) {
+                                o[c] = _mm256_add_ps(o[c], _mm256_mul_ps(a, vc));
+                            }
+                        }
                     }
-                    let a = _mm256_set1_ps(weights[t * span + j] * inv[t]);
-                    for (c, vc) in val.iter().enumerate() {
-                        let oc = o.as_mut_ptr().add(8 * c);
-                        _mm256_storeu_ps(
-                            oc,
-                            _mm256_add_ps(_mm256_loadu_ps(oc), _mm256_mul_ps(a, *vc)),
-                        );
+                    for (t, (r, o)) in pair.iter().zip(&mut o).enumerate() {
+                        for j in both..r.visible {
+                            let p = head_at::<H>(base, view, view.slots[j]);
+                            let a = weight(t0 + t, j);
+                            for (c, oc) in o.iter_mut().enumerate() {
+                                *oc = _mm256_add_ps(*oc, _mm256_mul_ps(a, chunk::<H>(p, c0 + c)));
+                            }
+                        }
+                        let dst = out.as_mut_ptr().add((t0 + t) * hd + 8 * c0);
+                        for (c, oc) in o.iter().enumerate() {
+                            _mm256_storeu_ps(dst.add(8 * c), *oc);
+                        }
                     }
                 }
             }
@@ -618,6 +724,29 @@ mod tests {
                     assert_eq!(fast, portable, "hd {hd}, n {n}");
                 }
             }
+            // Decoding sequences of different lengths, enough of them that a
+            // group's query heads share an item (tiles of several queries).
+            let lens = [1usize, 9, 17, 30, 5, 12];
+            let slots: Vec<Vec<u32>> = (lens.iter().enumerate())
+                .map(|(s, &len)| {
+                    (0..len as u32)
+                        .map(|p| (p * 5 + 9 * s as u32) % 64)
+                        .collect()
+                })
+                .collect();
+            let seqs: Vec<SeqAttn<'_>> = (slots.iter().enumerate())
+                .map(|(i, sl)| SeqAttn {
+                    slots: sl,
+                    past: sl.len() - 1,
+                    n: 1,
+                    offset: i,
+                })
+                .collect();
+            let q: Vec<f32> = (0..nh * seqs.len() * hd).map(|i| pseudo(i + 4)).collect();
+            let (kr, vr) = (KvRows::F16(&k16), KvRows::F16(&v16));
+            let fast = attention_with(&q, seqs.len(), kr, vr, &seqs, h, true);
+            let portable = attention_with(&q, seqs.len(), kr, vr, &seqs, h, false);
+            assert_eq!(fast, portable, "hd {hd}, decoding batch");
         }
     }
 
