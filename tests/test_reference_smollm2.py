@@ -22,8 +22,11 @@ TOLERANCE = 0.05
 # 0.3.36 itself, built on this machine kind (GGML_NATIVE=ON), differs from the
 # reference by 0.19-0.55 and matches only 3 of the 8 greedy cases. These cases are
 # expected to fail until the reference and the engine share one arithmetic; strict,
-# so a case that starts passing is noticed and moved back.
-KNOWN_GREEDY_MISMATCH = {1, 7}
+# so a case that starts passing is noticed and moved back. Which cases flip moves with
+# any such difference: taking llama.cpp's own RMSNorm and SwiGLU arithmetic (issue 4)
+# brought case 7 into agreement and sent case 5 out (a flip at step 5, where the
+# reference's top-2 gap is 0.18); eight of ten agree, as before.
+KNOWN_GREEDY_MISMATCH = {1, 5}
 # candle's CPU quantized matmul rounds in its own order too: the same two cases, and
 # case 3, where it flips a near-tie (top-2 gap 0.08) at step 1. The exact check of
 # that code path is the F32 Qwen2 reference (test_reference_qwen2.py), run on both.

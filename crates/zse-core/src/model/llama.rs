@@ -618,7 +618,7 @@ impl Llama {
         let kv_width = c.num_kv_heads * c.head_dim;
         let mut x = self.embed(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
             let [q, k, v]: [Tensor; 3] = layer
                 .qkv
                 .forward(&h)?
@@ -631,13 +631,13 @@ impl Llama {
             pool.write(li, &write, &k_rows, &v)?;
             let att = self.attend(li, &q, items, pool, decode.as_ref())?;
             x = (x + layer.o.forward(&att)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let [gate, up]: [Tensor; 2] = layer
                 .gate_up
                 .forward(&h)?
                 .try_into()
                 .map_err(|_| Error::Compute("gate/up projections".into()))?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            let act = self.swiglu(&gate, &up)?;
             x = (x + layer.down.forward(&act)?)?;
         }
         // Only the rows whose logits are wanted go through the (large) output head.
@@ -660,7 +660,7 @@ impl Llama {
         }
         let rows_t = Tensor::from_vec(rows, counts.iter().sum::<usize>(), &self.device)?;
         let x = x.index_select(&rows_t, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, c.rms_norm_eps)?;
+        let x = self.rms_norm(&x, &self.output_norm)?;
         // Sampling runs on the CPU: one copy of every row from a GPU, not one per row.
         let logits = self
             .lm_head
@@ -689,6 +689,30 @@ impl Llama {
             }
             Weight::Candle(q) => Ok(q.embedding(ids)?.to_dtype(DType::F32)?),
         }
+    }
+
+    /// RMSNorm of `x: [tokens, hidden]` with `weight`: llama.cpp's arithmetic on ZSE's
+    /// CPU kernels, candle's operation elsewhere.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if let Backend::Kernels(_) = self.backend {
+            let (xs, w) = (x.flatten_all()?.to_vec1()?, weight.to_vec1()?);
+            let y = super::cpu_ops::rms_norm(&xs, &w, eps);
+            return Ok(Tensor::from_vec(y, x.shape(), &self.device)?);
+        }
+        Ok(candle_nn::ops::rms_norm(x, weight, eps)?)
+    }
+
+    /// `silu(gate) * up`: fused on ZSE's CPU kernels (`swiglu`), candle's
+    /// operations elsewhere.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if let Backend::Kernels(_) = self.backend {
+            let (g, u) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
+            let mut act = vec![0f32; g.len()];
+            super::cpu_ops::swiglu(&g, &u, &mut act);
+            return Ok(Tensor::from_vec(act, gate.shape(), &self.device)?);
+        }
+        Ok((candle_nn::ops::silu(gate)? * up)?)
     }
 
     /// `x: [tokens, heads * head_dim]` rotated for its tokens' positions (`cos` and

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod cpu_ops;
 pub mod llama;
 
 pub use config::{ModelConfig, RopeStyle};
