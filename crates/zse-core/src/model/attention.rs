@@ -734,20 +734,25 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let seqs: Vec<SeqAttn<'_>> = (slots.iter().enumerate())
-                .map(|(i, sl)| SeqAttn {
-                    slots: sl,
-                    past: sl.len() - 1,
-                    n: 1,
-                    offset: i,
-                })
-                .collect();
+            let seqs = decoding(&slots);
             let q: Vec<f32> = (0..nh * seqs.len() * hd).map(|i| pseudo(i + 4)).collect();
             let (kr, vr) = (KvRows::F16(&k16), KvRows::F16(&v16));
             let fast = attention_with(&q, seqs.len(), kr, vr, &seqs, h, true);
             let portable = attention_with(&q, seqs.len(), kr, vr, &seqs, h, false);
             assert_eq!(fast, portable, "hd {hd}, decoding batch");
         }
+    }
+
+    /// One decoding token per sequence, each at the end of its slots.
+    fn decoding(slots: &[Vec<u32>]) -> Vec<SeqAttn<'_>> {
+        (slots.iter().enumerate())
+            .map(|(i, sl)| SeqAttn {
+                slots: sl,
+                past: sl.len() - 1,
+                n: 1,
+                offset: i,
+            })
+            .collect()
     }
 
     #[test]
@@ -772,16 +777,7 @@ mod tests {
             .enumerate()
             .map(|(s, &len)| (0..len).map(|p| (p * 3 + s as u32 * 24) % 96).collect())
             .collect();
-        let seqs: Vec<SeqAttn<'_>> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, sl)| SeqAttn {
-                slots: sl,
-                past: sl.len() - 1,
-                n: 1,
-                offset: i,
-            })
-            .collect();
+        let seqs = decoding(&slots);
         let tokens = seqs.len();
         let q: Vec<f32> = (0..nh * tokens * hd).map(|i| pseudo(i + 2)).collect();
         let batched = paged_attention(&q, tokens, KvRows::F16(&k), KvRows::F16(&v), &seqs, h);
