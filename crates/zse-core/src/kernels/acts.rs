@@ -1,9 +1,9 @@
 //! Activations quantized to 8 bits once per matmul (llama.cpp's Q8_0/Q8_1 form), laid
 //! out for the kernels: each row's blocks of 32 values contiguous, and the per-block
 //! scales twice, by row (eight consecutive blocks of a row are one vector load) and
-//! transposed (`[block][row]`: one block of eight consecutive rows is one load); and
-//! each whole group of eight rows again, interleaved block by block for the kernels'
-//! batched form.
+//! transposed (`[block][row]`: the portable code's order, and the sums of one block of
+//! eight consecutive rows in one load); and each whole group of eight rows again,
+//! interleaved block by block with its scales splatted, for the kernels' batched form.
 
 use half::f16;
 use rayon::prelude::*;

@@ -127,19 +127,18 @@ macro_rules! x86_path {
                 MIN => w.m.row_bytes((k + kk) * nbp, nbp),
                 _ => std::ptr::null(),
             });
-            let xq: [*const __m256i; R] =
-                std::array::from_fn(|r| a.row(i + r).as_ptr() as *const __m256i);
             // By row (one activation row) or transposed (eight).
             let (xd_row, xs_row) = (
                 a.d_rows[i * nbp..][..nbp].as_ptr(),
                 a.s_rows[i * nbp..][..nbp].as_ptr(),
             );
             let xs_t = a.s[..nb * m].as_ptr().add(i);
-            // Eight rows: their group, block by block (`i` is a multiple of 8).
-            let group = if R == 8 {
-                a.groups[i / 8 * nb..(i / 8 + 1) * nb].as_ptr()
+            // One row: its blocks; eight: their group, block by block (`i` is then a
+            // multiple of 8).
+            let (xq, group) = if R == 8 {
+                (std::ptr::null(), a.groups[i / 8 * nb..(i / 8 + 1) * nb].as_ptr())
             } else {
-                std::ptr::null()
+                (a.row(i).as_ptr() as *const __m256i, std::ptr::null())
             };
             let low = _mm256_set1_epi8(0x0F);
             let mut acc = [[_mm256_setzero_ps(); R]; K];
@@ -200,7 +199,7 @@ macro_rules! x86_path {
                             let xv = if R == 8 {
                                 _mm256_load_si256((*group.add(b)).qs[r].0.as_ptr() as *const __m256i)
                             } else {
-                                _mm256_load_si256(xq[r].add(b))
+                                _mm256_load_si256(xq.add(b))
                             };
                             let x = if L == MIN {
                                 xv
