@@ -130,6 +130,35 @@ def test_many_async_streams_share_one_loop(tiny_engine: zse.Engine) -> None:
     assert [c.token_ids for c in together] == [c.token_ids for c in solo]
 
 
+def test_a_stuck_wake_up_hook_never_stalls_the_engine(tiny_engine: zse.Engine) -> None:
+    # Async streams are woken through this hook. It runs on the bindings' own thread,
+    # not the engine's: even a hook that never returns leaves other requests running.
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        release.wait()
+
+    ids = tiny_engine.prompt_ids("Hello")
+    (stuck_stream,) = tiny_engine._native.submit(
+        ids, temperature=0, max_tokens=5, ignore_eos=True, notify=stuck
+    )
+    others: list[zse.Completion] = []
+    other = threading.Thread(
+        target=lambda: others.append(
+            tiny_engine.generate("Count to three.", temperature=0, max_tokens=8, ignore_eos=True)
+        )
+    )
+    try:
+        assert entered.wait(60)
+        other.start()
+        other.join(timeout=60)
+        assert [c.usage.completion_tokens for c in others] == [8]
+    finally:
+        release.set()
+    assert sum(len(c.token_ids) for c in stuck_stream) == 5
+
+
 def test_concurrent_requests_batch_and_match_solo_runs(tiny_engine: zse.Engine) -> None:
     prompts = [f"Question {n}: " + "why? " * n for n in range(6)]
     solo = [tiny_engine.generate(p, temperature=0, max_tokens=12, ignore_eos=True) for p in prompts]

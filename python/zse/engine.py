@@ -221,8 +221,9 @@ class Delta:
 
 
 class _AsyncChunks:
-    """The engine's chunks for one choice, awaited without a thread: the engine
-    thread wakes the event loop through ``call_soon_threadsafe`` (see `_submit_async`)."""
+    """The engine's chunks for one choice, awaited without a thread per request: the
+    bindings' notifier thread wakes the event loop through ``call_soon_threadsafe``
+    (see `_submit_async`)."""
 
     def __init__(
         self, engine: Engine, request: _Request, stream: _core.RequestStream, wake: asyncio.Event
@@ -287,7 +288,8 @@ def _submit_async(
     cls: type[_Chunks], engine: Engine, request: _Request, prompt_ids: list[int], n: int
 ) -> list[_Chunks]:
     """Submits ``n`` choices from inside a running event loop. One wake-up hook for
-    all of them, called on the engine thread, sets each choice's event on the loop."""
+    all of them, called on the bindings' notifier thread (never the engine's, which
+    must not wait for the GIL), sets each choice's event on the loop."""
     loop = asyncio.get_running_loop()
     wakes = [asyncio.Event() for _ in range(n)]
 

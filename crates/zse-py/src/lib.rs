@@ -17,6 +17,9 @@ use zse_core::engine::{Event, EventSink, RequestId};
 use zse_core::format::{self, Quant, ZseFile};
 use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
 
+mod notify;
+use notify::Notifier;
+
 create_exception!(
     _core,
     ZseError,
@@ -227,6 +230,7 @@ impl Drop for RequestStream {
 #[pyclass(frozen, module = "zse._core")]
 struct Engine {
     inner: Arc<zse_core::Engine>,
+    notifier: Notifier,
 }
 
 #[pymethods]
@@ -272,8 +276,11 @@ impl Engine {
         let inner = py
             .detach(|| zse_core::Engine::load(&path, opts))
             .map_err(to_py)?;
+        let notifier = Notifier::start()
+            .map_err(|e| PyOSError::new_err(format!("cannot start the notifier thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(inner),
+            notifier,
         })
     }
 
@@ -384,27 +391,14 @@ impl Engine {
             ignore_eos,
             logprobs,
         };
-        // The hook runs on the engine thread: it takes the GIL only to make the call
-        // (which should be cheap, e.g. `loop.call_soon_threadsafe`); its errors are
-        // the caller's business, never the engine's.
         if n == 0 {
             return Err(PyValueError::new_err(
                 "invalid value for 'n': must be at least 1",
             ));
         }
-        // One hook for all `n` choices.
+        // One callback for all `n` choices, called on the notifier thread.
         let notify = notify.map(Arc::new);
-        let hook = || {
-            notify.clone().map(|cb| -> Box<dyn Fn() + Send> {
-                Box::new(move || {
-                    Python::attach(|py| {
-                        if let Err(e) = cb.call0(py) {
-                            e.write_unraisable(py, None);
-                        }
-                    })
-                })
-            })
-        };
+        let hook = || notify.as_ref().map(|cb| self.notifier.hook(cb));
         let (sinks, receivers): (Vec<_>, Vec<_>) =
             (0..n).map(|_| EventSink::channel(hook())).unzip();
         let ids = self.inner.submit_n(req, sinks).map_err(to_py)?;
