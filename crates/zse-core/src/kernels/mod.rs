@@ -39,7 +39,8 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
-    const ALL: [KernelPath; 3] = [KernelPath::Generic, KernelPath::Avx2, KernelPath::Avx512];
+    pub(crate) const ALL: [KernelPath; 3] =
+        [KernelPath::Generic, KernelPath::Avx2, KernelPath::Avx512];
 
     pub fn name(self) -> &'static str {
         match self {

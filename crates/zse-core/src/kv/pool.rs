@@ -3,7 +3,7 @@
 //! position ("slot"). Which slots a sequence owns is `blocks`' business; this module
 //! only writes rows at given slots and reads them back.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
 use half::f16;
 
 use crate::error::Result;
@@ -69,6 +69,24 @@ impl KvPool {
         Ok(())
     }
 
+    /// Stores rows of `k` and `v` (`[slots.len(), width]`) at `slots`, in place,
+    /// converting to the pool's dtype as `write` does: the CPU forward pass's write,
+    /// without index tensors or copies. Errors on a pool outside CPU memory.
+    pub fn write_rows(&self, layer: usize, slots: &[u32], k: &[f32], v: &[f32]) -> Result<()> {
+        let (kc, vc) = &self.layers[layer];
+        kc.inplace_op1(&WriteRows {
+            slots,
+            rows: k,
+            width: self.width,
+        })?;
+        vc.inplace_op1(&WriteRows {
+            slots,
+            rows: v,
+            width: self.width,
+        })?;
+        Ok(())
+    }
+
     /// The rows at `slots` (a `[total]` u32 tensor), as `[total, width]` keys and values.
     pub fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         let (kc, vc) = &self.layers[layer];
@@ -120,6 +138,56 @@ impl KvPool {
     }
 }
 
+/// Rows of f32 stored at slots of a pool tensor (`KvPool::write_rows`).
+struct WriteRows<'a> {
+    slots: &'a [u32],
+    rows: &'a [f32],
+    width: usize,
+}
+
+impl InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "zse-kv-write-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let w = self.width;
+        if self.rows.len() != self.slots.len() * w || layout.start_offset() != 0 {
+            candle_core::bail!("{} rows for {} slots", self.rows.len(), self.slots.len());
+        }
+        let rows = self.rows.chunks_exact(w);
+        match storage {
+            // `from_f32` rounds to nearest even, as candle's `to_dtype` does.
+            CpuStorage::F16(pool) => store(pool, self.slots, rows, w, |d, s| {
+                d.iter_mut()
+                    .zip(s)
+                    .for_each(|(d, &s)| *d = f16::from_f32(s))
+            }),
+            CpuStorage::F32(pool) => store(pool, self.slots, rows, w, |d, s| d.copy_from_slice(s)),
+            _ => candle_core::bail!("a KV pool of neither f16 nor f32"),
+        }
+    }
+}
+
+/// `put` of each row into its slot's row of `pool`; an error for a slot past its end.
+fn store<T>(
+    pool: &mut [T],
+    slots: &[u32],
+    rows: std::slice::ChunksExact<'_, f32>,
+    width: usize,
+    put: impl Fn(&mut [T], &[f32]),
+) -> candle_core::Result<()> {
+    let len = pool.len();
+    for (&slot, row) in slots.iter().zip(rows) {
+        let at = slot as usize * width;
+        match pool.get_mut(at..at + width) {
+            Some(dst) => put(dst, row),
+            None => candle_core::bail!("KV slot {slot} past the pool's {} rows", len / width),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +214,38 @@ mod tests {
             ck.to_dtype(DType::F32)?.to_vec2::<f32>()?,
             vec![vec![4., 5., 6.]]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn rows_written_in_place_are_the_rows_scatter_writes() -> Result<()> {
+        let dev = Device::Cpu;
+        // Values that f16 must round (ties to even among them), in both dtypes.
+        let k: Vec<f32> = (0..6).map(|i| 1.0 + i as f32 * 0.000_61 + 1e-4).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x * 1e3 - 0.5).collect();
+        for dtype in [DType::F16, DType::F32] {
+            let (a, b) = (
+                KvPool::new(1, 4, 2, 3, dtype, &dev)?,
+                KvPool::new(1, 4, 2, 3, dtype, &dev)?,
+            );
+            let slots = [5u32, 2];
+            let (kt, vt) = (
+                Tensor::from_slice(&k, (2, 3), &dev)?,
+                Tensor::from_slice(&v, (2, 3), &dev)?,
+            );
+            a.write(0, &a.prepare_write(&slots)?, &kt, &vt)?;
+            b.write_rows(0, &slots, &k, &v)?;
+            let idx = Tensor::new(&slots, &dev)?;
+            let ((ak, av), (bk, bv)) = (a.gather(0, &idx)?, b.gather(0, &idx)?);
+            let bits = |t: Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            assert_eq!(bits(ak)?, bits(bk)?, "{dtype:?}");
+            assert_eq!(bits(av)?, bits(bv)?, "{dtype:?}");
+            // A slot past the pool (8 rows) is an error, not a panic.
+            assert!(b.write_rows(0, &[8], &k[..3], &v[..3]).is_err());
+            assert!(b.write_rows(0, &[1], &k, &v).is_err(), "rows for one slot");
+        }
         Ok(())
     }
 }

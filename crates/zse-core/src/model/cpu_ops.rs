@@ -1,20 +1,27 @@
-//! Two elementwise steps of the forward pass on the CPU, in llama.cpp's arithmetic:
+//! Elementwise steps of the forward pass on the CPU, in llama.cpp's arithmetic:
 //! RMSNorm, and the feed-forward activation of the Llama family, SwiGLU
-//! (`silu(gate) * up`) fused into one pass over the two projections.
+//! (`silu(gate) * up`) fused into one pass over the two projections; and RoPE on
+//! plain slices, as candle computes it.
 //!
 //! Done with candle's operations, SwiGLU is two new tensors and a call to the C
-//! library's `expf` per value: at eight decoding sequences, 12,288 calls a layer and 5%
-//! of a step. Here `exp` is the algorithm of Arm's optimized-routines `expf` (a
-//! degree-5 polynomial after reduction by powers of two, within 2 ulp), which is what
-//! llama.cpp's vector code computes SwiGLU with on x86 and Arm; the compiler
-//! vectorises it eight values at a time. Each value goes through the same operations
-//! whether it sits in a full group of eight or in the remainder, and each row is
+//! library's `expf` per value. Here `exp` is the algorithm of Arm's
+//! optimized-routines `expf` (a degree-5 polynomial after reduction by powers of two,
+//! within 2 ulp), which is what llama.cpp's vector code computes SwiGLU with on x86
+//! and Arm; with AVX2 and FMA, eight values at a time, in the same operations as the
+//! portable loop, value by value. Each value's result is its own and each row is
 //! normalised on its own, so a token's result does not depend on how many tokens
 //! share the step.
+//!
+//! RoPE here lets the CPU kernels' forward pass rotate queries and keys straight
+//! from the q/k/v projections' output rows into the attention's layout and the KV
+//! pool, where candle's operation needs a transposed copy in and a tensor out.
 //!
 //! Why llama.cpp's arithmetic: the activations are quantized to 8 bits before every
 //! matmul, so a 1-ulp difference anywhere can flip a rounding and move the output;
 //! the closer each step is to the reference's, the closer the whole forward pass.
+
+use super::config::RopeStyle;
+use crate::kernels::KernelPath;
 
 /// RMSNorm of each row of `x` (rows of `weight.len()`), in llama.cpp's order: the
 /// squares summed in f64, the row scaled by `1 / sqrt(mean + eps)`, then by the
@@ -33,22 +40,44 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// `out[i] = silu(gate[i]) * up[i]`.
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+/// `out[i] = silu(gate[i]) * up[i]`. Every path gives the same bits; on AVX2 with
+/// FMA, eight values at a time (the portable loop's `mul_add` is a libm call where
+/// the build does not assume FMA, 4 ns a value).
+pub fn swiglu(path: KernelPath, gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(
         gate.len() == out.len() && up.len() == out.len(),
         "swiglu lengths"
     );
-    let mut outs = out.chunks_exact_mut(8);
-    let (mut gates, mut ups) = (gate.chunks_exact(8), up.chunks_exact(8));
-    for ((o, g), u) in (&mut outs).zip(&mut gates).zip(&mut ups) {
-        for l in 0..8 {
-            o[l] = silu(g[l]) * u[l];
-        }
+    #[cfg(target_arch = "x86_64")]
+    if path != KernelPath::Generic && path.supported() {
+        // SAFETY: `supported()` checked AVX2 and FMA at run time.
+        return unsafe { x86::swiglu(gate, up, out) };
     }
-    let rest = outs.into_remainder().iter_mut();
-    for ((o, &g), &u) in rest.zip(gates.remainder()).zip(ups.remainder()) {
+    let _ = path;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = silu(g) * u;
+    }
+}
+
+/// Rotates one head's `x` (`head_dim` values) for one position (`cos` and `sin`,
+/// `head_dim / 2` each) into `out`: pairs `(2i, 2i + 1)` in the interleaved style,
+/// `(i, i + head_dim / 2)` in NeoX's, each as `(a cos - b sin, a sin + b cos)`, the
+/// arithmetic of candle's `rope_i` and `rope` and of llama.cpp.
+pub fn rope_head(x: &[f32], cos: &[f32], sin: &[f32], style: RopeStyle, out: &mut [f32]) {
+    let half = cos.len();
+    assert!(
+        x.len() == 2 * half && out.len() == x.len() && sin.len() == half,
+        "rope lengths"
+    );
+    let (lo, hi) = match style {
+        RopeStyle::Interleaved => (2, 1),
+        RopeStyle::Neox => (1, half),
+    };
+    for i in 0..half {
+        let (i1, i2) = (i * lo, i * lo + hi);
+        let (a, b) = (x[i1], x[i2]);
+        out[i1] = a * cos[i] - b * sin[i];
+        out[i2] = a * sin[i] + b * cos[i];
     }
 }
 
@@ -57,22 +86,24 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + exp(0.0 - x))
 }
 
+// e^x's constants (see `exp`).
+const SHIFT: f32 = 12_582_912.0;
+const LN2_HI: f32 = 0.693_145_75; // 0x1.62e4p-1
+const LN2_LO: f32 = 1.428_606_8e-6; // 0x1.7f7d1cp-20 (hex floats: the exact values)
+/// e^b - 1 ~ b (C4 + C3 b + b^2 (C2 + C1 b + b^2 C0)).
+const C: [f32; 5] = [
+    0.008_247_39,  // 0x1.0e4020p-7
+    0.041_899_767, // 0x1.573e2ep-5
+    0.166_683_96,  // 0x1.555e66p-3
+    0.499_991_27,  // 0x1.fffdb6p-2
+    0.999_999_4,   // 0x1.ffffecp-1
+];
+
 /// e^x, to within 2 ulp; beyond f32's range, 0 or infinity.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     // x = n ln 2 + b, |b| <= ln 2 / 2, with n rounded to an integer by adding 1.5 * 2^23
     // (which leaves n in the low bits of z) and ln 2 in two parts, so that b is exact.
-    const SHIFT: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_145_75; // 0x1.62e4p-1
-    const LN2_LO: f32 = 1.428_606_8e-6; // 0x1.7f7d1cp-20 (hex floats: the exact values)
-                                        // e^b - 1 ~ b (C4 + C3 b + b^2 (C2 + C1 b + b^2 C0)).
-    const C: [f32; 5] = [
-        0.008_247_39,  // 0x1.0e4020p-7
-        0.041_899_767, // 0x1.573e2ep-5
-        0.166_683_96,  // 0x1.555e66p-3
-        0.499_991_27,  // 0x1.fffdb6p-2
-        0.999_999_4,   // 0x1.ffffecp-1
-    ];
     let z = x.mul_add(std::f32::consts::LOG2_E, SHIFT);
     let n = z - SHIFT;
     let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
@@ -95,6 +126,68 @@ fn exp(x: f32) -> f32 {
     }
     let s2 = f32::from_bits(e.wrapping_sub(g));
     s2.mul_add(j, s2) * s1
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::silu;
+    use std::arch::x86_64::*;
+
+    /// `super::swiglu`, eight values a step: `exp` as in the portable code, the same
+    /// operations in the same order, lane by lane; a group with a lane outside
+    /// `exp`'s fast range (|n| > 126, or NaN) goes through the portable code.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let set = |v: f32| _mm256_set1_ps(v);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, the length of all three slices.
+            let (g, u) = unsafe {
+                (
+                    _mm256_loadu_ps(gate.as_ptr().add(i)),
+                    _mm256_loadu_ps(up.as_ptr().add(i)),
+                )
+            };
+            let x = _mm256_sub_ps(_mm256_setzero_ps(), g);
+            let z = _mm256_fmadd_ps(x, set(std::f32::consts::LOG2_E), set(super::SHIFT));
+            let nn = _mm256_sub_ps(z, set(super::SHIFT));
+            let in_range = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_andnot_ps(set(-0.0), nn), set(126.0));
+            if _mm256_movemask_ps(in_range) != 0xff {
+                for j in i..i + 8 {
+                    out[j] = silu(gate[j]) * up[j];
+                }
+                i += 8;
+                continue;
+            }
+            let b = _mm256_fnmadd_ps(
+                nn,
+                set(super::LN2_LO),
+                _mm256_fnmadd_ps(nn, set(super::LN2_HI), x),
+            );
+            let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+            let k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_set1_epi32(0x3f80_0000)));
+            let bb = _mm256_mul_ps(b, b);
+            let c = super::C;
+            let j = _mm256_fmadd_ps(
+                _mm256_fmadd_ps(
+                    _mm256_fmadd_ps(set(c[0]), b, set(c[1])),
+                    bb,
+                    _mm256_fmadd_ps(set(c[2]), b, set(c[3])),
+                ),
+                bb,
+                _mm256_mul_ps(set(c[4]), b),
+            );
+            let ex = _mm256_fmadd_ps(j, k, k);
+            let y = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(set(1.0), ex)), u);
+            // SAFETY: as the loads.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), y) };
+            i += 8;
+        }
+        for j in i..n {
+            out[j] = silu(gate[j]) * up[j];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -177,7 +270,7 @@ mod tests {
         let gate: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.77).collect();
         let up: Vec<f32> = (0..37).map(|i| (i as f32 * 0.31).sin()).collect();
         let mut out = vec![0f32; 37];
-        swiglu(&gate, &up, &mut out);
+        swiglu(KernelPath::Generic, &gate, &up, &mut out);
         for i in 0..37 {
             let g = gate[i] as f64;
             let want = g / (1.0 + (-g).exp()) * up[i] as f64;
@@ -185,14 +278,85 @@ mod tests {
                 (out[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
                 "{i}"
             );
-            // A value alone (the remainder path) gets the bits it got in a group.
-            let mut one = [0f32];
-            swiglu(&gate[i..=i], &up[i..=i], &mut one);
-            assert_eq!(one[0].to_bits(), out[i].to_bits(), "{i}");
         }
         // Saturation: silu(-100) is -0 times up, silu(100) is 100.
         let mut ends = [0f32; 2];
-        swiglu(&[-100.0, 100.0], &[1.0, 1.0], &mut ends);
+        swiglu(
+            KernelPath::Generic,
+            &[-100.0, 100.0],
+            &[1.0, 1.0],
+            &mut ends,
+        );
         assert!(ends[0].abs() < 1e-30 && ends[1] == 100.0);
+    }
+
+    #[test]
+    fn every_swiglu_path_gives_the_portable_bits_in_and_out_of_groups() {
+        // Values across exp's fast range and past it (groups that take the portable
+        // code), infinities and NaN, at every offset within a group of eight.
+        let mut gate: Vec<f32> = (0..4000)
+            .map(|i| (i as f32 * 0.7331).sin() * 30.0)
+            .collect();
+        gate.extend([
+            -130.0,
+            95.0,
+            200.0,
+            -1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        gate.extend((0..21).map(|i| i as f32 * 0.01));
+        let up: Vec<f32> = (0..gate.len())
+            .map(|i| (i as f32 * 0.113).cos() * 3.0)
+            .collect();
+        let mut want = vec![0f32; gate.len()];
+        swiglu(KernelPath::Generic, &gate, &up, &mut want);
+        for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
+            for start in 0..8 {
+                let mut got = vec![0f32; gate.len() - start];
+                swiglu(path, &gate[start..], &up[start..], &mut got);
+                for (k, (g, w)) in got.iter().zip(&want[start..]).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{path:?}, value {}", start + k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rope_head_gives_candles_bits_in_both_styles() {
+        use candle_core::{Device, Tensor};
+        let (heads, tokens, hd) = (3, 5, 16);
+        let x: Vec<f32> = (0..heads * tokens * hd)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+            .collect();
+        let angles: Vec<f32> = (0..tokens * hd / 2)
+            .map(|i| (i / (hd / 2)) as f32 * 0.9f32.powi((i % (hd / 2)) as i32))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let dev = &Device::Cpu;
+        let xt = Tensor::from_vec(x.clone(), (1, heads, tokens, hd), dev).unwrap();
+        let ct = Tensor::from_vec(cos.clone(), (tokens, hd / 2), dev).unwrap();
+        let st = Tensor::from_vec(sin.clone(), (tokens, hd / 2), dev).unwrap();
+        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+            let want = match style {
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&xt, &ct, &st),
+                RopeStyle::Neox => candle_nn::rotary_emb::rope(&xt, &ct, &st),
+            }
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+            let mut got = vec![0f32; x.len()];
+            for (at, (row, out)) in x.chunks(hd).zip(got.chunks_mut(hd)).enumerate() {
+                let t = at % tokens;
+                let cs = t * hd / 2..(t + 1) * hd / 2;
+                rope_head(row, &cos[cs.clone()], &sin[cs], style, out);
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{style:?}");
+        }
     }
 }

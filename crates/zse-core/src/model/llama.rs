@@ -248,6 +248,31 @@ impl Projections {
         })
     }
 
+    /// Where the kernels run the projections as one stacked matrix: `x: [tokens, in]`
+    /// -> the rows `[tokens, sum of widths]`, biases added, with no tensor between
+    /// (the CPU forward pass reads its parts in place). None otherwise, computing
+    /// nothing.
+    fn stacked_rows(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
+        let [Weight::Kernel(w, path)] = self.weights.as_slice() else {
+            return Ok(None);
+        };
+        let m = x.dim(0)?;
+        let mut y = w.matmul(&x.flatten_all()?.to_vec1::<f32>()?, m, *path);
+        let mut at = 0;
+        for (&width, bias) in self.widths.iter().zip(&self.biases) {
+            if let Some(b) = bias {
+                let b = b.to_vec1::<f32>()?;
+                for row in y.chunks_exact_mut(w.rows) {
+                    for (v, b) in row[at..at + width].iter_mut().zip(&b) {
+                        *v += b;
+                    }
+                }
+            }
+            at += width;
+        }
+        Ok(Some(y))
+    }
+
     /// `x: [tokens, in]` -> one `[tokens, width]` tensor per projection.
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let mut outs = Vec::with_capacity(self.widths.len());
@@ -610,34 +635,59 @@ impl Llama {
             self.cos.index_select(&positions, 0)?,
             self.sin.index_select(&positions, 0)?,
         );
-        let write = pool.prepare_write(&new_slots)?;
+        // Candle's scatter indices, made when a layer first needs them.
+        let mut write = None;
         let decode = match self.backend {
             Backend::Candle => DecodeBatch::new(items, &self.device)?,
             Backend::Kernels(_) => None,
         };
         let kv_width = c.num_kv_heads * c.head_dim;
+        // The kernels' path rotates queries and keys from rows of f32 tables.
+        let rope_rows = match self.backend {
+            Backend::Kernels(_) => Some((
+                cos.flatten_all()?.to_vec1::<f32>()?,
+                sin.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            Backend::Candle => None,
+        };
         let mut x = self.embed(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
-            let [q, k, v]: [Tensor; 3] = layer
-                .qkv
-                .forward(&h)?
-                .try_into()
-                .map_err(|_| Error::Compute("q/k/v projections".into()))?;
-            let q = self.rope(&q, c.num_heads, &cos, &sin)?;
-            let k = self.rope(&k, c.num_kv_heads, &cos, &sin)?;
-            // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
-            let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
-            pool.write(li, &write, &k_rows, &v)?;
-            let att = self.attend(li, &q, items, pool, decode.as_ref())?;
+            let qkv = match &rope_rows {
+                Some(_) => layer.qkv.stacked_rows(&h)?,
+                None => None,
+            };
+            let att = if let (Some(qkv), Some((cos, sin))) = (qkv, &rope_rows) {
+                let (q, k, v) = self.rotate_rows(&qkv, total, cos, sin);
+                pool.write_rows(li, &new_slots, &k, &v)?;
+                let out = self
+                    .cpu_attention(li, &q, total, items, pool)?
+                    .ok_or_else(|| {
+                        Error::Compute("the CPU kernels need the KV pool in CPU memory".into())
+                    })?;
+                Tensor::from_vec(out, (total, c.num_heads * c.head_dim), &self.device)?
+            } else {
+                let [q, k, v]: [Tensor; 3] = layer
+                    .qkv
+                    .forward(&h)?
+                    .try_into()
+                    .map_err(|_| Error::Compute("q/k/v projections".into()))?;
+                let q = self.rope(&q, c.num_heads, &cos, &sin)?;
+                let k = self.rope(&k, c.num_kv_heads, &cos, &sin)?;
+                // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
+                let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
+                let at = match write.take() {
+                    Some(at) => at,
+                    None => pool.prepare_write(&new_slots)?,
+                };
+                pool.write(li, &at, &k_rows, &v)?;
+                let att = self.attend(li, &q, items, pool, decode.as_ref())?;
+                write = Some(at);
+                att
+            };
             x = (x + layer.o.forward(&att)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let [gate, up]: [Tensor; 2] = layer
-                .gate_up
-                .forward(&h)?
-                .try_into()
-                .map_err(|_| Error::Compute("gate/up projections".into()))?;
-            let act = self.swiglu(&gate, &up)?;
+            let act = self.feed_forward_act(&layer.gate_up, &h)?;
             x = (x + layer.down.forward(&act)?)?;
         }
         // Only the rows whose logits are wanted go through the (large) output head.
@@ -703,16 +753,76 @@ impl Llama {
         Ok(candle_nn::ops::rms_norm(x, weight, eps)?)
     }
 
-    /// `silu(gate) * up`: fused on ZSE's CPU kernels (`swiglu`), candle's
-    /// operations elsewhere.
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        if let Backend::Kernels(_) = self.backend {
-            let (g, u) = (gate.flatten_all()?.to_vec1()?, up.flatten_all()?.to_vec1()?);
-            let mut act = vec![0f32; g.len()];
-            super::cpu_ops::swiglu(&g, &u, &mut act);
-            return Ok(Tensor::from_vec(act, gate.shape(), &self.device)?);
+    /// `silu(gate) * up` of the gate and up projections of `h`: fused on ZSE's CPU
+    /// kernels (`cpu_ops::swiglu`, reading the stacked projections' rows in place),
+    /// candle's operations elsewhere.
+    fn feed_forward_act(&self, gate_up: &Projections, h: &Tensor) -> Result<Tensor> {
+        let Backend::Kernels(path) = self.backend else {
+            let [gate, up] = Self::two(gate_up.forward(h)?)?;
+            return Ok((candle_nn::ops::silu(&gate)? * up)?);
+        };
+        let tokens = h.dim(0)?;
+        let (rows, inter) = match gate_up.stacked_rows(h)? {
+            Some(rows) => {
+                let inter = rows.len() / tokens.max(1) / 2;
+                (rows, inter)
+            }
+            None => {
+                // Gate and up in different block types: side by side in one row.
+                let [gate, up] = Self::two(gate_up.forward(h)?)?;
+                let inter = gate.dim(1)?;
+                (
+                    Tensor::cat(&[gate, up], 1)?.flatten_all()?.to_vec1()?,
+                    inter,
+                )
+            }
+        };
+        let mut act = vec![0f32; tokens * inter];
+        for (row, out) in rows
+            .chunks_exact(2 * inter)
+            .zip(act.chunks_exact_mut(inter))
+        {
+            super::cpu_ops::swiglu(path, &row[..inter], &row[inter..], out);
         }
-        Ok((candle_nn::ops::silu(gate)? * up)?)
+        Ok(Tensor::from_vec(act, (tokens, inter), &self.device)?)
+    }
+
+    fn two(parts: Vec<Tensor>) -> Result<[Tensor; 2]> {
+        parts
+            .try_into()
+            .map_err(|_| Error::Compute("gate/up projections".into()))
+    }
+
+    /// The stacked q/k/v rows (`[tokens, q + k + v widths]`) rotated for their
+    /// positions (`cos`/`sin`: `head_dim / 2` values per token): queries as
+    /// `[heads, tokens, head_dim]` for the attention, keys and values as rows for
+    /// the pool.
+    fn rotate_rows(
+        &self,
+        qkv: &[f32],
+        tokens: usize,
+        cos: &[f32],
+        sin: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let c = &self.config;
+        let (hd, half) = (c.head_dim, c.head_dim / 2);
+        let (qw, kvw) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let mut q = vec![0f32; tokens * qw];
+        let mut k = vec![0f32; tokens * kvw];
+        let mut v = Vec::with_capacity(tokens * kvw);
+        for (t, row) in qkv.chunks_exact(qw + 2 * kvw).enumerate() {
+            let (cs, sn) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            for (head, x) in row[..qw].chunks_exact(hd).enumerate() {
+                let out = &mut q[(head * tokens + t) * hd..][..hd];
+                super::cpu_ops::rope_head(x, cs, sn, c.rope_style, out);
+            }
+            let out_rows = k[t * kvw..][..kvw].chunks_exact_mut(hd);
+            for (x, out) in row[qw..qw + kvw].chunks_exact(hd).zip(out_rows) {
+                super::cpu_ops::rope_head(x, cs, sn, c.rope_style, out);
+            }
+            v.extend_from_slice(&row[qw + kvw..]);
+        }
+        (q, k, v)
     }
 
     /// `x: [tokens, heads * head_dim]` rotated for its tokens' positions (`cos` and
@@ -731,6 +841,37 @@ impl Llama {
         Ok(y.squeeze(0)?)
     }
 
+    /// `attention::paged_attention` over the pool in place, `q: [heads, tokens,
+    /// head_dim]` -> `[tokens, heads * head_dim]`; None where the pool is not in CPU
+    /// memory.
+    fn cpu_attention(
+        &self,
+        li: usize,
+        q: &[f32],
+        tokens: usize,
+        items: &[BatchItem<'_>],
+        pool: &KvPool,
+    ) -> Result<Option<Vec<f32>>> {
+        let c = &self.config;
+        let mut seqs = Vec::with_capacity(items.len());
+        let mut offset = 0;
+        for it in items {
+            seqs.push(SeqAttn {
+                slots: it.slots,
+                past: it.past,
+                n: it.tokens.len(),
+                offset,
+            });
+            offset += it.tokens.len();
+        }
+        let heads = Heads {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        pool.with_rows(li, |k, v| paged_attention(q, tokens, k, v, &seqs, heads))
+    }
+
     /// The batch's attention for layer `li`, `q: [heads, tokens, head_dim]` ->
     /// `[tokens, heads * head_dim]`: in place over the pool with ZSE's kernels
     /// (`attention::paged_attention`); on candle's operations, the decoding
@@ -747,26 +888,8 @@ impl Llama {
         let c = &self.config;
         let tokens = q.dim(1)?;
         if let Backend::Kernels(_) = self.backend {
-            let mut seqs = Vec::with_capacity(items.len());
-            let mut offset = 0;
-            for it in items {
-                seqs.push(SeqAttn {
-                    slots: it.slots,
-                    past: it.past,
-                    n: it.tokens.len(),
-                    offset,
-                });
-                offset += it.tokens.len();
-            }
-            let heads = Heads {
-                num_heads: c.num_heads,
-                num_kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
-            };
             let qv = q.flatten_all()?.to_vec1::<f32>()?;
-            let out =
-                pool.with_rows(li, |k, v| paged_attention(&qv, tokens, k, v, &seqs, heads))?;
-            if let Some(out) = out {
+            if let Some(out) = self.cpu_attention(li, &qv, tokens, items, pool)? {
                 let shape = (tokens, c.num_heads * c.head_dim);
                 return Ok(Tensor::from_vec(out, shape, &self.device)?);
             }
