@@ -116,6 +116,28 @@ def test_a_repeated_system_prompt_is_reused_with_the_same_tokens(default_model: 
         assert e.stats()["prefix_hit_tokens"] - before >= (shared // 16 - 1) * 16
 
 
+def test_requests_arriving_together_compute_their_system_prompt_once(
+    default_model: Path,
+) -> None:
+    system = {"role": "system", "content": "You are a careful assistant. " * 20}
+    chats = [[system, {"role": "user", "content": f"Name fruit number {i}."}] for i in range(6)]
+    kw = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    with zse.Engine(default_model) as e:
+        alone = [e.chat(c, **kw).token_ids for c in chats]
+    # A step budget that would take all six prompts at once: the five behind the
+    # first wait for its blocks of the system prompt instead of computing them too.
+    with zse.Engine(default_model, max_batch_tokens=2048) as e:
+
+        async def main() -> list[list[int]]:
+            done = await asyncio.gather(*(e.achat(c, **kw) for c in chats))
+            return [c.token_ids for c in done]
+
+        together = asyncio.run(main())
+        shared_blocks = len(e.prompt_ids([system])) // 16 - 1
+        assert e.stats()["prefix_hit_tokens"] >= 5 * shared_blocks * 16
+    assert together == alone
+
+
 def test_n_choices_share_the_prompt_blocks(batched: zse.Engine) -> None:
     text = prompt(3)  # ~110 tokens: several full blocks
     ids = batched.prompt_ids(text)

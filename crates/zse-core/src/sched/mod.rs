@@ -17,9 +17,9 @@
 //!
 //! The scheduler knows nothing of sampling or text: the engine keeps that in `T`.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
-use crate::kv::{BlockAllocator, BlockId, BlockTable};
+use crate::kv::{chain_hash, BlockAllocator, BlockId, BlockTable};
 
 /// The cache-side state of one sequence.
 #[derive(Debug, Clone, Default)]
@@ -71,6 +71,19 @@ pub struct Plan {
     pub copies: Vec<(BlockId, BlockId, usize)>,
     /// Sequences moved back to the queue this step.
     pub preempted: usize,
+}
+
+/// What `admit` made of a waiting sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Started,
+    /// Not blocks enough for it yet.
+    NoRoom,
+    /// Its next prefix block is one a running sequence is about to compute (requests
+    /// with one system prompt arriving together): it starts once that block is in
+    /// the cache, and computes only what follows, instead of computing the same
+    /// positions beside it.
+    AwaitsPrefix,
 }
 
 /// Counters for metrics.
@@ -191,14 +204,27 @@ impl<T> Scheduler<T> {
         plan.chunks = kept_chunks;
         // Then admissions, in arrival order, while everything allows (not right after
         // a preemption: the space just freed is what running sequences need next).
+        // A sequence whose next prefix block a running one is about to compute waits
+        // for it (see `Admission::AwaitsPrefix`); those behind it go on.
+        let mut pending = None;
+        let mut awaiting = Vec::new();
         while plan.preempted == 0 && budget > 0 && self.running.len() < self.cfg.max_running {
             let Some(mut entry) = self.waiting.pop_front() else {
                 break;
             };
-            if !self.admit(&mut entry.seq) {
-                self.waiting.push_front(entry);
-                break;
+            let pending = pending.get_or_insert_with(|| self.pending_blocks());
+            match self.admit(&mut entry.seq, pending) {
+                Admission::Started => {}
+                Admission::AwaitsPrefix => {
+                    awaiting.push(entry);
+                    continue;
+                }
+                Admission::NoRoom => {
+                    self.waiting.push_front(entry);
+                    break;
+                }
             }
+            pending.extend(self.uncomputed_blocks(&entry.seq));
             let i = self.running.len();
             self.running.push(entry);
             let chunk = self.running[i].seq.pending().min(budget);
@@ -208,12 +234,33 @@ impl<T> Scheduler<T> {
             plan.chunks.push(if reserved { chunk } else { 0 });
             budget -= plan.chunks[i];
         }
+        for entry in awaiting.into_iter().rev() {
+            self.waiting.push_front(entry);
+        }
         plan
     }
 
+    /// The chain hashes of the full blocks that running sequences know the tokens
+    /// of but have not computed yet.
+    fn pending_blocks(&self) -> HashSet<u64> {
+        (self.running.iter())
+            .flat_map(|e| self.uncomputed_blocks(&e.seq))
+            .collect()
+    }
+
+    fn uncomputed_blocks<'a>(&self, seq: &'a SeqState) -> impl Iterator<Item = u64> + 'a {
+        let bs = self.cfg.block_size;
+        let mut hash = seq.table.last_hash();
+        (seq.table.hashes.len()..seq.tokens.len() / bs).map(move |b| {
+            hash = chain_hash(hash, &seq.tokens[b * bs..(b + 1) * bs]);
+            hash
+        })
+    }
+
     /// Starts `seq` if blocks for all its known tokens (and the next one) are free,
-    /// reusing cached full blocks of its prefix. False leaves it as it was.
-    fn admit(&mut self, seq: &mut SeqState) -> bool {
+    /// reusing cached full blocks of its prefix; otherwise leaves it as it was.
+    /// `pending`: the blocks running sequences are about to compute.
+    fn admit(&mut self, seq: &mut SeqState, pending: &HashSet<u64>) -> Admission {
         debug_assert!(seq.computed == 0 && seq.table.blocks.is_empty());
         let bs = self.cfg.block_size;
         // At least one token must be computed, to have logits to sample from.
@@ -226,6 +273,9 @@ impl<T> Scheduler<T> {
                     table.blocks.push(id);
                     table.hashes.push(hash);
                 }
+                None if pending.contains(&chain_hash(table.last_hash(), chunk)) => {
+                    return self.refuse(table, Admission::AwaitsPrefix);
+                }
                 None => break,
             }
         }
@@ -233,16 +283,21 @@ impl<T> Scheduler<T> {
         let end = (seq.tokens.len() + 1).min(self.cfg.max_positions);
         let need = BlockTable::blocks_for(bs, end).saturating_sub(hit);
         if need > self.blocks.available() {
-            for id in table.blocks {
-                self.blocks.release(id);
-            }
-            return false;
+            return self.refuse(table, Admission::NoRoom);
         }
         self.stats.prefix_query_tokens += (reusable * bs) as u64;
         self.stats.prefix_hit_tokens += (hit * bs) as u64;
         seq.computed = hit * bs;
         seq.table = table;
-        true
+        Admission::Started
+    }
+
+    /// Gives back the cached blocks an admission had taken.
+    fn refuse(&mut self, table: BlockTable, why: Admission) -> Admission {
+        for id in table.blocks {
+            self.blocks.release(id);
+        }
+        why
     }
 
     /// Makes sure running sequence `i` has blocks for its next `chunk` positions, and
@@ -423,6 +478,37 @@ mod tests {
         assert_eq!(step(&mut s).chunks, vec![3]);
         assert_eq!(s.stats.prefix_hit_tokens, 8);
         assert_eq!(s.running[0].seq.computed, 11);
+    }
+
+    #[test]
+    fn a_prefix_about_to_be_computed_is_waited_for_not_computed_twice() {
+        let mut s = sched(4, 64, 16);
+        // Two requests with one two-block prefix, arriving together; an unrelated one.
+        let shared: Vec<u32> = (0..8).collect();
+        s.enqueue(SeqState::new([&shared[..], &[50, 51]].concat()), 0);
+        s.enqueue(SeqState::new([&shared[..], &[60, 61, 62]].concat()), 1);
+        s.enqueue(SeqState::new(vec![7; 5]), 2);
+        let data = |v: &mut dyn Iterator<Item = &Entry<u32>>| v.map(|e| e.data).collect::<Vec<_>>();
+        // The second waits at the head of the queue; the one behind it starts.
+        assert_eq!(step(&mut s).chunks, vec![10, 5]);
+        assert_eq!(data(&mut s.running.iter()), vec![0, 2]);
+        assert_eq!(data(&mut s.waiting.iter()), vec![1]);
+        // Then it starts from the first one's cached blocks and computes its own tail.
+        assert_eq!(step(&mut s).chunks, vec![1, 1, 3]);
+        assert_eq!(s.stats.prefix_hit_tokens, 8);
+        assert_eq!(
+            s.running[2].seq.table.blocks[..2],
+            s.running[0].seq.table.blocks[..2]
+        );
+        // A prompt whose prefix is computed over several chunks waits chunk by chunk.
+        let mut s = sched(4, 4, 16);
+        s.enqueue(SeqState::new((0..12).collect()), 0);
+        s.enqueue(SeqState::new((0..12).collect()), 1);
+        assert_eq!(step(&mut s).chunks, vec![4]);
+        assert_eq!(step(&mut s).chunks, vec![4]);
+        assert_eq!(step(&mut s).chunks, vec![4]);
+        assert_eq!(step(&mut s).chunks, vec![1, 3]);
+        assert_eq!(s.stats.prefix_hit_tokens, 8);
     }
 
     #[test]
