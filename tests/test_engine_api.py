@@ -5,6 +5,8 @@ cancellation, concurrency and argument errors. Most tests use the tiny Qwen2 mod
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -157,6 +159,33 @@ def test_a_stuck_wake_up_hook_never_stalls_the_engine(tiny_engine: zse.Engine) -
     finally:
         release.set()
     assert sum(len(c.token_ids) for c in stuck_stream) == 5
+
+
+EXIT_WHILE_STREAMING = """
+import asyncio, sys, zse
+engine = zse.Engine(sys.argv[1])
+async def main():
+    streams = [
+        engine.astream(f"Count to {i}.", max_tokens=2000, ignore_eos=True, temperature=0)
+        for i in range(8)
+    ]
+    for s in streams:
+        await s.__anext__()
+asyncio.run(main())
+"""
+
+
+def test_the_interpreter_exits_cleanly_while_streams_still_run(default_model: Path) -> None:
+    # Wake-up hooks keep coming while Python finalizes; none may take the GIL then
+    # (CPython would end that thread from inside Rust, aborting the process).
+    for _ in range(4):
+        r = subprocess.run(
+            [sys.executable, "-c", EXIT_WHILE_STREAMING, str(default_model)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_concurrent_requests_batch_and_match_solo_runs(tiny_engine: zse.Engine) -> None:

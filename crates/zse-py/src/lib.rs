@@ -18,7 +18,6 @@ use zse_core::format::{self, Quant, ZseFile};
 use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
 
 mod notify;
-use notify::Notifier;
 
 create_exception!(
     _core,
@@ -230,7 +229,6 @@ impl Drop for RequestStream {
 #[pyclass(frozen, module = "zse._core")]
 struct Engine {
     inner: Arc<zse_core::Engine>,
-    notifier: Notifier,
 }
 
 #[pymethods]
@@ -276,11 +274,8 @@ impl Engine {
         let inner = py
             .detach(|| zse_core::Engine::load(&path, opts))
             .map_err(to_py)?;
-        let notifier = Notifier::start()
-            .map_err(|e| PyOSError::new_err(format!("cannot start the notifier thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(inner),
-            notifier,
         })
     }
 
@@ -398,9 +393,14 @@ impl Engine {
         }
         // One callback for all `n` choices, called on the notifier thread.
         let notify = notify.map(Arc::new);
-        let hook = || notify.as_ref().map(|cb| self.notifier.hook(cb));
-        let (sinks, receivers): (Vec<_>, Vec<_>) =
-            (0..n).map(|_| EventSink::channel(hook())).unzip();
+        let mut sinks = Vec::with_capacity(n);
+        let mut receivers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let hook = notify.as_ref().map(notify::hook).transpose()?;
+            let (sink, rx) = EventSink::channel(hook);
+            sinks.push(sink);
+            receivers.push(rx);
+        }
         let ids = self.inner.submit_n(req, sinks).map_err(to_py)?;
         Ok(ids
             .into_iter()
@@ -559,5 +559,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("TemplateError", py.get_type::<TemplateError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Wake-up hooks stop before the interpreter finalizes (see `notify`).
+    py.import("atexit")?
+        .call_method1("register", (wrap_pyfunction!(notify::close, m)?,))?;
     Ok(())
 }

@@ -4,44 +4,71 @@
 //! takes the GIL, and an asyncio server holds the GIL most of the time it runs:
 //! made on the engine thread, each call waited for it (on average 0.27 ms per
 //! event serving 8 streams, 5% of every engine step). So the engine thread only
-//! queues the hook here, which never blocks, and one notifier thread per engine
-//! makes the calls, each hook once per batch it finds queued, under one GIL hold.
+//! queues the hook here, which never blocks, and one notifier thread for the
+//! process makes the calls, each hook once per batch it finds queued, under one
+//! GIL hold.
+//!
+//! At interpreter exit the thread must not be waiting for the GIL: CPython ends a
+//! thread that takes the GIL while it finalizes, which would abort the process
+//! from inside Rust. An `atexit` hook (`close`, registered at import) waits for
+//! the call in progress and stops all later ones.
 
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 
 use pyo3::prelude::*;
 
 type Hook = Arc<Py<PyAny>>;
 
-/// Hands hooks to the notifier thread. The thread ends when this and every hook
-/// made from it (held by the engine's event sinks) are dropped.
-pub(crate) struct Notifier {
+struct Notifier {
     tx: Sender<Hook>,
+    /// True once the interpreter exits; held while the thread calls Python.
+    closed: Arc<Mutex<bool>>,
 }
 
-impl Notifier {
-    pub(crate) fn start() -> std::io::Result<Self> {
+static NOTIFIER: OnceLock<std::io::Result<Notifier>> = OnceLock::new();
+
+fn notifier() -> PyResult<&'static Notifier> {
+    let started = NOTIFIER.get_or_init(|| {
         let (tx, rx) = mpsc::channel();
+        let closed = Arc::new(Mutex::new(false));
+        let gate = closed.clone();
         thread::Builder::new()
             .name("zse-notify".into())
-            .spawn(move || run(rx))?;
-        Ok(Self { tx })
-    }
+            .spawn(move || run(rx, &gate))?;
+        Ok(Notifier { tx, closed })
+    });
+    started.as_ref().map_err(|e| {
+        pyo3::exceptions::PyOSError::new_err(format!("cannot start the notifier thread: {e}"))
+    })
+}
 
-    /// The engine-side hook for `callback`: queues it for the notifier thread.
-    pub(crate) fn hook(&self, callback: &Hook) -> Box<dyn Fn() + Send> {
-        let tx = self.tx.clone();
-        let callback = callback.clone();
-        // A send fails only once the notifier thread is gone, when nobody waits.
-        Box::new(move || drop(tx.send(callback.clone())))
+/// The engine-side hook for `callback`: queues it for the notifier thread.
+pub(crate) fn hook(callback: &Hook) -> PyResult<Box<dyn Fn() + Send>> {
+    let tx = notifier()?.tx.clone();
+    let callback = callback.clone();
+    // The thread never ends, so a send cannot fail.
+    Ok(Box::new(move || drop(tx.send(callback.clone()))))
+}
+
+/// Stops the notifier for good, after the call it may be making (`atexit`).
+#[pyfunction]
+pub(crate) fn close(py: Python<'_>) {
+    if let Some(Ok(n)) = NOTIFIER.get() {
+        // Without the GIL, so that a call in progress can finish.
+        py.detach(|| *n.closed.lock().unwrap_or_else(|e| e.into_inner()) = true);
     }
 }
 
-fn run(rx: Receiver<Hook>) {
+fn run(rx: Receiver<Hook>, closed: &Mutex<bool>) {
     while let Ok(first) = rx.recv() {
         let batch = drain_distinct(first, &rx);
+        let closed = closed.lock().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            // Nobody waits any more; the references go to PyO3's deferred pool.
+            continue;
+        }
         Python::attach(|py| {
             for hook in &batch {
                 // The callback's errors are the caller's business, never the engine's.
