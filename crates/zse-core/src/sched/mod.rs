@@ -213,7 +213,7 @@ impl<T> Scheduler<T> {
                 break;
             };
             let pending = pending.get_or_insert_with(|| self.pending_blocks());
-            match self.admit(&mut entry.seq, pending) {
+            match self.admit(&mut entry.seq, pending, &mut plan.copies) {
                 Admission::Started => {}
                 Admission::AwaitsPrefix => {
                     awaiting.push(entry);
@@ -259,8 +259,14 @@ impl<T> Scheduler<T> {
 
     /// Starts `seq` if blocks for all its known tokens (and the next one) are free,
     /// reusing cached full blocks of its prefix; otherwise leaves it as it was.
-    /// `pending`: the blocks running sequences are about to compute.
-    fn admit(&mut self, seq: &mut SeqState, pending: &HashSet<u64>) -> Admission {
+    /// `pending`: the blocks running sequences are about to compute; `copies`: the
+    /// step's block copies, where rows computed by a running sequence are taken.
+    fn admit(
+        &mut self,
+        seq: &mut SeqState,
+        pending: &HashSet<u64>,
+        copies: &mut Vec<(BlockId, BlockId, usize)>,
+    ) -> Admission {
         debug_assert!(seq.computed == 0 && seq.table.blocks.is_empty());
         let bs = self.cfg.block_size;
         // At least one token must be computed, to have logits to sample from.
@@ -285,11 +291,46 @@ impl<T> Scheduler<T> {
         if need > self.blocks.available() {
             return self.refuse(table, Admission::NoRoom);
         }
-        self.stats.prefix_query_tokens += (reusable * bs) as u64;
-        self.stats.prefix_hit_tokens += (hit * bs) as u64;
         seq.computed = hit * bs;
+        if let Some((from, rows)) = self.computed_elsewhere(seq, &table) {
+            // `need` counted this block: one is available.
+            if let Some(own) = self.blocks.allocate() {
+                table.blocks.push(own);
+                copies.push((from, own, rows));
+                seq.computed += rows;
+            }
+        }
+        self.stats.prefix_query_tokens += (seq.tokens.len() - 1) as u64;
+        self.stats.prefix_hit_tokens += seq.computed as u64;
         seq.table = table;
         Admission::Started
+    }
+
+    /// Past `seq`'s cached full blocks (`table`), the longest run of its tokens
+    /// (short of the last, which must be computed for logits, and within one
+    /// block) that a running sequence with the same prefix has computed: that
+    /// sequence's block and the rows to copy. Identical prompts arriving together
+    /// then compute their last partial block once.
+    fn computed_elsewhere(&self, seq: &SeqState, table: &BlockTable) -> Option<(BlockId, usize)> {
+        let bs = self.cfg.block_size;
+        let (hit, start) = (table.blocks.len(), seq.computed);
+        let want = &seq.tokens[start..seq.tokens.len() - 1];
+        let want = &want[..want.len().min(bs)];
+        let mut best: Option<(BlockId, usize)> = None;
+        for other in self.running.iter().map(|e| &e.seq) {
+            // The same prefix up to `start`: the same chain of full blocks.
+            let same_prefix =
+                hit == 0 || other.table.hashes.get(hit - 1) == Some(&table.last_hash());
+            if !same_prefix || other.computed <= start {
+                continue;
+            }
+            let have = &other.tokens[start..other.computed.min(start + bs)];
+            let rows = want.iter().zip(have).take_while(|(a, b)| a == b).count();
+            if rows > best.map_or(0, |(_, r)| r) {
+                best = Some((other.table.blocks[hit], rows));
+            }
+        }
+        best
     }
 
     /// Gives back the cached blocks an admission had taken.
@@ -507,8 +548,43 @@ mod tests {
         assert_eq!(step(&mut s).chunks, vec![4]);
         assert_eq!(step(&mut s).chunks, vec![4]);
         assert_eq!(step(&mut s).chunks, vec![4]);
-        assert_eq!(step(&mut s).chunks, vec![1, 3]);
-        assert_eq!(s.stats.prefix_hit_tokens, 8);
+        // Then it takes the two cached blocks, and copies the three rows of the
+        // partial third that the first computed: its last token is all it computes.
+        let plan = step(&mut s);
+        assert_eq!(plan.chunks, vec![1, 1]);
+        let (first, second) = (&s.running[0].seq.table, &s.running[1].seq.table);
+        assert_eq!(plan.copies, vec![(first.blocks[2], second.blocks[2], 3)]);
+        assert_ne!(first.blocks[2], second.blocks[2]);
+        assert_eq!(s.stats.prefix_hit_tokens, 11);
+    }
+
+    #[test]
+    fn a_partial_block_is_copied_only_from_the_same_prefix_and_short_of_the_last_token() {
+        let mut s = sched(8, 64, 16);
+        s.enqueue(SeqState::new(vec![1, 2, 3, 4, 5, 6, 7]), 0);
+        step(&mut s);
+        // Same first block, then two of three tokens in common: two rows copied.
+        s.enqueue(SeqState::new(vec![1, 2, 3, 4, 5, 6, 9, 9]), 1);
+        let plan = step(&mut s);
+        assert_eq!((plan.chunks.clone(), plan.copies.len()), (vec![1, 2], 1));
+        assert_eq!(plan.copies[0].2, 2);
+        // A prompt ending where the other's computed rows go on: its last token is
+        // still computed.
+        s.enqueue(SeqState::new(vec![1, 2, 3, 4, 5, 6]), 2);
+        let plan = step(&mut s);
+        assert_eq!(plan.chunks, vec![1, 1, 1]);
+        assert_eq!(plan.copies[0].2, 1);
+        // A cached first block of other tokens: the rows after it are not the first
+        // sequence's, though the tokens there agree.
+        s.enqueue(SeqState::new(vec![9, 9, 9, 9, 0]), 3);
+        step(&mut s);
+        s.enqueue(SeqState::new(vec![9, 9, 9, 9, 5, 6, 7, 8]), 4);
+        let plan = step(&mut s);
+        assert_eq!((plan.chunks[4], plan.copies.len()), (4, 0));
+        assert_eq!(
+            s.running[4].seq.table.hashes[0],
+            s.running[3].seq.table.hashes[0]
+        );
     }
 
     #[test]
