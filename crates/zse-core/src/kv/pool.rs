@@ -152,8 +152,11 @@ impl InplaceOp1 for WriteRows<'_> {
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         let w = self.width;
-        if self.rows.len() != self.slots.len() * w || layout.start_offset() != 0 {
-            candle_core::bail!("{} rows for {} slots", self.rows.len(), self.slots.len());
+        if self.rows.len() != self.slots.len() * w {
+            candle_core::bail!("{} values for {} slots", self.rows.len(), self.slots.len());
+        }
+        if layout.start_offset() != 0 {
+            candle_core::bail!("a KV pool tensor not at the start of its storage");
         }
         let rows = self.rows.chunks_exact(w);
         match storage {
@@ -220,7 +223,7 @@ mod tests {
     #[test]
     fn rows_written_in_place_are_the_rows_scatter_writes() -> Result<()> {
         let dev = Device::Cpu;
-        // Values that f16 must round (ties to even among them), in both dtypes.
+        // Values that f16 must round, in both dtypes.
         let k: Vec<f32> = (0..6).map(|i| 1.0 + i as f32 * 0.000_61 + 1e-4).collect();
         let v: Vec<f32> = k.iter().map(|x| -x * 1e3 - 0.5).collect();
         for dtype in [DType::F16, DType::F32] {

@@ -676,14 +676,12 @@ impl Llama {
                 let k = self.rope(&k, c.num_kv_heads, &cos, &sin)?;
                 // Keys back to rows, [tokens, kv_heads * head_dim], for the pool.
                 let k_rows = k.transpose(0, 1)?.reshape((total, kv_width))?;
-                let at = match write.take() {
+                let at = match &mut write {
                     Some(at) => at,
-                    None => pool.prepare_write(&new_slots)?,
+                    unset @ None => unset.insert(pool.prepare_write(&new_slots)?),
                 };
-                pool.write(li, &at, &k_rows, &v)?;
-                let att = self.attend(li, &q, items, pool, decode.as_ref())?;
-                write = Some(at);
-                att
+                pool.write(li, at, &k_rows, &v)?;
+                self.attend(li, &q, items, pool, decode.as_ref())?
             };
             x = (x + layer.o.forward(&att)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;

@@ -248,6 +248,7 @@ impl<T> Scheduler<T> {
             .collect()
     }
 
+    /// The chain hashes of `seq`'s full blocks of known tokens past those in the cache.
     fn uncomputed_blocks<'a>(&self, seq: &'a SeqState) -> impl Iterator<Item = u64> + 'a {
         let bs = self.cfg.block_size;
         let mut hash = seq.table.last_hash();
