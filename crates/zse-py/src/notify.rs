@@ -3,7 +3,7 @@
 //! The engine calls a request's hook after each event it sends. Calling Python
 //! takes the GIL, and an asyncio server holds the GIL most of the time it runs:
 //! made on the engine thread, each call waited for it (on average 0.27 ms per
-//! event serving 8 streams, 5% of every engine step). So the engine thread only
+//! event serving 8 streams, timed around the call). So the engine thread only
 //! queues the hook here, which never blocks, and one notifier thread for the
 //! process makes the calls, each hook once per batch it finds queued, under one
 //! GIL hold.

@@ -54,6 +54,11 @@ pub fn swiglu(path: KernelPath, gate: &[f32], up: &[f32], out: &mut [f32]) {
         return unsafe { x86::swiglu(gate, up, out) };
     }
     let _ = path;
+    swiglu_portable(gate, up, out);
+}
+
+/// `swiglu` value by value: the bits every path gives.
+fn swiglu_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = silu(g) * u;
     }
@@ -130,7 +135,7 @@ fn exp(x: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::silu;
+    use super::swiglu_portable;
     use std::arch::x86_64::*;
 
     /// `super::swiglu`, eight values a step: `exp` as in the portable code, the same
@@ -154,9 +159,8 @@ mod x86 {
             let nn = _mm256_sub_ps(z, set(super::SHIFT));
             let in_range = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_andnot_ps(set(-0.0), nn), set(126.0));
             if _mm256_movemask_ps(in_range) != 0xff {
-                for j in i..i + 8 {
-                    out[j] = silu(gate[j]) * up[j];
-                }
+                let group = i..i + 8;
+                swiglu_portable(&gate[group.clone()], &up[group.clone()], &mut out[group]);
                 i += 8;
                 continue;
             }
@@ -184,9 +188,7 @@ mod x86 {
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), y) };
             i += 8;
         }
-        for j in i..n {
-            out[j] = silu(gate[j]) * up[j];
-        }
+        swiglu_portable(&gate[i..], &up[i..], &mut out[i..]);
     }
 }
 

@@ -756,23 +756,16 @@ impl Llama {
     /// candle's operations elsewhere.
     fn feed_forward_act(&self, gate_up: &Projections, h: &Tensor) -> Result<Tensor> {
         let Backend::Kernels(path) = self.backend else {
-            let [gate, up] = Self::two(gate_up.forward(h)?)?;
+            let [gate, up] = Self::gate_and_up(gate_up.forward(h)?)?;
             return Ok((candle_nn::ops::silu(&gate)? * up)?);
         };
-        let tokens = h.dim(0)?;
-        let (rows, inter) = match gate_up.stacked_rows(h)? {
-            Some(rows) => {
-                let inter = rows.len() / tokens.max(1) / 2;
-                (rows, inter)
-            }
+        let (tokens, inter) = (h.dim(0)?, self.config.intermediate_size);
+        let rows = match gate_up.stacked_rows(h)? {
+            Some(rows) => rows,
             None => {
                 // Gate and up in different block types: side by side in one row.
-                let [gate, up] = Self::two(gate_up.forward(h)?)?;
-                let inter = gate.dim(1)?;
-                (
-                    Tensor::cat(&[gate, up], 1)?.flatten_all()?.to_vec1()?,
-                    inter,
-                )
+                let [gate, up] = Self::gate_and_up(gate_up.forward(h)?)?;
+                Tensor::cat(&[gate, up], 1)?.flatten_all()?.to_vec1()?
             }
         };
         let mut act = vec![0f32; tokens * inter];
@@ -785,7 +778,7 @@ impl Llama {
         Ok(Tensor::from_vec(act, (tokens, inter), &self.device)?)
     }
 
-    fn two(parts: Vec<Tensor>) -> Result<[Tensor; 2]> {
+    fn gate_and_up(parts: Vec<Tensor>) -> Result<[Tensor; 2]> {
         parts
             .try_into()
             .map_err(|_| Error::Compute("gate/up projections".into()))
