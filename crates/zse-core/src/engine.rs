@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::format::zse::{Provenance, ZseTensors};
 use crate::format::ZseFile;
 use crate::kv::{BlockTable, KvPool};
-use crate::model::{BatchItem, Llama, Logits, ModelConfig};
+use crate::model::{Backend, BatchItem, Llama, Logits, ModelConfig};
 use crate::sample::{log_softmax, top_n, Sampler, SamplingParams, MAX_TOP_LOGPROBS};
 use crate::sched::{Entry, Plan, Scheduler, SchedulerConfig, SeqState};
 use crate::text::stop::StopStatus;
@@ -47,6 +47,9 @@ pub struct EngineOptions {
     /// On a GPU without `kv_cache_bytes`: the share of the GPU's free memory (as
     /// found before loading) that weights and KV cache may take together.
     pub gpu_memory_fraction: f64,
+    /// On the CPU: `generic`, `avx2`, `avx512`, `candle` or `auto`. None: what
+    /// `ZSE_CPU_KERNELS` names, else `auto` (see `model::Backend::select`).
+    pub cpu_kernels: Option<String>,
 }
 
 /// Positions per KV block: small enough that little is wasted at a sequence's end,
@@ -64,6 +67,7 @@ impl Default for EngineOptions {
             kv_cache_bytes: None,
             max_batch_tokens: 256,
             gpu_memory_fraction: 0.9,
+            cpu_kernels: None,
         }
     }
 }
@@ -329,12 +333,14 @@ impl Engine {
             file: &file,
             device: &opts.device,
         };
+        let backend = Backend::select(&opts.device, opts.cpu_kernels.as_deref())?;
         let model = Llama::load(
             &file.config,
             &tensors,
             context_length,
             opts.kv_dtype,
             &opts.device,
+            backend,
         )?;
         let info = ModelInfo {
             name: file.name.clone(),
@@ -1133,13 +1139,20 @@ fn resolve_limits(
 /// panic, the worst case): how the tests prove that one failing request fails alone.
 pub const FAULT_TOKEN_VAR: &str = "ZSE_FAULT_TOKEN";
 
+/// The fault token the environment names, announced on stderr: a server that fails
+/// requests on purpose must never pass for a healthy one.
 fn fault_token() -> Result<Option<u32>> {
-    match std::env::var(FAULT_TOKEN_VAR) {
-        Err(_) => Ok(None),
-        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
-            Error::invalid_argument(FAULT_TOKEN_VAR, format!("{v:?} is not a token id"))
-        }),
-    }
+    let Ok(v) = std::env::var(FAULT_TOKEN_VAR) else {
+        return Ok(None);
+    };
+    let token = v.trim().parse().map_err(|_| {
+        Error::invalid_argument(FAULT_TOKEN_VAR, format!("{v:?} is not a token id"))
+    })?;
+    eprintln!(
+        "WARNING: {FAULT_TOKEN_VAR}={token} is set: every forward pass over token {token} \
+         fails on purpose (a test hook). Unset it to serve normally."
+    );
+    Ok(Some(token))
 }
 
 /// Runs `f`, turning an error or a panic into its message.

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::{create_exception, PyErr};
 use zse_core::device::{parse_device, resolve_device_name};
 use zse_core::engine::{Event, EventSink, RequestId};
-use zse_core::format::{self, Quant, ZseFile};
+use zse_core::format::{self, ConvertOptions, Quant, ZseFile, CONVERTER_REVISION};
 use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
 
 mod notify;
@@ -236,7 +236,8 @@ impl Engine {
     #[new]
     #[pyo3(signature = (
         path, *, context_length=None, kv_cache_dtype="f16", max_sequences=16, max_queue=256,
-        kv_cache_bytes=None, max_batch_tokens=256, device="auto", gpu_memory_fraction=0.9
+        kv_cache_bytes=None, max_batch_tokens=256, device="auto", gpu_memory_fraction=0.9,
+        cpu_kernels=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -250,6 +251,7 @@ impl Engine {
         max_batch_tokens: usize,
         device: &str,
         gpu_memory_fraction: f64,
+        cpu_kernels: Option<String>,
     ) -> PyResult<Self> {
         let kv_dtype = match kv_cache_dtype {
             "f16" => candle_core::DType::F16,
@@ -270,6 +272,7 @@ impl Engine {
             max_waiting: max_queue,
             kv_cache_bytes,
             max_batch_tokens,
+            cpu_kernels,
         };
         let inner = py
             .detach(|| zse_core::Engine::load(&path, opts))
@@ -464,15 +467,19 @@ impl Engine {
 /// Converts a GGUF file or HF directory to `.zse`. `progress(done, total, name)` is
 /// called per tensor; an exception it raises (KeyboardInterrupt) aborts the work.
 #[pyfunction]
-#[pyo3(signature = (src, out, quant="int4", progress=None))]
+#[pyo3(signature = (src, out, quant=None, progress=None, allow_requantize=false))]
 fn convert(
     py: Python<'_>,
     src: PathBuf,
     out: PathBuf,
-    quant: &str,
+    quant: Option<&str>,
     progress: Option<Py<PyAny>>,
+    allow_requantize: bool,
 ) -> PyResult<String> {
-    let quant: Quant = quant.parse().map_err(to_py)?;
+    let options = ConvertOptions {
+        quant: quant.map(str::parse::<Quant>).transpose().map_err(to_py)?,
+        allow_requantize,
+    };
     let mut raised: Option<PyErr> = None;
     let result = py.detach(|| {
         let mut cb = |done: usize, total: usize, name: &str| -> zse_core::Result<()> {
@@ -482,7 +489,7 @@ fn convert(
                 Error::Cancelled("conversion stopped by the progress callback".into())
             })
         };
-        format::convert(&src, &out, quant, &mut cb)
+        format::convert(&src, &out, options, &mut cb)
     });
     if let Some(e) = raised {
         return Err(e);
@@ -491,6 +498,9 @@ fn convert(
     Ok(serde_json::json!({
         "output": r.output, "tensors": r.tensors, "bytes": r.bytes,
         "quantization": r.quantization, "source_sha256": r.source_sha256,
+        "requantized": r.requantized.iter().map(|q| serde_json::json!({
+            "name": q.name, "from": format!("{:?}", q.from), "to": format!("{:?}", q.to),
+        })).collect::<Vec<_>>(),
     })
     .to_string())
 }
@@ -501,11 +511,7 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     let f = py.detach(|| ZseFile::open(&path)).map_err(to_py)?;
     let tok = zse_core::text::Tokenizer::from_json(&f.tokenizer_json).map_err(to_py)?;
     let tok_json: serde_json::Value = serde_json::from_str(&f.tokenizer_json).map_err(json_err)?;
-    let types: Vec<_> = f
-        .tensor_types()
-        .into_iter()
-        .map(|(kind, dtype, n)| serde_json::json!({"kind": kind, "dtype": dtype, "count": n}))
-        .collect();
+    let types = f.tensor_types();
     Ok(serde_json::json!({
         "name": f.name,
         "config": f.config,
@@ -559,6 +565,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("TemplateError", py.get_type::<TemplateError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("CONVERTER_REVISION", CONVERTER_REVISION)?;
     // Wake-up hooks stop before the interpreter finalizes (see `notify`).
     py.import("atexit")?
         .call_method1("register", (wrap_pyfunction!(notify::close, m)?,))?;

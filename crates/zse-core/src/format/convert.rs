@@ -17,6 +17,11 @@ use crate::error::{Error, Result};
 use crate::model::llama::check_tensor_set;
 use crate::model::ModelConfig;
 
+/// Bumped whenever the converter writes different tensors or keys for the same
+/// source and options, so that caches of converted files (the default model's
+/// among them) know to convert again.
+pub const CONVERTER_REVISION: u32 = 2;
+
 /// The weight precision asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quant {
@@ -93,6 +98,31 @@ impl Quant {
     }
 }
 
+/// Whether a block type rounds weights (as opposed to holding floats).
+fn is_quantized(t: GgmlDType) -> bool {
+    !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// What `zse convert` is asked to do besides the paths.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvertOptions {
+    /// The weight precision; `None` keeps a GGUF file's block types and makes a HF
+    /// directory's float weights `int4`.
+    pub quant: Option<Quant>,
+    /// Let a tensor already stored in a quantized block type be quantized again to
+    /// another one. Off by default, as in llama.cpp's `llama-quantize`: rounding
+    /// rounded weights a second time loses more than quantizing the originals once.
+    pub allow_requantize: bool,
+}
+
+/// A quantized tensor converted into another quantized block type.
+#[derive(Debug, Clone)]
+pub struct Requantized {
+    pub name: String,
+    pub from: GgmlDType,
+    pub to: GgmlDType,
+}
+
 /// What a conversion produced.
 #[derive(Debug, Clone)]
 pub struct ConvertReport {
@@ -101,6 +131,8 @@ pub struct ConvertReport {
     pub bytes: u64,
     pub quantization: String,
     pub source_sha256: String,
+    /// Tensors rounded a second time (only with `allow_requantize`).
+    pub requantized: Vec<Requantized>,
 }
 
 /// Loads one tensor, by GGUF name, as the source stores it.
@@ -118,6 +150,11 @@ struct Source {
     passthrough: Vec<(String, Value)>,
     /// Tensor names and shapes (candle order), in file order.
     tensors: Vec<(String, Vec<usize>)>,
+    /// The GGML block type each tensor is stored in, where the source has them
+    /// (GGUF); `None` for a HF directory's float weights.
+    stored_types: Vec<Option<GgmlDType>>,
+    /// The scheme when none is asked for.
+    default_quant: Quant,
     loader: TensorLoader,
     hashed_files: Vec<PathBuf>,
     extra_tensors: Vec<(String, QTensor)>,
@@ -159,6 +196,7 @@ fn gguf_source(path: &Path) -> Result<Source> {
         .iter()
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect();
+    let stored_types = g.tensors.iter().map(|t| Some(t.dtype)).collect();
     let name = g.get_str("general.name").unwrap_or("model").to_string();
     Ok(Source {
         name,
@@ -169,6 +207,8 @@ fn gguf_source(path: &Path) -> Result<Source> {
         eos_token_ids,
         passthrough,
         tensors,
+        stored_types,
+        default_quant: Quant::Keep,
         hashed_files: vec![path.to_path_buf()],
         loader: Box::new(move |n| g.qtensor(n, &Device::Cpu)),
         extra_tensors: Vec::new(),
@@ -216,7 +256,9 @@ fn hf_source(dir: &Path) -> Result<Source> {
         bos_token_id: hf.bos_token_id,
         eos_token_ids: hf.eos_token_ids.clone(),
         passthrough,
+        stored_types: vec![None; hf.tensors().len()],
         tensors: hf.tensors(),
+        default_quant: Quant::Int4,
         hashed_files: hf.files.clone(),
         loader: Box::new(move |n| hf.load(n)),
         extra_tensors,
@@ -239,6 +281,28 @@ fn sha256_of(files: &[PathBuf]) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The tensors `quant` would round a second time: stored in one quantized block type,
+/// asked for another.
+fn requantizations(
+    tensors: &[(String, Vec<usize>)],
+    stored_types: &[Option<GgmlDType>],
+    quant: Quant,
+) -> Vec<Requantized> {
+    tensors
+        .iter()
+        .zip(stored_types)
+        .filter_map(|((name, shape), stored)| {
+            let from = (*stored)?;
+            let to = quant.target(name, shape, from);
+            (is_quantized(from) && is_quantized(to) && to != from).then(|| Requantized {
+                name: name.clone(),
+                from,
+                to,
+            })
+        })
+        .collect()
+}
+
 /// Converts `src` (a `.gguf`/`.zse` file or a HF directory) into `out`. `progress` is
 /// called with (tensors done, tensors total, current tensor name); an error
 /// from it aborts the conversion. The output is
@@ -247,7 +311,7 @@ fn sha256_of(files: &[PathBuf]) -> Result<String> {
 pub fn convert(
     src: &Path,
     out: &Path,
-    quant: Quant,
+    options: ConvertOptions,
     progress: &mut dyn FnMut(usize, usize, &str) -> Result<()>,
 ) -> Result<ConvertReport> {
     let source = if src.is_dir() {
@@ -260,18 +324,39 @@ pub fn convert(
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
         ));
     };
+    let quant = options.quant.unwrap_or(source.default_quant);
     // Check the tokenizer before spending minutes on tensors.
     tokenizers::Tokenizer::from_str(&source.tokenizer_json)
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
 
     // Check names and shapes before spending minutes on tensors.
     check_tensor_set(&source.config, &source.tensors)?;
+    let requantized = requantizations(&source.tensors, &source.stored_types, quant);
+    if let (Some(first), false) = (requantized.first(), options.allow_requantize) {
+        return Err(Error::invalid_argument(
+            "quant",
+            format!(
+                "'{}' would quantize {} already quantized tensor(s) again ({} {:?} -> {:?}{}), \
+                 which loses precision; keep the file's block types (quant 'keep', the \
+                 default for GGUF files) or allow it explicitly (--allow-requantize)",
+                quant.name(),
+                requantized.len(),
+                first.name,
+                first.from,
+                first.to,
+                if requantized.len() > 1 { ", ..." } else { "" },
+            ),
+        ));
+    }
     let total = source.tensors.len();
     let mut tensors: Vec<(String, QTensor)> =
         Vec::with_capacity(total + source.extra_tensors.len());
+    // Each tensor's type in the source, recorded for `zse info`.
+    let mut source_types = serde_json::Map::new();
     for (i, (name, _)) in source.tensors.iter().enumerate() {
         progress(i, total, name)?;
         let qt = (source.loader)(name)?;
+        source_types.insert(name.clone(), format!("{:?}", qt.dtype()).into());
         let target = quant.target(name, qt.shape().dims(), qt.dtype());
         let qt = if target == qt.dtype() {
             qt
@@ -307,6 +392,14 @@ pub fn convert(
         ),
         (keys::SOURCE_NAME.to_string(), Value::String(source_name)),
         (keys::SOURCE_SHA256.to_string(), Value::String(sha.clone())),
+        (
+            keys::SOURCE_TENSOR_TYPES.to_string(),
+            Value::String(serde_json::Value::Object(source_types).to_string()),
+        ),
+        (
+            keys::CONVERTER_REVISION.to_string(),
+            Value::U32(CONVERTER_REVISION),
+        ),
         (
             keys::ZSE_VERSION.to_string(),
             Value::String(env!("CARGO_PKG_VERSION").to_string()),
@@ -357,6 +450,7 @@ pub fn convert(
         bytes,
         quantization: quant.name().to_string(),
         source_sha256: sha,
+        requantized,
     })
 }
 
@@ -395,5 +489,47 @@ mod tests {
         );
         assert_eq!("q4_k".parse::<Quant>().unwrap(), Quant::Blocks(Q4K));
         assert!("int3".parse::<Quant>().is_err());
+    }
+
+    fn requantized(
+        tensors: &[(&str, &[usize], Option<GgmlDType>)],
+        quant: Quant,
+    ) -> Vec<Requantized> {
+        let names: Vec<_> = tensors
+            .iter()
+            .map(|(n, s, _)| (n.to_string(), s.to_vec()))
+            .collect();
+        let types: Vec<_> = tensors.iter().map(|(_, _, t)| *t).collect();
+        requantizations(&names, &types, quant)
+    }
+
+    #[test]
+    fn only_quantized_to_another_quantized_type_counts_as_requantizing() {
+        use GgmlDType::*;
+        let s: &[(&str, &[usize], Option<GgmlDType>)] = &[
+            ("token_embd.weight", &[100, 64], Some(Q8_0)),
+            ("blk.0.attn_q.weight", &[64, 64], Some(Q4_1)),
+            ("blk.0.ffn_down.weight", &[64, 256], Some(Q4_1)),
+            ("blk.0.attn_norm.weight", &[64], Some(F32)),
+        ];
+        assert!(requantized(s, Quant::Keep).is_empty());
+        // Widening to floats rounds nothing again.
+        assert!(requantized(s, Quant::Fp16).is_empty());
+        // int4: attn_q stays Q4_1 and the embedding Q8_0; ffn_down would become Q4_K.
+        let r = requantized(s, Quant::Int4);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].name.as_str(), r[0].from, r[0].to),
+            ("blk.0.ffn_down.weight", Q4_1, Q4K)
+        );
+        let names: Vec<_> = requantized(s, Quant::Int8)
+            .into_iter()
+            .map(|q| q.name)
+            .collect();
+        assert_eq!(names, ["blk.0.attn_q.weight", "blk.0.ffn_down.weight"]);
+        // Float sources (a HF directory) are never requantized.
+        let hf: &[(&str, &[usize], Option<GgmlDType>)] =
+            &[("blk.0.attn_q.weight", &[64, 64], None)];
+        assert!(requantized(hf, Quant::Int4).is_empty());
     }
 }

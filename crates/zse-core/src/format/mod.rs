@@ -8,5 +8,5 @@ pub mod gguf_tokenizer;
 pub mod hf;
 pub mod zse;
 
-pub use convert::{convert, ConvertReport, Quant};
+pub use convert::{convert, ConvertOptions, ConvertReport, Quant, Requantized, CONVERTER_REVISION};
 pub use zse::ZseFile;

@@ -24,6 +24,10 @@ pub mod keys {
     pub const QUANTIZATION: &str = "zse.quantization";
     pub const SOURCE_NAME: &str = "zse.source.name";
     pub const SOURCE_SHA256: &str = "zse.source.sha256";
+    /// JSON object: each tensor's block type in the source (`zse info` shows it).
+    pub const SOURCE_TENSOR_TYPES: &str = "zse.source.tensor_types";
+    /// `format::convert::CONVERTER_REVISION` of the converter that wrote the file.
+    pub const CONVERTER_REVISION: &str = "zse.converter_revision";
     pub const ZSE_VERSION: &str = "zse.version";
     pub const MODEL_NAME: &str = "general.name";
 }
@@ -36,6 +40,8 @@ pub struct Provenance {
     pub source_name: String,
     pub source_sha256: String,
     pub zse_version: String,
+    /// None for files written before converters recorded it.
+    pub converter_revision: Option<u32>,
 }
 
 /// An opened, validated `.zse` file. Tensors stay in the memory map until loaded.
@@ -105,6 +111,7 @@ impl ZseFile {
                 source_name: opt_str(keys::SOURCE_NAME),
                 source_sha256: opt_str(keys::SOURCE_SHA256),
                 zse_version: opt_str(keys::ZSE_VERSION),
+                converter_revision: gguf.get_u64(keys::CONVERTER_REVISION).map(|v| v as u32),
             },
             gguf,
         })
@@ -114,9 +121,17 @@ impl ZseFile {
         &self.gguf
     }
 
-    /// Tensor count per (kind, block type), e.g. ("attn_q", "Q4_1") -> 30, for `zse info`.
-    pub fn tensor_types(&self) -> Vec<(String, String, usize)> {
-        let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    /// Tensor count per (kind, block type, block type in the source), e.g.
+    /// ("attn_q", "Q4_1", "Q4_1") -> 30, for `zse info`. The source's type is None
+    /// where the file does not record it.
+    pub fn tensor_types(&self) -> Vec<TensorTypeCount> {
+        let source: serde_json::Map<String, serde_json::Value> = self
+            .gguf
+            .get_str(keys::SOURCE_TENSOR_TYPES)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        let mut counts: std::collections::BTreeMap<(String, String, Option<String>), usize> =
+            Default::default();
         for t in &self.gguf.tensors {
             let kind = t
                 .name
@@ -125,10 +140,33 @@ impl ZseFile {
                 .nth(1)
                 .unwrap_or(&t.name)
                 .to_string();
-            *counts.entry((kind, format!("{:?}", t.dtype))).or_default() += 1;
+            let from = source
+                .get(&t.name)
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            *counts
+                .entry((kind, format!("{:?}", t.dtype), from))
+                .or_default() += 1;
         }
-        counts.into_iter().map(|((k, d), n)| (k, d, n)).collect()
+        counts
+            .into_iter()
+            .map(|((kind, dtype, source_dtype), count)| TensorTypeCount {
+                kind,
+                dtype,
+                source_dtype,
+                count,
+            })
+            .collect()
     }
+}
+
+/// One row of `ZseFile::tensor_types`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorTypeCount {
+    pub kind: String,
+    pub dtype: String,
+    pub source_dtype: Option<String>,
+    pub count: usize,
 }
 
 /// Loads tensors from the memory map onto a device.

@@ -127,7 +127,8 @@ pub enum Logits {
 /// How the model computes: on the CPU with ZSE's kernels and its attention in place
 /// over the KV pool, or with candle's own operations (quantized matmul, attention
 /// over gathered keys and values). The second is how a GPU runs; on the CPU,
-/// `ZSE_CPU_KERNELS=candle` picks it, so that the GPU's code path is tested here.
+/// `candle` (the engine's `cpu_kernels`, or `ZSE_CPU_KERNELS`) picks it, so that
+/// the GPU's code path is tested here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Kernels(KernelPath),
@@ -135,14 +136,16 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The backend for `device`: candle's on a GPU; on the CPU, the kernels
-    /// `ZSE_CPU_KERNELS` names (default: the best this CPU runs).
-    pub fn select(device: &Device) -> Result<Self> {
-        let forced = std::env::var("ZSE_CPU_KERNELS").ok();
-        if !device.is_cpu() || forced.as_deref() == Some("candle") {
+    /// The backend for `device`: candle's on a GPU; on the CPU, what `choice` names
+    /// (`candle`, or a kernel path for `KernelPath::parse`), else what the
+    /// environment's `ZSE_CPU_KERNELS` names, else the best kernels this CPU runs.
+    pub fn select(device: &Device, choice: Option<&str>) -> Result<Self> {
+        let from_env = std::env::var("ZSE_CPU_KERNELS").ok();
+        let choice = choice.or(from_env.as_deref()).unwrap_or("auto");
+        if !device.is_cpu() || choice == "candle" {
             return Ok(Backend::Candle);
         }
-        Ok(Backend::Kernels(KernelPath::select()?))
+        Ok(Backend::Kernels(KernelPath::parse(choice)?))
     }
 
     /// `generic`, `avx2` or `avx512` for ZSE's kernels, `candle` otherwise.
@@ -417,21 +420,9 @@ fn load_f32(
 
 impl Llama {
     /// Builds the model from `src`, checking every tensor's presence and shape.
-    /// `max_positions` bounds the RoPE tables (the serving context length). It
-    /// computes as `Backend::select` says for the device.
+    /// `max_positions` bounds the RoPE tables (the serving context length); the
+    /// backend comes from `Backend::select`.
     pub fn load(
-        config: &ModelConfig,
-        src: &dyn TensorSource,
-        max_positions: usize,
-        kv_dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let backend = Backend::select(device)?;
-        Self::load_with(config, src, max_positions, kv_dtype, device, backend)
-    }
-
-    /// `load` with the backend given.
-    pub fn load_with(
         config: &ModelConfig,
         src: &dyn TensorSource,
         max_positions: usize,
@@ -1055,7 +1046,7 @@ mod tests {
         model_with(
             k_type,
             GgmlDType::Q8_0,
-            Backend::select(&Device::Cpu).unwrap(),
+            Backend::Kernels(KernelPath::best()),
         )
     }
 
@@ -1078,7 +1069,7 @@ mod tests {
             tensors.insert(name, QTensor::quantize(&t, dtype).unwrap());
         }
         let src = Memory(tensors);
-        Llama::load_with(&c, &src, 64, DType::F32, &Device::Cpu, backend).unwrap()
+        Llama::load(&c, &src, 64, DType::F32, &Device::Cpu, backend).unwrap()
     }
 
     fn logits(m: &Llama, tokens: &[u32]) -> Vec<f32> {
@@ -1156,7 +1147,7 @@ mod tests {
         // F32 weights: the same matmul on both; only attention differs (in place
         // over the pool, against gathered, with the decoding sequences batched and
         // the rows put back in the batch's order).
-        let kernels = Backend::select(&Device::Cpu).unwrap();
+        let kernels = Backend::Kernels(KernelPath::best());
         let native = two_steps(&model_with(GgmlDType::F32, GgmlDType::F32, kernels));
         let candle = two_steps(&model_with(GgmlDType::F32, GgmlDType::F32, Backend::Candle));
         assert_eq!(native.len(), 1 + 3 + 1);
