@@ -1,5 +1,6 @@
-"""Engine benchmark: zse against llama.cpp (llama-cpp-python, n_threads=2) on the
-default model, in one run: prefill tokens/s on a 512-token prompt, single-stream
+"""Engine benchmark: zse against llama.cpp (llama-cpp-python) on the default model,
+with the same threads for both (--threads: zse's RAYON_NUM_THREADS, llama.cpp's
+n_threads and n_threads_batch), in one run: prefill tokens/s on a 512-token prompt, single-stream
 decode tokens/s over 128 tokens, aggregate tokens/s over 8 streams, cold start, peak
 memory, and decode's share of the memory-bandwidth limit.
 
@@ -49,9 +50,12 @@ def copy_bandwidth(size: int = 512 << 20, tries: int = 5) -> float:
     return 2 * size / best
 
 
-def run(python: str, runner: str, model: str, args: list[str]) -> dict[str, Any] | None:
+def run(
+    python: str, runner: str, model: str, args: list[str], threads: int
+) -> dict[str, Any] | None:
     cmd = [python, str(HERE / runner), model, *args, repr(time.time())]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "ZSE_BENCH_THREADS": str(threads)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         print(f"{runner} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -65,6 +69,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = p.parse_args()
 
     model = zse.pull(progress=False)
@@ -77,13 +82,13 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     rows: list[tuple[str, dict[str, Any]]] = []
-    ours = run(sys.executable, "zse_runner.py", str(model), work)
+    ours = run(sys.executable, "zse_runner.py", str(model), work, args.threads)
     if ours is None:
         sys.exit(1)
     rows.append(("zse", ours))
     llama_py = os.environ.get("ZSE_BENCH_LLAMA_PYTHON")
     if llama_py:
-        theirs = run(llama_py, "llama_cpp_runner.py", str(default_gguf_path()), work)
+        theirs = run(llama_py, "llama_cpp_runner.py", str(default_gguf_path()), work, args.threads)
         if theirs:
             rows.append(("llama.cpp", theirs))
     else:

@@ -2,7 +2,8 @@
 prints one JSON line.
 
 Called by engine_bench.py with the interpreter of llama-cpp-python's own virtual
-environment: MODEL_GGUF PROMPT_IDS_JSON DECODE_TOKENS RUNS STREAMS START_EPOCH.
+environment: MODEL_GGUF PROMPT_IDS_JSON DECODE_TOKENS RUNS STREAMS START_EPOCH, with
+ZSE_BENCH_THREADS threads (zse_runner.py gets the same as RAYON_NUM_THREADS).
 The same steps as zse_runner.py, one for one. Its "streams" run one after another,
 as llama-cpp-python's server serves them.
 """
@@ -10,6 +11,7 @@ as llama-cpp-python's server serves them.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -41,7 +43,15 @@ def main() -> None:
     model, prompt_json, decode_s, runs_s, streams_s, start_s = sys.argv[1:7]
     prompt: list[int] = json.loads(prompt_json)
     decode, runs, streams = int(decode_s), int(runs_s), int(streams_s)
-    llm = Llama(model_path=model, n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+    threads = int(os.environ.get("ZSE_BENCH_THREADS", "2"))
+    llm = Llama(
+        model_path=model,
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+    )
     llm.eval(prompt[:8])
     last_logits(llm).argmax()
     cold_start = time.time() - float(start_s)

@@ -1,18 +1,24 @@
-"""Serving benchmark: `zse serve` against llama-cpp-python's server on the same model,
-in the same run, through the same HTTP client.
+"""Serving benchmark: `zse serve` against llama.cpp's own server (`llama-server
+--parallel N`, continuous batching) and, where installed, llama-cpp-python's server, on
+the same GGUF file, in the same run, through the same HTTP client, with the same threads.
 
-    python benches/serve_bench.py [--runs 3] [--max-tokens 128] [--streams 1 8]
+    python benches/serve_bench.py [--model FILE.gguf] [--runs 3] [--max-tokens 128]
+                                  [--streams 1 8] [--threads 2] [--mixed 48]
 
-For each server: cold start (process start to the first streamed token), then for
-each concurrency level, time to first token (p50), inter-token latency (p50) and
-aggregate output tokens/s; medians over ``--runs`` rounds, the two servers taking
-turns within each round. Every request asks for exactly ``--max-tokens`` tokens
-(EOS is banned through ``logit_bias``), so both servers do the same work.
+For each server: cold start (process start to the first streamed token); for each
+concurrency level, N streams with distinct prompts, each asking for exactly
+``--max-tokens`` tokens (EOS banned through ``logit_bias``): TTFT p50, the decode rate
+per stream (its tokens after the first over the time they took; median over streams)
+and aggregate output tokens/s; then a mixed phase: ``--mixed`` requests with distinct
+prompts of 80-750 tokens and outputs of 32-256 tokens, 8 at a time: output tokens/s,
+TTFT p50/p95 and end-to-end p50. Tokens are counted from each response's ``usage``,
+never assumed. Medians over ``--runs`` rounds, the servers taking turns in each round.
 
-llama-cpp-python is never a dependency of zse: install it with its server extra in
-its own virtual environment (see DESIGN.md) and point ZSE_BENCH_LLAMA_PYTHON at that
-interpreter; without it, only ZSE is measured. Its server answers one request at a
-time, by design.
+The peers are never dependencies of zse. llama-server: built by
+``../shared/tools/llama-cpp-peer.sh`` (``--llama-server PATH`` or $ZSE_BENCH_LLAMA_SERVER;
+default ~/.cache/zse-peer/bin/llama-server if it exists). llama-cpp-python: its own
+virtual environment with the server extra, named by $ZSE_BENCH_LLAMA_PYTHON; it serves
+one request at a time, by design.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import itertools
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -34,8 +41,19 @@ import httpx
 import zse
 from zse.models import default_gguf_path
 
-EOS = 2  # SmolLM2's end of turn
-PROMPT = [{"role": "user", "content": "Write a long story about a dragon who bakes bread."}]
+DEFAULT_LLAMA_SERVER = Path.home() / ".cache" / "zse-peer" / "bin" / "llama-server"
+CONCURRENCY_MIXED = 8
+WORDS = (
+    "river dragon baker lantern orchard violin harbor meadow thunder copper garden "
+    "whisper castle pepper glacier ribbon compass saddle marble falcon candle velvet "
+    "island forest market engine ladder mirror canyon feather silver winter"
+).split()
+
+
+def prompt_text(i: int, words: int) -> str:
+    """A distinct prompt per index: its own opening and its own order of words."""
+    body = " ".join(WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(words))
+    return f"Request {i}: continue this list of words, then tell a story with them. {body}"
 
 
 def free_port() -> int:
@@ -76,40 +94,54 @@ class Server:
 class StreamTiming:
     started: float
     ttft: float
+    e2e: float
     gaps: list[float]
-    tokens: int
+    tokens: int  # completion tokens, from the response's usage
+
+    @property
+    def decode_tok_s(self) -> float:
+        """This stream's rate after its first token."""
+        decode_time = self.e2e - self.ttft
+        return (self.tokens - 1) / decode_time if decode_time > 0 else float("nan")
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> StreamTiming:
+async def one_stream(
+    client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, eos: int
+) -> StreamTiming:
     body = {
         "model": "default",
-        "messages": PROMPT,
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "logit_bias": {str(EOS): -100},
+        "logit_bias": {str(eos): -100},
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
     times: list[float] = []
+    tokens = None
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
-    if not times:
-        raise RuntimeError(f"{url} streamed no content")
+    if not times or tokens is None:
+        raise RuntimeError(f"{url} streamed no content or no usage")
     return StreamTiming(
         started=t0,
         ttft=times[0] - t0,
+        e2e=times[-1] - t0,
         gaps=[b - a for a, b in itertools.pairwise(times)],
-        tokens=max_tokens,
+        tokens=tokens,
     )
 
 
-async def cold_start(server: Server, max_tokens: int) -> float:
+async def cold_start(server: Server, eos: int) -> float:
     """Seconds from starting the process to the first streamed token."""
     t0 = time.perf_counter()
     server.start()
@@ -119,44 +151,98 @@ async def cold_start(server: Server, max_tokens: int) -> float:
             if server.proc.poll() is not None:
                 raise RuntimeError(f"{server.name} exited with {server.proc.returncode}")
             try:
-                timing = await one_stream(client, server.url, max_tokens)
+                timing = await one_stream(client, server.url, "Hello", 4, eos)
                 return timing.started + timing.ttft - t0
-            except (httpx.ConnectError, httpx.RemoteProtocolError):
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.HTTPStatusError):
+                # llama-server answers 503 while it loads the model.
                 await asyncio.sleep(0.02)
 
 
-async def load(url: str, streams: int, max_tokens: int) -> dict[str, float]:
+async def load(url: str, streams: int, max_tokens: int, eos: int, salt: int) -> dict[str, float]:
+    """`streams` requests at once, each with a prompt of its own."""
     async with httpx.AsyncClient(timeout=600) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
-            *(one_stream(client, url, max_tokens) for _ in range(streams))
+            *(
+                one_stream(client, url, prompt_text(salt + i, 40), max_tokens, eos)
+                for i in range(streams)
+            )
         )
         wall = time.perf_counter() - t0
     gaps = [g for r in results for g in r.gaps]
     return {
         "ttft_p50_s": statistics.median(r.ttft for r in results),
         "itl_p50_ms": 1000 * statistics.median(gaps) if gaps else float("nan"),
+        "decode_tok_s": statistics.median(r.decode_tok_s for r in results),
         "tokens_per_s": sum(r.tokens for r in results) / wall,
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+def mixed_work(count: int, seed: int) -> list[tuple[str, int]]:
+    """`count` (prompt, max_tokens): distinct prompts of roughly 80-750 tokens (about
+    1.3 tokens a word here), outputs of 32-256 tokens; the same for every server."""
+    rng = random.Random(seed)
+    return [
+        (prompt_text(10_000 + seed * 1000 + i, rng.randint(55, 560)), rng.randint(32, 256))
+        for i in range(count)
+    ]
 
-    model = zse.pull(progress=False)
+
+async def mixed(url: str, work: list[tuple[str, int]], eos: int) -> dict[str, float]:
+    """The work through CONCURRENCY_MIXED clients, each taking the next request."""
+    queue = list(reversed(work))
+    results: list[StreamTiming] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while queue:
+            prompt, max_tokens = queue.pop()
+            results.append(await one_stream(client, url, prompt, max_tokens, eos))
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(CONCURRENCY_MIXED)))
+        wall = time.perf_counter() - t0
+    ttfts = sorted(r.ttft for r in results)
+    return {
+        "tokens_per_s": sum(r.tokens for r in results) / wall,
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+        "e2e_p50_s": statistics.median(r.e2e for r in results),
+    }
+
+
+def servers_for(args: argparse.Namespace, gguf: Path) -> list[Server]:
+    """zse, and the peers that are installed, each on a free port with `args.threads`."""
+    t = str(args.threads)
+    port = free_port()
     servers = [
         Server(
             "zse",
-            [sys.executable, "-m", "zse", "serve", str(model), "--threads", str(args.threads)],
-            free_port(),
+            [sys.executable, "-m", "zse", "serve", str(gguf), "--threads", t, "--port", str(port)],
+            port,
         )
     ]
-    servers[0].cmd += ["--port", str(servers[0].port)]
+    llama_server = args.llama_server or os.environ.get("ZSE_BENCH_LLAMA_SERVER")
+    if not llama_server and DEFAULT_LLAMA_SERVER.exists():
+        llama_server = str(DEFAULT_LLAMA_SERVER)
+    parallel = max([*args.streams, CONCURRENCY_MIXED])
+    if llama_server:
+        port = free_port()
+        # One slot per concurrent stream, each with room for the longest mixed request.
+        ctx = parallel * 1024
+        servers.append(
+            Server(
+                "llama-server",
+                [
+                    *(llama_server, "-m", str(gguf), "-t", t, "-tb", t),
+                    *("--parallel", str(parallel), "-c", str(ctx), "--port", str(port)),
+                    "--log-disable",
+                ],
+                port,
+            )
+        )
+    else:
+        print("no llama-server (see ../shared/tools/llama-cpp-peer.sh)", file=sys.stderr)
     llama_python = os.environ.get("ZSE_BENCH_LLAMA_PYTHON")
     if llama_python and Path(llama_python).exists():
         port = free_port()
@@ -164,59 +250,85 @@ def main() -> None:
             Server(
                 "llama-cpp-python",
                 [
-                    llama_python,
-                    "-m",
-                    "llama_cpp.server",
-                    "--model",
-                    str(default_gguf_path()),
-                    "--n_threads",
-                    str(args.threads),
-                    "--n_ctx",
-                    "4096",
+                    *(llama_python, "-m", "llama_cpp.server", "--model", str(gguf)),
+                    *("--n_threads", t, "--n_threads_batch", t, "--n_ctx", "4096"),
                     # Queue concurrent requests instead of cutting the running one off.
-                    "--interrupt_requests",
-                    "False",
-                    "--port",
-                    str(port),
+                    *("--interrupt_requests", "False", "--port", str(port)),
                 ],
                 port,
             )
         )
-    else:
-        print("ZSE_BENCH_LLAMA_PYTHON not set: measuring zse alone", file=sys.stderr)
+    return servers
 
-    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a GGUF file (default: the default model's)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--mixed", type=int, default=48, help="requests in the mixed phase (0: none)")
+    ap.add_argument("--llama-server", help="llama-server binary")
+    args = ap.parse_args()
+
+    if args.model is None:
+        zse.pull(progress=False)
+    gguf = args.model or default_gguf_path()
+    with zse.Engine(zse.models.resolve_model(gguf, progress=False)) as e:
+        eos = e.metadata["eos_token_ids"][0]
+        name = e.model_name
+    servers = servers_for(args, gguf)
+
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for run in range(args.runs):
+        work = mixed_work(args.mixed, seed=run)
         for server in servers:
             try:
-                server.cold_start_s.append(asyncio.run(cold_start(server, args.max_tokens)))
-                for n in args.streams:
-                    r = asyncio.run(load(server.url, n, args.max_tokens))
-                    results.setdefault((server.name, n), []).append(r)
-                    print(f"run {run + 1} {server.name:>16} x{n}: {r}", file=sys.stderr)
+                server.cold_start_s.append(asyncio.run(cold_start(server, eos)))
+                measured = [
+                    (f"x{n}", asyncio.run(load(server.url, n, args.max_tokens, eos, 100 * run)))
+                    for n in args.streams
+                ]
+                if args.mixed:
+                    measured.append(("mixed", asyncio.run(mixed(server.url, work, eos))))
+                for phase, r in measured:
+                    results.setdefault((server.name, phase), []).append(r)
+                    print(f"run {run + 1} {server.name:>16} {phase}: {r}", file=sys.stderr)
             finally:
                 server.stop()
 
-    def med(name: str, n: int, key: str) -> float:
-        return statistics.median(r[key] for r in results[(name, n)])
+    def med(name: str, phase: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[(name, phase)])
 
-    print(f"\nmedians over {args.runs} runs, {args.max_tokens} tokens per request")
-    header = f"{'server':>16} {'streams':>7} {'TTFT p50 s':>10} {'ITL p50 ms':>10} {'tok/s':>8}"
-    print(header)
-    for server in servers:
-        for n in args.streams:
-            ttft, itl = med(server.name, n, "ttft_p50_s"), med(server.name, n, "itl_p50_ms")
-            tps = med(server.name, n, "tokens_per_s")
-            print(f"{server.name:>16} {n:>7} {ttft:>10.3f} {itl:>10.1f} {tps:>8.1f}")
+    print(
+        f"\n{name} ({gguf.name}), {args.threads} threads, medians over {args.runs} runs; "
+        f"streams: {args.max_tokens} tokens each, distinct prompts; mixed: {args.mixed} "
+        f"requests, prompts 80-750 tokens, outputs 32-256, {CONCURRENCY_MIXED} at a time"
+    )
+    cols = ["phase", "server", "out tok/s", "decode/stream", "TTFT p50", "TTFT p95", "E2E p50"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    phases = [f"x{n}" for n in args.streams] + (["mixed"] if args.mixed else [])
+    base = servers[0].name
+    for phase in phases:
+        for server in servers:
+            r = results[(server.name, phase)]
+            row = [
+                phase,
+                server.name,
+                f"{med(server.name, phase, 'tokens_per_s'):.1f}",
+                f"{med(server.name, phase, 'decode_tok_s'):.1f}" if "decode_tok_s" in r[0] else "",
+                f"{med(server.name, phase, 'ttft_p50_s'):.2f} s",
+                f"{med(server.name, phase, 'ttft_p95_s'):.2f} s" if "ttft_p95_s" in r[0] else "",
+                f"{med(server.name, phase, 'e2e_p50_s'):.2f} s" if "e2e_p50_s" in r[0] else "",
+            ]
+            print("| " + " | ".join(row) + " |")
+        for server in servers[1:]:
+            ratio = med(base, phase, "tokens_per_s") / med(server.name, phase, "tokens_per_s")
+            print(f"| {phase} | {base} / {server.name} | x{ratio:.2f} | | | | |")
     for server in servers:
         cold = statistics.median(server.cold_start_s)
-        print(f"{server.name:>16} cold start to first token: {cold:.2f} s")
-    if len(servers) == 2:
-        print("\nzse / llama-cpp-python:")
-        for n in args.streams:
-            tps = med("zse", n, "tokens_per_s") / med("llama-cpp-python", n, "tokens_per_s")
-            ttft = med("zse", n, "ttft_p50_s") / med("llama-cpp-python", n, "ttft_p50_s")
-            print(f"  {n} streams: tokens/s x{tps:.2f}, TTFT p50 x{ttft:.2f}")
+        print(f"{server.name}: cold start to first token {cold:.2f} s")
 
 
 if __name__ == "__main__":

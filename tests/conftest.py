@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zse
+from zse.models import default_gguf_path, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(os.environ.get("ZSE_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
+TOOLS_DIR = REFERENCE_DIR.parent / "tools"
 
 
 def load_reference(name: str) -> dict[str, Any]:
@@ -27,6 +31,23 @@ def load_reference(name: str) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     return zse.pull(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(default_model: Path) -> Path:
+    """SmolLM2 with every tensor of the shipped Q4_1 file dequantized to F32, made by the
+    script llama.cpp's F32 references were made with (shared/tools/dequantize_gguf.py),
+    cached beside the default model and converted once, keeping its F32 weights."""
+    gguf = zse.cache_dir() / "SmolLM2-135M-Instruct.F32.gguf"
+    if not gguf.exists():
+        partial = gguf.with_name(gguf.name + ".partial")
+        subprocess.run(
+            [sys.executable, TOOLS_DIR / "dequantize_gguf.py", default_gguf_path(), partial],
+            check=True,
+            capture_output=True,
+        )
+        partial.replace(gguf)
+    return resolve_model(gguf, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ blocks coming back when requests end or are cancelled."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,17 @@ def prompt(i: int) -> str:
 
 
 def run_together(engine: zse.Engine, jobs: list[dict]) -> list[list[int]]:
+    """Runs the jobs at once and checks that they did run together: the engine was
+    seen generating several sequences in one step."""
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, engine.stats()["running"])
+            time.sleep(0.001)
+
     async def main() -> list[list[int]]:
         async def one(job: dict) -> list[int]:
             out = await engine.agenerate(**job)
@@ -27,7 +39,15 @@ def run_together(engine: zse.Engine, jobs: list[dict]) -> list[list[int]]:
 
         return await asyncio.gather(*(one(j) for j in jobs))
 
-    return asyncio.run(main())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = asyncio.run(main())
+    finally:
+        done.set()
+        watcher.join()
+    assert peak > 1, "the requests never ran in one batch"
+    return results
 
 
 def jobs(seeded: bool) -> list[dict]:

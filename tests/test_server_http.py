@@ -151,6 +151,38 @@ def test_invalid_parameters_are_400_naming_the_parameter(
     assert err["param"] == param
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("tools", [TOOL], "tools"),
+        ("tool_choice", "required", "tool_choice"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}, "tool_choice"),
+        ("functions", [TOOL["function"]], "functions"),
+        ("function_call", "auto", "function_call"),
+        ("response_format", {"type": "json_object"}, "response_format.type"),
+        ("response_format", {"type": "json_schema", "json_schema": {}}, "response_format.type"),
+    ],
+)
+def test_fields_not_implemented_yet_are_400_not_ignored(
+    server: ServerProcess, field: str, value: object, param: str
+) -> None:
+    err = error_of(
+        httpx.post(server.url("/v1/chat/completions"), json=chat_body(**{field: value})), 400
+    )
+    assert err["param"] == param and "not supported yet" in err["message"]
+
+
+def test_fields_that_ask_for_nothing_new_are_accepted(server: ServerProcess) -> None:
+    body = chat_body(tools=[], tool_choice="none", response_format={"type": "text"})
+    assert httpx.post(server.url("/v1/chat/completions"), json=body, timeout=60).status_code == 200
+    legacy = {"model": "default", "prompt": "Hi", "max_tokens": 2}
+    r = httpx.post(server.url("/v1/completions"), json={**legacy, "response_format": {"type": "x"}})
+    assert error_of(r, 400)["param"] == "response_format.type"
+
+
 def test_bad_json_unknown_fields_and_routes(server: ServerProcess) -> None:
     r = httpx.post(
         server.url("/v1/chat/completions"),
@@ -378,6 +410,7 @@ def test_a_request_that_makes_the_engine_fail_fails_alone(
         assert "".join(c["choices"][0]["text"] for c in chunks) == expected
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert "fault injected" in s.log()
+        assert f"WARNING: ZSE_FAULT_TOKEN={fault} is set" in s.log()
         assert httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"] == expected
         assert s.wait_idle(timeout=5) and s.health()["status"] == "healthy"
 

@@ -153,18 +153,60 @@ def test_logprobs(client: openai.OpenAI, engine: zse.Engine) -> None:
     assert [lp.token for lp in streamed] == [lp.token for lp in content]
 
 
-def test_max_completion_tokens_and_penalties(client: openai.OpenAI) -> None:
+def tokens_of(client: openai.OpenAI, **kw: object) -> list[str]:
+    """The completion's tokens (from its log-probabilities), EOS banned."""
     r = client.chat.completions.create(
-        model=MODEL,
-        messages=STORY,
-        max_completion_tokens=7,
-        presence_penalty=1.5,
-        frequency_penalty=0.5,
-        logit_bias={str(EOS): -100},
-        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1},
+        model=MODEL, messages=STORY, logprobs=True, logit_bias={str(EOS): -100}, **kw
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].logprobs is not None
+    return [lp.token for lp in r.choices[0].logprobs.content or []]
+
+
+def test_max_completion_tokens_counts_the_completion(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=STORY, max_completion_tokens=7, logit_bias={str(EOS): -100}
     )
     assert r.usage is not None and r.usage.completion_tokens == 7
     assert r.choices[0].finish_reason == "length"
+
+
+def test_top_k_and_min_p_cut_the_distribution(client: openai.OpenAI) -> None:
+    """Keeping only the most likely token (top_k 1, or min_p 1: nothing less likely
+    than the top) turns sampling at temperature 1 into greedy decoding, whatever the
+    seed; without them, the seeds give other tokens."""
+    greedy = tokens_of(client, temperature=0, max_tokens=24)
+    for seed in (1, 2):
+        sampled = tokens_of(client, temperature=1, seed=seed, max_tokens=24)
+        assert sampled != greedy
+        assert (
+            tokens_of(client, temperature=1, seed=seed, max_tokens=24, extra_body={"top_k": 1})
+            == greedy
+        )
+        assert (
+            tokens_of(client, temperature=1, seed=seed, max_tokens=24, extra_body={"min_p": 1.0})
+            == greedy
+        )
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 2.0},
+        {"extra_body": {"repetition_penalty": 1.8}},
+    ],
+    ids=["presence", "frequency", "repetition"],
+)
+def test_penalties_make_a_greedy_answer_repeat_itself_less(
+    client: openai.OpenAI, penalty: dict[str, object]
+) -> None:
+    plain = tokens_of(client, temperature=0, max_tokens=64)
+    penalized = tokens_of(client, temperature=0, max_tokens=64, **penalty)
+    # Greedy SmolLM2 repeats itself within 64 tokens; a penalty spreads the answer over
+    # more distinct tokens.
+    assert len(set(plain)) < len(plain)
+    assert len(set(penalized)) > len(set(plain))
 
 
 def test_legacy_completions(client: openai.OpenAI, engine: zse.Engine) -> None:

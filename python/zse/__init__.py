@@ -16,7 +16,7 @@ from ._core import (
     ZseError,
     __version__,
 )
-from .convert import convert, inspect
+from .convert import RequantizeWarning, convert, inspect
 from .engine import (
     AsyncDeltaStream,
     AsyncTextStream,
@@ -41,6 +41,7 @@ __all__ = [
     "EngineOverloadedError",
     "EngineStoppedError",
     "ModelFileError",
+    "RequantizeWarning",
     "TemplateError",
     "TextStream",
     "TokenLogprob",

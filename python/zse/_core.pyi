@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 __version__: str
+CONVERTER_REVISION: int
 
 class ZseError(Exception): ...
 class ModelFileError(ZseError): ...
@@ -52,6 +53,7 @@ class Engine:
         max_batch_tokens: int = 256,
         device: str = "auto",
         gpu_memory_fraction: float = 0.9,
+        cpu_kernels: str | None = None,
     ) -> None: ...
     def info_json(self) -> str: ...
     def tokenize(self, text: str) -> list[int]: ...
@@ -87,8 +89,9 @@ class Engine:
 def convert(
     src: str,
     out: str,
-    quant: str = "int4",
+    quant: str | None = None,
     progress: Callable[[int, int, str], object] | None = None,
+    allow_requantize: bool = False,
 ) -> str: ...
 def inspect(path: str) -> str: ...
 def resolve_device(spec: str) -> str: ...

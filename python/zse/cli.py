@@ -6,11 +6,12 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, get_args
 
 from . import _core
-from .convert import Quant, convert, inspect
+from .convert import Quant, RequantizeWarning, convert, inspect
 from .engine import (
     DEFAULT_KV_CACHE_MB,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -38,7 +39,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    report = convert(args.src, args.out, quant=args.quant)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RequantizeWarning)
+        report = convert(
+            args.src, args.out, quant=args.quant, allow_requantize=args.allow_requantize
+        )
+    for w in caught:
+        print(f"zse: warning: {w.message}", file=sys.stderr)
     print(
         f"wrote {report['output']} ({report['tensors']} tensors, "
         f"{format_bytes(report['bytes'])}, {report['quantization']})"
@@ -70,9 +77,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print("tensors:")
+    print("tensors:" + " " * (width - 5) + "type   source  count")
     for t in info["tensor_types"]:
-        print(f"  {t['kind']:<{width}}  {t['dtype']:<5} x{t['count']}")
+        source = t["source_dtype"] or "?"
+        print(f"  {t['kind']:<{width}}  {t['dtype']:<5}  {source:<6}  x{t['count']}")
     return 0
 
 
@@ -86,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ServeOptions(
             model=args.model,
             quant=args.quant,
+            allow_requantize=args.allow_requantize,
             host=args.host,
             port=args.port,
             api_keys=tuple(keys),
@@ -288,7 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 30)",
     )
-    s.add_argument("--quant", choices=QUANT_CHOICES, help="for a GGUF/HF model: convert with this")
+    s.add_argument(
+        "--quant",
+        choices=QUANT_CHOICES,
+        help="for a GGUF/HF model: convert with this (default: keep a GGUF's block types, "
+        "int4 for a HF directory)",
+    )
+    _add_allow_requantize(s)
     s.add_argument(
         "--keys-db",
         metavar="PATH",
@@ -338,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--quant",
         choices=QUANT_CHOICES,
-        default="int4",
-        help="weight precision (default int4; keep = the source's block types)",
+        help="weight precision (default: keep, the GGUF file's own block types; int4 for "
+        "a HF directory)",
     )
+    _add_allow_requantize(s)
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("info", help="show what is inside a .zse file")
@@ -348,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     return p
+
+
+def _add_allow_requantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-requantize",
+        action="store_true",
+        help="let --quant quantize tensors the GGUF already stores quantized into another "
+        "block type (rounds them twice: lower quality; refused without this flag)",
+    )
 
 
 def _positive(text: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,11 +15,16 @@ from . import _core
 Quant = Literal["int4", "int8", "fp16", "keep", "q4_0", "q4_1", "q4_k", "q8_0"]
 
 
+class RequantizeWarning(UserWarning):
+    """Already quantized tensors were quantized again (``allow_requantize=True``)."""
+
+
 def convert(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    quant: Quant = "int4",
+    quant: Quant | None = None,
+    allow_requantize: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Converts a GGUF file or a HF model directory into a ``.zse`` file.
@@ -26,9 +32,14 @@ def convert(
     ``quant``: ``int4`` (Q4_K, or Q4_1 where rows do not divide into 256), ``int8``
     (Q8_0), ``fp16``, ``keep`` (the source's types), or one GGML block type for all
     matrices (``q4_0``, ``q4_1``, ``q4_k``, ``q8_0``). 4-bit schemes keep embeddings in Q8_0.
+    Default: ``keep`` for a GGUF file, ``int4`` for a HF directory's float weights.
 
-    Returns a summary: output path, tensor count, bytes written, quantization and the
-    source's SHA-256. The bar only shows on a terminal.
+    Quantizing a tensor that the GGUF file already stores quantized into another
+    block type rounds its weights a second time; that raises ``ValueError`` unless
+    ``allow_requantize`` (then a ``RequantizeWarning`` names how many were).
+
+    Returns a summary: output path, tensor count, bytes written, quantization, the
+    source's SHA-256 and the requantized tensors. The bar only shows on a terminal.
     """
     bar: tqdm[Any] | None = None
 
@@ -37,18 +48,28 @@ def convert(
         if not progress:
             return
         if bar is None:
-            bar = tqdm(total=total, unit="tensor", desc=f"convert ({quant})", disable=None)
+            desc = f"convert ({quant or 'default'})"
+            bar = tqdm(total=total, unit="tensor", desc=desc, disable=None)
         bar.n = done
         bar.set_postfix_str(name, refresh=False)
         bar.refresh()
 
     try:
-        report = _core.convert(str(src), str(out), quant, on_progress)
+        report = _core.convert(str(src), str(out), quant, on_progress, allow_requantize)
     finally:
         if bar is not None:
             bar.close()
     result: dict[str, Any] = json.loads(report)
     result["output"] = Path(result["output"])
+    if requantized := result["requantized"]:
+        first = requantized[0]
+        warnings.warn(
+            f"{len(requantized)} already quantized tensor(s) were quantized again "
+            f"(e.g. {first['name']}: {first['from']} -> {first['to']}); "
+            "expect lower quality than the source",
+            RequantizeWarning,
+            stacklevel=2,
+        )
     return result
 
 

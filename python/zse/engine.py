@@ -353,7 +353,9 @@ class Engine:
     first GPU where this build has CUDA and one is usable, else the CPU). On a GPU
     without ``kv_cache_mb``, weights and KV cache take ``gpu_memory_fraction`` of the
     GPU's free memory. CPU threads come from ``RAYON_NUM_THREADS`` (default: every
-    core), read once per process when the first engine starts.
+    core), read once per process when the first engine starts. ``cpu_kernels`` picks
+    the CPU's code path: ``"generic"``, ``"avx2"``, ``"avx512"``, ``"candle"`` (candle's
+    operations, the GPU's path) or ``"auto"``; default: ``$ZSE_CPU_KERNELS``, else auto.
     Sampling keywords (all methods that generate): ``max_tokens``, ``temperature``
     (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
@@ -373,6 +375,7 @@ class Engine:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         device: str = "auto",
         gpu_memory_fraction: float = 0.9,
+        cpu_kernels: str | None = None,
     ) -> None:
         if context_length is not None:
             _check_int("context_length", context_length, 1)
@@ -396,6 +399,7 @@ class Engine:
             max_batch_tokens=max_batch_tokens,
             device=device,
             gpu_memory_fraction=fraction,
+            cpu_kernels=cpu_kernels,
         )
         self.metadata: dict[str, Any] = json.loads(self._native.info_json())
 

