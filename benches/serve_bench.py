@@ -236,7 +236,6 @@ def servers_for(args: argparse.Namespace, gguf: Path) -> list[Server]:
                 [
                     *(llama_server, "-m", str(gguf), "-t", t, "-tb", t),
                     *("--parallel", str(parallel), "-c", str(ctx), "--port", str(port)),
-                    "--log-disable",
                 ],
                 port,
             )
