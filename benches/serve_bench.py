@@ -229,7 +229,7 @@ def servers_for(args: argparse.Namespace, gguf: Path) -> list[Server]:
     if llama_server:
         port = free_port()
         # One slot per concurrent stream, each with room for the longest mixed request.
-        ctx = parallel * 1024
+        ctx = parallel * 2048
         servers.append(
             Server(
                 "llama-server",
