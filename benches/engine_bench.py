@@ -1,17 +1,20 @@
-"""Engine benchmark: zse against llama.cpp (llama-cpp-python) on the default model,
-with the same threads for both (--threads: zse's RAYON_NUM_THREADS, llama.cpp's
-n_threads and n_threads_batch), in one run: prefill tokens/s on a 512-token prompt, single-stream
-decode tokens/s over 128 tokens, aggregate tokens/s over 8 streams, cold start, peak
-memory, and decode's share of the memory-bandwidth limit.
+"""Engine benchmark: zse against llama.cpp's own server (`llama-server --parallel 8`)
+and, where installed, llama-cpp-python, on the same GGUF file, with the same threads
+(--threads: zse's RAYON_NUM_THREADS, llama.cpp's -t/-tb or n_threads/n_threads_batch),
+in one run: prefill tokens/s on a 512-token prompt, single-stream decode tokens/s over
+128 tokens, aggregate tokens/s over 8 streams, cold start, peak memory, and decode's
+share of the memory-bandwidth limit.
 
-    python benches/engine_bench.py [--runs 5] [--prompt-tokens 512] [--decode-tokens 128]
+    python benches/engine_bench.py [--model F.gguf] [--runs 5] [--prompt-tokens 512]
+                                   [--decode-tokens 128] [--threads 2] [--llama-server PATH]
 
-Each engine runs in a process of its own (`zse_runner.py`, `llama_cpp_runner.py`),
-so that cold start (process start to first token) and peak memory (the process's
-maximum RSS) are its own. llama-cpp-python is never a dependency of zse: install it
-in its own virtual environment (see DESIGN.md) and point ZSE_BENCH_LLAMA_PYTHON at
-that interpreter; llama-cpp-python serves one request at a time, so its 8 streams run
-one after another, as its server would run them.
+Each engine runs in a process of its own (`zse_runner.py`, `llama_server_runner.py`,
+`llama_cpp_runner.py`), so that cold start (process start to first token) and peak
+memory (the process's maximum RSS) are its own. The peers are never dependencies of
+zse: llama-server is found as serve_bench.py finds it (peers.py); llama-cpp-python is
+used when ZSE_BENCH_LLAMA_PYTHON names the interpreter of its own virtual environment
+(see DESIGN.md); it serves one request at a time, so its 8 streams run one after
+another, as its server would run them.
 
 Bandwidth: a decode step reads every weight once, so decode tokens/s times the bytes
 of weights is the rate weights stream from memory; it is shown against the machine's
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import zse
+from peers import llama_server_binary
 from zse.models import default_gguf_path
 
 HERE = Path(__file__).parent
@@ -50,10 +54,9 @@ def copy_bandwidth(size: int = 512 << 20, tries: int = 5) -> float:
     return 2 * size / best
 
 
-def run(
-    python: str, runner: str, model: str, args: list[str], threads: int
-) -> dict[str, Any] | None:
-    cmd = [python, str(HERE / runner), model, *args, repr(time.time())]
+def run(python: str, runner: str, args: list[str], threads: int) -> dict[str, Any] | None:
+    """One runner in a process of its own; its JSON line, or None (and why) if it failed."""
+    cmd = [python, str(HERE / runner), *args, repr(time.time())]
     env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "ZSE_BENCH_THREADS": str(threads)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -70,9 +73,14 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--model", type=Path, help="a GGUF file (default: the default model's)")
+    p.add_argument("--llama-server", help="llama-server binary")
     args = p.parse_args()
 
-    model = zse.pull(progress=False)
+    if args.model is None:
+        zse.pull(progress=False)
+    gguf = args.model or default_gguf_path()
+    model = zse.models.resolve_model(gguf, progress=False)
     tokenizer = zse.Engine(model)
     text = "The quick brown fox jumps over the lazy dog. " * (args.prompt_tokens // 5 + 1)
     prompt = tokenizer.tokenize(text)[: args.prompt_tokens]
@@ -82,26 +90,31 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     rows: list[tuple[str, dict[str, Any]]] = []
-    ours = run(sys.executable, "zse_runner.py", str(model), work, args.threads)
+    ours = run(sys.executable, "zse_runner.py", [str(model), *work], args.threads)
     if ours is None:
         sys.exit(1)
     rows.append(("zse", ours))
+    llama_server = llama_server_binary(args.llama_server)
+    if llama_server:
+        peer = [llama_server, str(gguf), *work]
+        theirs = run(sys.executable, "llama_server_runner.py", peer, args.threads)
+        if theirs:
+            rows.append(("llama-server", theirs))
     llama_py = os.environ.get("ZSE_BENCH_LLAMA_PYTHON")
     if llama_py:
-        theirs = run(llama_py, "llama_cpp_runner.py", str(default_gguf_path()), work, args.threads)
+        theirs = run(llama_py, "llama_cpp_runner.py", [str(gguf), *work], args.threads)
         if theirs:
-            rows.append(("llama.cpp", theirs))
-    else:
-        print("(set ZSE_BENCH_LLAMA_PYTHON to a python with llama-cpp-python for the comparison)")
+            rows.append(("llama-cpp-python", theirs))
 
     weights = ours["weight_bytes"]
     print(
-        f"model: {name}, prompt {len(prompt)} tokens, decode {args.decode_tokens} tokens, "
-        f"{args.streams} streams, median of {args.runs} runs; zse kernels: {ours['kernels']}"
+        f"model: {name} ({gguf.name}), prompt {len(prompt)} tokens, "
+        f"decode {args.decode_tokens} tokens, {args.streams} streams, "
+        f"median of {args.runs} runs; zse kernels: {ours['kernels']}"
     )
     print(
         f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per decoded token "
-        f"{weights / 2**20:.1f} MiB (the same GGML blocks in both engines)"
+        f"{weights / 2**20:.1f} MiB (the same GGML blocks in every engine)"
     )
     cols = [
         ("prefill tok/s", "prefill_tok_s", "{:.1f}"),
@@ -110,15 +123,15 @@ def main() -> None:
         ("cold start s", "cold_start_s", "{:.2f}"),
         ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
     ]
-    print(f"{'engine':<10}" + "".join(f"{c[0]:>18}" for c in cols) + f"{'of bandwidth':>14}")
+    print("| engine | " + " | ".join(c[0] for c in cols) + " | of bandwidth |")
+    print("|---" * (len(cols) + 2) + "|")
     for label, r in rows:
         share = weights * r["decode_tok_s"] / bandwidth
-        cells = "".join(f"{fmt.format(r[key]):>18}" for _, key, fmt in cols)
-        print(f"{label:<10}{cells}{share:>13.0%}")
-    if len(rows) == 2:
-        a, b = rows[0][1], rows[1][1]
-        cells = "".join(f"{a[key] / b[key]:>18.2f}" for _, key, _ in cols)
-        print(f"{'ratio':<10}{cells}")
+        cells = " | ".join(fmt.format(r[key]) for _, key, fmt in cols)
+        print(f"| {label} | {cells} | {share:.0%} |")
+    for label, r in rows[1:]:
+        cells = " | ".join(f"x{ours[key] / r[key]:.2f}" for _, key, _ in cols)
+        print(f"| zse / {label} | {cells} | |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,9 +38,9 @@ from pathlib import Path
 
 import httpx
 import zse
+from peers import free_port, llama_server_binary
 from zse.models import default_gguf_path
 
-DEFAULT_LLAMA_SERVER = Path.home() / ".cache" / "zse-peer" / "bin" / "llama-server"
 CONCURRENCY_MIXED = 8
 WORDS = (
     "river dragon baker lantern orchard violin harbor meadow thunder copper garden "
@@ -56,13 +55,6 @@ def prompt_text(i: int, words: int) -> str:
     return f"Request {i}: continue this list of words, then tell a story with them. {body}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class Server:
     name: str
@@ -75,10 +67,14 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/chat/completions"
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ
-        )
+    def start(self, logs: Path | None) -> None:
+        """Starts the process; its output goes to LOGS/NAME.log (appended), or nowhere."""
+        if logs is None:
+            out = subprocess.DEVNULL
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=out, env=os.environ)
+            return
+        with open(logs / f"{self.name}.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, env=os.environ)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -103,6 +99,13 @@ class StreamTiming:
         """This stream's rate after its first token."""
         decode_time = self.e2e - self.ttft
         return (self.tokens - 1) / decode_time if decode_time > 0 else float("nan")
+
+
+def new_client() -> httpx.AsyncClient:
+    """A client that opens a connection per request, for every server alike: llama-server
+    can close a kept-alive connection just as the next request goes out on it (seen as
+    "Server disconnected without sending a response" in its mixed phase)."""
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 async def one_stream(
@@ -141,11 +144,11 @@ async def one_stream(
     )
 
 
-async def cold_start(server: Server, eos: int) -> float:
+async def cold_start(server: Server, eos: int, logs: Path | None) -> float:
     """Seconds from starting the process to the first streamed token."""
     t0 = time.perf_counter()
-    server.start()
-    async with httpx.AsyncClient(timeout=120) as client:
+    server.start(logs)
+    async with new_client() as client:
         while True:
             assert server.proc is not None
             if server.proc.poll() is not None:
@@ -160,7 +163,7 @@ async def cold_start(server: Server, eos: int) -> float:
 
 async def load(url: str, streams: int, max_tokens: int, eos: int, salt: int) -> dict[str, float]:
     """`streams` requests at once, each with a prompt of its own."""
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with new_client() as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(
@@ -198,7 +201,7 @@ async def mixed(url: str, work: list[tuple[str, int]], eos: int) -> dict[str, fl
             prompt, max_tokens = queue.pop()
             results.append(await one_stream(client, url, prompt, max_tokens, eos))
 
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with new_client() as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(CONCURRENCY_MIXED)))
         wall = time.perf_counter() - t0
@@ -222,9 +225,7 @@ def servers_for(args: argparse.Namespace, gguf: Path) -> list[Server]:
             port,
         )
     ]
-    llama_server = args.llama_server or os.environ.get("ZSE_BENCH_LLAMA_SERVER")
-    if not llama_server and DEFAULT_LLAMA_SERVER.exists():
-        llama_server = str(DEFAULT_LLAMA_SERVER)
+    llama_server = llama_server_binary(args.llama_server)
     parallel = max([*args.streams, CONCURRENCY_MIXED])
     if llama_server:
         port = free_port()
@@ -240,8 +241,6 @@ def servers_for(args: argparse.Namespace, gguf: Path) -> list[Server]:
                 port,
             )
         )
-    else:
-        print("no llama-server (see ../shared/tools/llama-cpp-peer.sh)", file=sys.stderr)
     llama_python = os.environ.get("ZSE_BENCH_LLAMA_PYTHON")
     if llama_python and Path(llama_python).exists():
         port = free_port()
@@ -269,7 +268,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--mixed", type=int, default=48, help="requests in the mixed phase (0: none)")
     ap.add_argument("--llama-server", help="llama-server binary")
+    ap.add_argument("--servers", nargs="+", help="only these (zse, llama-server, llama-cpp-python)")
+    ap.add_argument("--logs", type=Path, help="write each server's output to LOGS/NAME.log")
     args = ap.parse_args()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
 
     if args.model is None:
         zse.pull(progress=False)
@@ -277,14 +280,14 @@ def main() -> None:
     with zse.Engine(zse.models.resolve_model(gguf, progress=False)) as e:
         eos = e.metadata["eos_token_ids"][0]
         name = e.model_name
-    servers = servers_for(args, gguf)
+    servers = [s for s in servers_for(args, gguf) if not args.servers or s.name in args.servers]
 
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for run in range(args.runs):
         work = mixed_work(args.mixed, seed=run)
         for server in servers:
             try:
-                server.cold_start_s.append(asyncio.run(cold_start(server, eos)))
+                server.cold_start_s.append(asyncio.run(cold_start(server, eos, args.logs)))
                 measured = [
                     (f"x{n}", asyncio.run(load(server.url, n, args.max_tokens, eos, 100 * run)))
                     for n in args.streams

@@ -248,6 +248,7 @@ fn hf_source(dir: &Path) -> Result<Source> {
         }
         None => Vec::new(),
     };
+    let tensors = hf.tensors();
     Ok(Source {
         name: hf.name.clone(),
         config: c,
@@ -256,8 +257,8 @@ fn hf_source(dir: &Path) -> Result<Source> {
         bos_token_id: hf.bos_token_id,
         eos_token_ids: hf.eos_token_ids.clone(),
         passthrough,
-        stored_types: vec![None; hf.tensors().len()],
-        tensors: hf.tensors(),
+        stored_types: vec![None; tensors.len()],
+        tensors,
         default_quant: Quant::Int4,
         hashed_files: hf.files.clone(),
         loader: Box::new(move |n| hf.load(n)),
