@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::format::zse::{Provenance, ZseTensors};
 use crate::format::ZseFile;
 use crate::kv::{BlockTable, KvPool};
-use crate::model::{Backend, BatchItem, Llama, Logits, ModelConfig};
+use crate::model::{Backend, BatchItem, Logits, Model, ModelConfig};
 use crate::sample::{log_softmax, top_n, Sampler, SamplingParams, MAX_TOP_LOGPROBS};
 use crate::sched::{Entry, Plan, Scheduler, SchedulerConfig, SeqState};
 use crate::text::stop::StopStatus;
@@ -334,7 +334,7 @@ impl Engine {
             device: &opts.device,
         };
         let backend = Backend::select(&opts.device, opts.cpu_kernels.as_deref())?;
-        let model = Llama::load(
+        let model = Model::load(
             &file.config,
             &tensors,
             context_length,
@@ -640,7 +640,7 @@ type LogitRows = Vec<Option<Vec<f32>>>;
 type Failure = (usize, String);
 
 struct Worker {
-    model: Llama,
+    model: Model,
     pool: KvPool,
     sched: Scheduler<Request>,
     tokenizer: Arc<Tokenizer>,
@@ -997,7 +997,7 @@ impl Worker {
 fn advance(
     tokenizer: &Tokenizer,
     eos: &[u32],
-    model: &Llama,
+    model: &Model,
     entry: &mut Entry<Request>,
     logits: &mut [f32],
 ) -> Result<Advance> {

@@ -10,11 +10,12 @@ use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::gguf::GgufFile;
+use super::gguf_config::config_from_gguf;
 use super::gguf_tokenizer::tokenizer_json_from_gguf;
 use super::hf::HfDir;
 use super::zse::{keys, FORMAT_VERSION};
 use crate::error::{Error, Result};
-use crate::model::llama::check_tensor_set;
+use crate::model::check_tensor_set;
 use crate::model::ModelConfig;
 
 /// Bumped whenever the converter writes different tensors or keys for the same
@@ -162,7 +163,7 @@ struct Source {
 
 fn gguf_source(path: &Path) -> Result<Source> {
     let g = GgufFile::open(path)?;
-    let config = ModelConfig::from_gguf(&g)?;
+    let config = config_from_gguf(&g)?;
     // A `.zse` file can be converted again (e.g. to another precision).
     let tokenizer_json = match g.get_str(keys::TOKENIZER_JSON) {
         Some(t) => t.to_string(),

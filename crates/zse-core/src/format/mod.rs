@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod fuzz;
 pub mod gguf;
+pub mod gguf_config;
 pub mod gguf_tokenizer;
 pub mod hf;
 pub mod zse;

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::gguf::{value_as_u64, GgufFile};
 use crate::error::{Error, Result};
-use crate::model::llama::TensorSource;
 use crate::model::ModelConfig;
+use crate::model::TensorSource;
 
 /// The metadata keys ZSE adds to a GGUF container.
 pub mod keys {

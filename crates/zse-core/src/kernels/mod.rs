@@ -1,10 +1,13 @@
-//! CPU matrix multiplication for quantized weights (Q4_0, Q4_1, Q4_K, Q8_0), chosen at
-//! run time among the paths this CPU supports, so one wheel is fast everywhere.
+//! ZSE's CPU arithmetic, all of its SIMD in this one tree: matrix multiplication for
+//! quantized weights (Q4_0, Q4_1, Q4_K, Q8_0), chosen at run time among the paths this
+//! CPU supports, so one wheel is fast everywhere, and the steps around it.
 //!
 //! - `weights`: GGML blocks repacked at load (f32 scales, paired 4-bit blocks).
 //! - `acts`: activations quantized once per matmul to 8-bit blocks.
 //! - `generic`: the portable dot product, which defines the arithmetic.
 //! - `x86`: the AVX2 and AVX-512 VNNI micro-kernels.
+//! - `attention`: causal attention over the KV pool's rows where they lie.
+//! - `elementwise`: RMSNorm, the gated activations, RoPE.
 //!
 //! Weight rows are split across the threads of the one rayon pool in tiles; inside a
 //! tile each weight block is unpacked once and serves eight activation rows at a time
@@ -18,6 +21,8 @@
 //! (`model::Backend`).
 
 pub mod acts;
+pub mod attention;
+pub mod elementwise;
 pub mod generic;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor
 use half::f16;
 
 use crate::error::Result;
-use crate::model::attention::KvRows;
+use crate::kernels::attention::KvRows;
 
 #[derive(Debug)]
 pub struct KvPool {

@@ -1,24 +1,16 @@
 //! The architecture description every model file carries (`zse.config`), and the
-//! translation from the two source formats' own descriptions into it.
+//! translation from a HF `config.json` into it (GGUF's keys: `format::gguf_config`).
 
 use serde::{Deserialize, Serialize};
 
+use super::architecture;
 use crate::error::{Error, Result};
-use crate::format::gguf::GgufFile;
-
-/// How rotary embeddings pair up the dimensions of a head. GGUF Llama files store
-/// q/k weights permuted so that pairs are adjacent (llama.cpp's "normal" rope);
-/// Qwen2 (and HF checkpoints as such) pair dimension i with i + d/2 ("neox").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RopeStyle {
-    Interleaved,
-    Neox,
-}
+pub use crate::kernels::elementwise::RopeStyle;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// GGUF architecture name: `llama` (Llama, Mistral, SmolLM) or `qwen2`.
+    /// GGUF architecture name, a key of `model::ARCHITECTURES`: `llama` (Llama,
+    /// Mistral, SmolLM), `qwen2` or `qwen3`.
     pub architecture: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -32,29 +24,16 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub context_length: usize,
     pub qkv_bias: bool,
+    /// RMSNorm of each query and key head (Qwen3); absent from files made before it.
+    #[serde(default)]
+    pub qk_norm: bool,
     pub tied_embeddings: bool,
 }
 
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
-
 impl ModelConfig {
-    pub fn rope_style_for(arch: &str) -> RopeStyle {
-        if arch == "qwen2" {
-            RopeStyle::Neox
-        } else {
-            RopeStyle::Interleaved
-        }
-    }
-
     /// Checks the numbers are coherent, so the model code can rely on them.
     pub fn validate(&self) -> Result<()> {
-        if !SUPPORTED_ARCHITECTURES.contains(&self.architecture.as_str()) {
-            return Err(Error::Unsupported(format!(
-                "architecture '{}' (supported: {})",
-                self.architecture,
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )));
-        }
+        architecture(&self.architecture)?;
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -90,58 +69,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Reads the `{arch}.*` keys llama.cpp writes.
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g
-            .get_str("general.architecture")
-            .ok_or_else(|| Error::invalid_file(g.path(), "general.architecture is missing"))?
-            .to_string();
-        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(Error::Unsupported(format!(
-                "architecture '{arch}' (supported: {})",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )));
-        }
-        let need = |key: &str| -> Result<u64> {
-            g.get_u64(&format!("{arch}.{key}"))
-                .ok_or_else(|| Error::invalid_file(g.path(), format!("{arch}.{key} is missing")))
-        };
-        let hidden = need("embedding_length")? as usize;
-        let heads = need("attention.head_count")? as usize;
-        let kv_heads = g
-            .get_u64(&format!("{arch}.attention.head_count_kv"))
-            .unwrap_or(heads as u64);
-        let embd = g
-            .tensor_info("token_embd.weight")
-            .ok_or_else(|| Error::invalid_file(g.path(), "tensor token_embd.weight is missing"))?;
-        let head_dim = match g.get_u64(&format!("{arch}.attention.key_length")) {
-            Some(d) => d as usize,
-            None => hidden.checked_div(heads).unwrap_or(0),
-        };
-        let cfg = ModelConfig {
-            rope_style: Self::rope_style_for(&arch),
-            qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
-            tied_embeddings: g.tensor_info("output.weight").is_none(),
-            vocab_size: embd.shape[0],
-            hidden_size: hidden,
-            intermediate_size: need("feed_forward_length")? as usize,
-            num_layers: need("block_count")? as usize,
-            num_heads: heads,
-            num_kv_heads: kv_heads as usize,
-            head_dim,
-            rope_theta: g
-                .get_f64(&format!("{arch}.rope.freq_base"))
-                .unwrap_or(10_000.0) as f32,
-            rms_norm_eps: g
-                .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5) as f32,
-            context_length: need("context_length")? as usize,
-            architecture: arch,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
     /// Reads a HF `config.json`.
     pub fn from_hf_config(json: &serde_json::Value) -> Result<Self> {
         let bad = |m: String| Error::Unsupported(format!("config.json: {m}"));
@@ -174,10 +101,11 @@ impl ModelConfig {
             num_kv_heads: int("num_key_value_heads").unwrap_or(heads),
             head_dim,
             rope_theta: json["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
-            rope_style: Self::rope_style_for(arch),
+            rope_style: architecture(arch)?.rope_style,
             rms_norm_eps: json["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
             context_length: int("max_position_embeddings").unwrap_or(4096),
             qkv_bias: arch == "qwen2" || json["attention_bias"].as_bool().unwrap_or(false),
+            qk_norm: false,
             tied_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(false),
         };
         cfg.validate()?;
@@ -194,6 +122,12 @@ impl ModelConfig {
         let q = (self.num_heads * self.head_dim) as u64;
         let kv = (self.num_kv_heads * self.head_dim) as u64;
         let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
+        let attn = attn
+            + if self.qk_norm {
+                2 * self.head_dim as u64
+            } else {
+                0
+            };
         let layer = attn + 3 * h * f + 2 * h;
         let head = if self.tied_embeddings { 0 } else { v * h };
         v * h + self.num_layers as u64 * layer + h + head

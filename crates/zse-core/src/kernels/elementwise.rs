@@ -20,8 +20,19 @@
 //! matmul, so a 1-ulp difference anywhere can flip a rounding and move the output;
 //! the closer each step is to the reference's, the closer the whole forward pass.
 
-use super::config::RopeStyle;
-use crate::kernels::KernelPath;
+use serde::{Deserialize, Serialize};
+
+use super::KernelPath;
+
+/// How rotary embeddings pair up the dimensions of a head. GGUF Llama files store
+/// q/k weights permuted so that pairs are adjacent (llama.cpp's "normal" rope);
+/// Qwen2 (and HF checkpoints as such) pair dimension i with i + d/2 ("neox").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeStyle {
+    Interleaved,
+    Neox,
+}
 
 /// RMSNorm of each row of `x` (rows of `weight.len()`), in llama.cpp's order: the
 /// squares summed in f64, the row scaled by `1 / sqrt(mean + eps)`, then by the
