@@ -271,6 +271,7 @@ def test_banner(short_context: ServerProcess) -> None:
     banner = short_context.log()
     assert re.search(rf"URL +http://127\.0\.0\.1:{short_context.port}/v1", banner)
     assert re.search(r"context +384 tokens", banner)
+    assert re.search(r"architecture +llama\n", banner)
     assert re.search(r"threads +1\n", banner)
     assert re.search(r"KV cache +\d+ MiB", banner)
     assert re.search(r"API key +not required", banner)

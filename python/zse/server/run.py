@@ -179,6 +179,7 @@ def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
         device += f" ({used} of {total} used)"
     rows = [
         ("model", f"{config.model_name} ({engine.metadata['path']})"),
+        ("architecture", engine.metadata["config"]["architecture"]),
         ("device", f"{device}, {engine.metadata['cpu_kernels']} kernels"),
         ("quantization", engine.metadata["quantization"]),
         ("context", f"{engine.context_length} tokens"),

@@ -1,0 +1,146 @@
+"""Tiny random-weight GGUF models of architectures no reachable real file has, for
+checking ZSE's forward pass against llama.cpp's on them.
+
+Each model is written byte for byte the same wherever it is made: the weights come
+from integer hashing (no library random generator whose stream could change), the
+tokenizer and chat template are SmolLM2's, copied from the reference Qwen2 tiny model.
+`scripts/make-tiny-references` runs llama.cpp on these files to write the reference
+log-probabilities under tests/references/; the tests write the files again and check
+their sha256 against the one recorded there before comparing.
+
+Needs numpy and gguf only (it also runs in the peer's environment, without zse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+HIDDEN, LAYERS, FFN, HEADS, KV_HEADS = 64, 2, 128, 4, 2
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """One tiny model: its GGUF architecture, the keys beyond the common ones, and
+    its layers' tensors (name suffix -> shape, numpy order [out, in])."""
+
+    arch: str
+    head_dim: int
+    layer_tensors: Callable[[int], dict[str, tuple[int, ...]]]
+    keys: dict[str, int | float] = field(default_factory=dict)
+    rope_theta: float = 1_000_000.0
+    rms_eps: float = 1e-6
+    tied_embeddings: bool = True
+
+
+def _qwen3_layer(hd: int) -> dict[str, tuple[int, ...]]:
+    q, kv = HEADS * hd, KV_HEADS * hd
+    return {
+        "attn_norm.weight": (HIDDEN,),
+        "attn_q.weight": (q, HIDDEN),
+        "attn_k.weight": (kv, HIDDEN),
+        "attn_v.weight": (kv, HIDDEN),
+        "attn_q_norm.weight": (hd,),
+        "attn_k_norm.weight": (hd,),
+        "attn_output.weight": (HIDDEN, q),
+        "ffn_norm.weight": (HIDDEN,),
+        "ffn_gate.weight": (FFN, HIDDEN),
+        "ffn_up.weight": (FFN, HIDDEN),
+        "ffn_down.weight": (HIDDEN, FFN),
+    }
+
+
+MODELS = {
+    # Per-head q/k RMSNorm, no biases, a head size other than hidden / heads.
+    "qwen3": Tiny("qwen3", head_dim=32, layer_tensors=_qwen3_layer),
+}
+
+
+def _values(seed: int, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    """Uniform values in [-scale, scale) from a 64-bit mix of (seed, index)."""
+    n = int(np.prod(shape))
+    with np.errstate(over="ignore"):
+        z = np.arange(n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    unit = (z >> np.uint64(40)).astype(np.float64) / float(1 << 24)  # [0, 1)
+    return ((2.0 * unit - 1.0) * scale).astype(np.float32).reshape(shape)
+
+
+def _tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    if name.endswith("norm.weight"):
+        # Norm weights near 1, as trained models have them.
+        return 1.0 + _values(seed, shape, 0.2)
+    if name.endswith(".bias"):
+        return _values(seed, shape, 0.1)
+    if name == "token_embd.weight":
+        # Wide enough that the tied head's logits are peaked, as a trained model's are
+        # (a flat distribution would hide errors in the log-probabilities' spread).
+        return _values(seed, shape, 1.0)
+    fan_in = shape[-1]
+    return _values(seed, shape, float(np.sqrt(6.0 / fan_in)))
+
+
+def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
+    reader = GGUFReader(source)
+    for key, f in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = f.contents()
+        kind = f.types[0]
+        if kind == GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        elif kind == GGUFValueType.STRING:
+            writer.add_string(key, value)
+        elif kind == GGUFValueType.BOOL:
+            writer.add_bool(key, value)
+        elif kind == GGUFValueType.UINT32:
+            writer.add_uint32(key, value)
+        else:
+            raise ValueError(f"{key}: unexpected type {kind}")
+
+
+def write(name: str, path: Path, tokenizer_source: Path) -> str:
+    """Writes model `name` to `path`; returns the file's sha256."""
+    m = MODELS[name]
+    a = m.arch
+    w = GGUFWriter(str(path), a)
+    w.add_name(f"zse-test-{name}-tiny-random")
+    w.add_uint32(f"{a}.context_length", 2048)
+    w.add_uint32(f"{a}.embedding_length", HIDDEN)
+    w.add_uint32(f"{a}.block_count", LAYERS)
+    w.add_uint32(f"{a}.feed_forward_length", FFN)
+    w.add_uint32(f"{a}.attention.head_count", HEADS)
+    w.add_uint32(f"{a}.attention.head_count_kv", KV_HEADS)
+    w.add_uint32(f"{a}.attention.key_length", m.head_dim)
+    w.add_uint32(f"{a}.attention.value_length", m.head_dim)
+    w.add_float32(f"{a}.rope.freq_base", m.rope_theta)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", m.rms_eps)
+    for key, value in m.keys.items():
+        if isinstance(value, float):
+            w.add_float32(f"{a}.{key}", value)
+        else:
+            w.add_uint32(f"{a}.{key}", value)
+    _copy_tokenizer(w, tokenizer_source)
+    vocab = len(GGUFReader(tokenizer_source).fields["tokenizer.ggml.tokens"].data)
+    tensors: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (vocab, HIDDEN),
+        "output_norm.weight": (HIDDEN,),
+    }
+    if not m.tied_embeddings:
+        tensors["output.weight"] = (vocab, HIDDEN)
+    for i in range(LAYERS):
+        tensors.update({f"blk.{i}.{k}": s for k, s in m.layer_tensors(m.head_dim).items()})
+    for seed, (tname, shape) in enumerate(tensors.items(), start=1):
+        w.add_tensor(tname, _tensor(tname, shape, seed))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
