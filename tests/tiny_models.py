@@ -55,9 +55,31 @@ def _qwen3_layer(hd: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _phi3_layer(hd: int) -> dict[str, tuple[int, ...]]:
+    q, kv = HEADS * hd, KV_HEADS * hd
+    return {
+        "attn_norm.weight": (HIDDEN,),
+        "attn_qkv.weight": (q + 2 * kv, HIDDEN),
+        "attn_output.weight": (HIDDEN, q),
+        "ffn_norm.weight": (HIDDEN,),
+        "ffn_up.weight": (2 * FFN, HIDDEN),  # gate rows, then up rows
+        "ffn_down.weight": (HIDDEN, FFN),
+    }
+
+
 MODELS = {
     # Per-head q/k RMSNorm, no biases, a head size other than hidden / heads.
     "qwen3": Tiny("qwen3", head_dim=32, layer_tensors=_qwen3_layer),
+    # Fused q/k/v and gate/up matrices, NeoX RoPE, separate output head.
+    "phi3": Tiny(
+        "phi3",
+        head_dim=HIDDEN // HEADS,
+        layer_tensors=_phi3_layer,
+        keys={"rope.dimension_count": HIDDEN // HEADS},
+        rope_theta=10_000.0,
+        rms_eps=1e-5,
+        tied_embeddings=False,
+    ),
 }
 
 
@@ -79,7 +101,7 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
         return 1.0 + _values(seed, shape, 0.2)
     if name.endswith(".bias"):
         return _values(seed, shape, 0.1)
-    if name == "token_embd.weight":
+    if name in ("token_embd.weight", "output.weight"):
         # Wide enough that the tied head's logits are peaked, as a trained model's are
         # (a flat distribution would hide errors in the log-probabilities' spread).
         return _values(seed, shape, 1.0)
@@ -111,7 +133,9 @@ def write(name: str, path: Path, tokenizer_source: Path) -> str:
     m = MODELS[name]
     a = m.arch
     w = GGUFWriter(str(path), a)
-    w.add_name(f"zse-test-{name}-tiny-random")
+    # Not the architecture's name: llama.cpp patches a vocabulary by what the model's
+    # name contains ("phi3" expects Phi-3's own special tokens).
+    w.add_name("zse-test-tiny-random")
     w.add_uint32(f"{a}.context_length", 2048)
     w.add_uint32(f"{a}.embedding_length", HIDDEN)
     w.add_uint32(f"{a}.block_count", LAYERS)

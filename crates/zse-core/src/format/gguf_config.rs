@@ -28,6 +28,14 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         Some(d) => d as usize,
         None => hidden.checked_div(heads).unwrap_or(0),
     };
+    // RoPE over part of each head (Phi-3.5, Phi-4-mini) is not implemented.
+    if let Some(rotated) = g.get_u64(&format!("{arch}.rope.dimension_count")) {
+        if rotated as usize != head_dim {
+            return Err(Error::Unsupported(format!(
+                "RoPE over {rotated} of each head's {head_dim} dimensions"
+            )));
+        }
+    }
     let cfg = ModelConfig {
         rope_style: spec.rope_style,
         qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),

@@ -1,6 +1,7 @@
 //! The Llama family: Llama (and Mistral and SmolLM, stored as `llama`), Qwen2 (q/k/v
 //! biases) and Qwen3 (per-head q/k RMSNorm, no biases). Each layer is a pre-norm
-//! residual block of self-attention then a SwiGLU feed-forward network.
+//! residual block of self-attention then a SwiGLU feed-forward network. Files that
+//! store the same layers with fused projections (Phi-3) load through `load_stored`.
 
 use candle_core::Tensor;
 
@@ -48,7 +49,20 @@ struct Llama {
     eps: f32,
 }
 
-fn layout(c: &ModelConfig) -> AttentionLayout {
+/// How a file of the family stores its projections: q/k/v as one matrix
+/// (`attn_qkv`), gate and up as one (`ffn_up`, gate first), or each on its own.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Storage {
+    pub fused_qkv: bool,
+    pub fused_gate_up: bool,
+}
+
+const SEPARATE: Storage = Storage {
+    fused_qkv: false,
+    fused_gate_up: false,
+};
+
+fn layout(c: &ModelConfig, s: Storage) -> AttentionLayout {
     AttentionLayout {
         shape: AttentionShape {
             num_heads: c.num_heads,
@@ -58,33 +72,52 @@ fn layout(c: &ModelConfig) -> AttentionLayout {
         hidden: c.hidden_size,
         qkv_bias: c.qkv_bias,
         qk_norm: c.qk_norm,
-        fused_qkv: false,
+        fused_qkv: s.fused_qkv,
     }
 }
 
 fn tensors(c: &ModelConfig) -> TensorShapes {
+    tensors_stored(c, SEPARATE)
+}
+
+fn load(c: &ModelConfig, l: &Loader<'_>, max_positions: usize) -> Result<Box<dyn Layers>> {
+    load_stored(c, l, max_positions, SEPARATE)
+}
+
+pub(super) fn tensors_stored(c: &ModelConfig, s: Storage) -> TensorShapes {
     let h = c.hidden_size;
     let mut out = Vec::new();
     for i in 0..c.num_layers {
         let p = format!("blk.{i}");
         out.push((format!("{p}.attn_norm.weight"), vec![h]));
-        out.extend(SelfAttention::tensors(&p, layout(c)));
+        out.extend(SelfAttention::tensors(&p, layout(c, s)));
         out.push((format!("{p}.ffn_norm.weight"), vec![h]));
-        out.extend(GatedMlp::tensors(&p, h, c.intermediate_size, false));
+        out.extend(GatedMlp::tensors(
+            &p,
+            h,
+            c.intermediate_size,
+            s.fused_gate_up,
+        ));
     }
     out
 }
 
-fn load(c: &ModelConfig, l: &Loader<'_>, max_positions: usize) -> Result<Box<dyn Layers>> {
+pub(super) fn load_stored(
+    c: &ModelConfig,
+    l: &Loader<'_>,
+    max_positions: usize,
+    s: Storage,
+) -> Result<Box<dyn Layers>> {
     let h = c.hidden_size;
+    let f = c.intermediate_size;
     let layers = (0..c.num_layers)
         .map(|i| {
             let p = format!("blk.{i}");
             Ok(Layer {
                 attn_norm: l.vector(&format!("{p}.attn_norm.weight"), h)?,
-                attn: SelfAttention::load(l, &p, layout(c))?,
+                attn: SelfAttention::load(l, &p, layout(c, s))?,
                 ffn_norm: l.vector(&format!("{p}.ffn_norm.weight"), h)?,
-                mlp: GatedMlp::load(l, &p, h, c.intermediate_size, Activation::Silu, false)?,
+                mlp: GatedMlp::load(l, &p, h, f, Activation::Silu, s.fused_gate_up)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
