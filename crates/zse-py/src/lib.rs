@@ -273,6 +273,7 @@ impl Engine {
             kv_cache_bytes,
             max_batch_tokens,
             cpu_kernels,
+            fault_token: None,
         };
         let inner = py
             .detach(|| zse_core::Engine::load(&path, opts))

@@ -16,6 +16,8 @@
 //!   (copy on write), so forks (`n > 1`) can share their prompt's blocks.
 //!
 //! The scheduler knows nothing of sampling or text: the engine keeps that in `T`.
+//! Its interface is closed: sequences are named by the `SeqId` `enqueue` and `fork`
+//! return, plans and results are keyed by it, and the queues themselves are private.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -46,7 +48,11 @@ impl SeqState {
     }
 }
 
+/// A sequence's name in the scheduler, for as long as it is there.
+pub type SeqId = u64;
+
 pub struct Entry<T> {
+    pub id: SeqId,
     pub seq: SeqState,
     pub data: T,
 }
@@ -65,12 +71,30 @@ pub struct SchedulerConfig {
 /// What the scheduler did for one step.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Tokens each running sequence feeds this step (parallel to `running`; 0: none).
-    pub chunks: Vec<usize>,
+    /// Every running sequence, oldest first, with the tokens it feeds this step (0:
+    /// none).
+    pub work: Vec<(SeqId, usize)>,
+    /// Sequences started from the queue this step.
+    pub admitted: Vec<SeqId>,
     /// Blocks to copy before the step: (from, to, filled rows).
     pub copies: Vec<(BlockId, BlockId, usize)>,
     /// Sequences moved back to the queue this step.
     pub preempted: usize,
+}
+
+impl Plan {
+    /// The sequences that feed tokens this step, with how many.
+    pub fn chunks(&self) -> impl Iterator<Item = (SeqId, usize)> + '_ {
+        self.work.iter().copied().filter(|&(_, n)| n > 0)
+    }
+
+    /// Takes sequence `id`'s work out of the plan (its forward pass failed):
+    /// nothing it computed is committed.
+    pub fn drop_work(&mut self, id: SeqId) {
+        for w in self.work.iter_mut().filter(|w| w.0 == id) {
+            w.1 = 0;
+        }
+    }
 }
 
 /// What `admit` made of a waiting sequence.
@@ -98,9 +122,11 @@ pub struct SchedStats {
 pub struct Scheduler<T> {
     cfg: SchedulerConfig,
     blocks: BlockAllocator,
-    pub waiting: VecDeque<Entry<T>>,
-    pub running: Vec<Entry<T>>,
+    waiting: VecDeque<Entry<T>>,
+    /// In the order of `Plan::work` (admission order, forks at the end).
+    running: Vec<Entry<T>>,
     next_arrival: u64,
+    next_id: SeqId,
     pub stats: SchedStats,
 }
 
@@ -114,6 +140,7 @@ impl<T> Scheduler<T> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_arrival: 0,
+            next_id: 0,
             stats: SchedStats::default(),
         }
     }
@@ -130,10 +157,45 @@ impl<T> Scheduler<T> {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
-    pub fn enqueue(&mut self, seq: SeqState, data: T) {
+    /// Queues a sequence; its name from now on.
+    pub fn enqueue(&mut self, seq: SeqState, data: T) -> SeqId {
         let mut seq = seq;
         seq.arrival = self.arrival();
-        self.waiting.push_back(Entry { seq, data });
+        let id = self.new_id();
+        self.waiting.push_back(Entry { id, seq, data });
+        id
+    }
+
+    fn new_id(&mut self) -> SeqId {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The running sequences, in plan order.
+    pub fn running(&self) -> &[Entry<T>] {
+        &self.running
+    }
+
+    /// The waiting sequences, next first.
+    pub fn waiting(&self) -> impl Iterator<Item = &Entry<T>> {
+        self.waiting.iter()
+    }
+
+    /// A running sequence.
+    pub fn get(&self, id: SeqId) -> Option<&Entry<T>> {
+        self.running.iter().find(|e| e.id == id)
+    }
+
+    /// A running sequence, to append its sampled tokens or change its data.
+    pub fn get_mut(&mut self, id: SeqId) -> Option<&mut Entry<T>> {
+        self.running.iter_mut().find(|e| e.id == id)
+    }
+
+    /// Every sequence's data, running then waiting.
+    pub fn data_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        (self.running.iter_mut())
+            .chain(self.waiting.iter_mut())
+            .map(|e| &mut e.data)
     }
 
     fn arrival(&mut self) -> u64 {
@@ -144,10 +206,8 @@ impl<T> Scheduler<T> {
     /// Plans the next step: which running sequences feed how many tokens, after
     /// admitting what fits and preempting what must give way.
     pub fn schedule(&mut self) -> Plan {
-        let mut plan = Plan {
-            chunks: vec![0; self.running.len()],
-            ..Default::default()
-        };
+        let mut chunks = vec![0; self.running.len()];
+        let mut plan = Plan::default();
         let mut preempt = vec![false; self.running.len()];
         let mut budget = self.cfg.max_batch_tokens;
         // Decoding sequences first (one token each), then prompts, oldest first.
@@ -165,13 +225,13 @@ impl<T> Scheduler<T> {
             let chunk = self.running[i].seq.pending().min(budget);
             loop {
                 if self.reserve(i, chunk, &mut plan.copies) {
-                    plan.chunks[i] = chunk;
+                    chunks[i] = chunk;
                     budget -= chunk;
                     break;
                 }
                 // Out of blocks: the newest sequence not yet given work gives way.
                 let victim = (0..self.running.len())
-                    .filter(|&j| j != i && !preempt[j] && plan.chunks[j] == 0)
+                    .filter(|&j| j != i && !preempt[j] && chunks[j] == 0)
                     .max_by_key(|&j| self.running[j].seq.arrival)
                     .filter(|&j| self.running[j].seq.arrival > self.running[i].seq.arrival)
                     .unwrap_or(i);
@@ -186,7 +246,7 @@ impl<T> Scheduler<T> {
         let mut kept = Vec::with_capacity(self.running.len());
         let mut kept_chunks = Vec::with_capacity(self.running.len());
         let mut back = Vec::new();
-        for (entry, (chunk, gone)) in self.running.drain(..).zip(plan.chunks.iter().zip(&preempt)) {
+        for (entry, (chunk, gone)) in self.running.drain(..).zip(chunks.iter().zip(&preempt)) {
             if *gone {
                 back.push(entry);
             } else {
@@ -201,7 +261,7 @@ impl<T> Scheduler<T> {
             self.waiting.push_front(e);
         }
         self.running = kept;
-        plan.chunks = kept_chunks;
+        let mut chunks = kept_chunks;
         // Then admissions, in arrival order, while everything allows (not right after
         // a preemption: the space just freed is what running sequences need next).
         // A sequence whose next prefix block a running one is about to compute waits
@@ -231,12 +291,14 @@ impl<T> Scheduler<T> {
             // `admit` checked that blocks for the whole prompt are there.
             let reserved = self.reserve(i, chunk, &mut plan.copies);
             debug_assert!(reserved);
-            plan.chunks.push(if reserved { chunk } else { 0 });
-            budget -= plan.chunks[i];
+            chunks.push(if reserved { chunk } else { 0 });
+            budget -= chunks[i];
+            plan.admitted.push(self.running[i].id);
         }
         for entry in awaiting.into_iter().rev() {
             self.waiting.push_front(entry);
         }
+        plan.work = self.running.iter().map(|e| e.id).zip(chunks).collect();
         plan
     }
 
@@ -390,7 +452,10 @@ impl<T> Scheduler<T> {
     /// prefix index.
     pub fn commit(&mut self, plan: &Plan) {
         let bs = self.cfg.block_size;
-        for (entry, &chunk) in self.running.iter_mut().zip(&plan.chunks) {
+        for (id, chunk) in plan.chunks() {
+            let Some(entry) = self.running.iter_mut().find(|e| e.id == id) else {
+                continue;
+            };
             let seq = &mut entry.seq;
             seq.computed += chunk;
             while seq.table.hashes.len() < seq.computed / bs {
@@ -405,30 +470,43 @@ impl<T> Scheduler<T> {
         }
     }
 
-    /// Removes running sequence `i` and frees its blocks.
-    pub fn finish(&mut self, i: usize) -> Entry<T> {
+    /// Removes running sequence `id` and frees its blocks.
+    pub fn finish(&mut self, id: SeqId) -> Option<Entry<T>> {
+        let i = self.running.iter().position(|e| e.id == id)?;
         self.release_blocks(i);
-        self.running.swap_remove(i)
+        Some(self.running.remove(i))
     }
 
     /// Removes the sequence whose data matches, running or waiting.
-    pub fn remove(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<Entry<T>> {
-        if let Some(i) = self.running.iter().position(|e| pred(&e.data)) {
-            return Some(self.finish(i));
+    pub fn remove_where(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<Entry<T>> {
+        if let Some(e) = self.running.iter().find(|e| pred(&e.data)) {
+            return self.finish(e.id);
         }
         let i = self.waiting.iter().position(|e| pred(&e.data))?;
         self.waiting.remove(i)
     }
 
-    /// A new running sequence that shares everything running sequence `i` has so far
-    /// (its blocks are shared until one of them writes: copy on write).
-    pub fn fork(&mut self, i: usize, data: T) {
-        let mut seq = self.running[i].seq.clone();
-        for &id in &seq.table.blocks {
-            self.blocks.retain(id);
+    /// Removes every sequence, running then waiting, freeing their blocks.
+    pub fn drain(&mut self) -> Vec<Entry<T>> {
+        for i in 0..self.running.len() {
+            self.release_blocks(i);
+        }
+        let mut all: Vec<Entry<T>> = self.running.drain(..).collect();
+        all.extend(self.waiting.drain(..));
+        all
+    }
+
+    /// A new running sequence that shares everything running sequence `parent` has
+    /// so far (its blocks are shared until one of them writes: copy on write).
+    pub fn fork(&mut self, parent: SeqId, data: T) -> Option<SeqId> {
+        let mut seq = self.get(parent)?.seq.clone();
+        for &block in &seq.table.blocks {
+            self.blocks.retain(block);
         }
         seq.arrival = self.arrival();
-        self.running.push(Entry { seq, data });
+        let id = self.new_id();
+        self.running.push(Entry { id, seq, data });
+        Some(id)
     }
 
     /// Positions in the cache over all running sequences.
@@ -456,25 +534,42 @@ mod tests {
     fn step(s: &mut Scheduler<u32>) -> Plan {
         let plan = s.schedule();
         s.commit(&plan);
-        for e in &mut s.running {
+        push_where_computed(s, 99);
+        plan
+    }
+
+    fn push_where_computed(s: &mut Scheduler<u32>, token: u32) {
+        let ids: Vec<SeqId> = s.running().iter().map(|e| e.id).collect();
+        for id in ids {
+            let e = s.get_mut(id).unwrap();
             if e.seq.pending() == 0 {
-                e.seq.tokens.push(99);
+                e.seq.tokens.push(token);
             }
         }
-        plan
+    }
+
+    /// Each running sequence's tokens in the plan, in plan order.
+    fn chunks(plan: &Plan) -> Vec<usize> {
+        plan.work.iter().map(|w| w.1).collect()
+    }
+
+    /// Finishes the running sequence at position `i`.
+    fn finish_at(s: &mut Scheduler<u32>, i: usize) {
+        let id = s.running()[i].id;
+        s.finish(id).unwrap();
     }
 
     #[test]
     fn long_prompts_are_chunked_and_decodes_go_first() {
         let mut s = sched(4, 8, 16);
         s.enqueue(SeqState::new(vec![1; 3]), 0);
-        assert_eq!(step(&mut s).chunks, vec![3]);
+        assert_eq!(chunks(&step(&mut s)), vec![3]);
         s.enqueue(SeqState::new(vec![2; 20]), 1);
         // The decode gets its token; the new prompt gets the rest of the budget.
-        assert_eq!(step(&mut s).chunks, vec![1, 7]);
-        assert_eq!(step(&mut s).chunks, vec![1, 7]);
-        assert_eq!(step(&mut s).chunks, vec![1, 6]);
-        assert_eq!(step(&mut s).chunks, vec![1, 1]);
+        assert_eq!(chunks(&step(&mut s)), vec![1, 7]);
+        assert_eq!(chunks(&step(&mut s)), vec![1, 7]);
+        assert_eq!(chunks(&step(&mut s)), vec![1, 6]);
+        assert_eq!(chunks(&step(&mut s)), vec![1, 1]);
     }
 
     #[test]
@@ -483,16 +578,16 @@ mod tests {
         let mut s = sched(4, 64, 4);
         s.enqueue(SeqState::new(vec![1; 6]), 0);
         s.enqueue(SeqState::new(vec![2; 6]), 1);
-        assert_eq!(step(&mut s).chunks, vec![6, 6]);
+        assert_eq!(chunks(&step(&mut s)), vec![6, 6]);
         // Both decode within their two blocks up to 8 positions; then the older one
         // needs a third block: the newer gives its blocks up and waits at the head.
         assert_eq!(step(&mut s).preempted, 0);
         assert_eq!(step(&mut s).preempted, 0);
         let plan = step(&mut s);
-        assert_eq!((plan.preempted, plan.chunks.clone()), (1, vec![1]));
-        assert_eq!(s.running.len(), 1);
-        assert_eq!(s.running[0].data, 0);
-        let back = &s.waiting[0];
+        assert_eq!((plan.preempted, chunks(&plan)), (1, vec![1]));
+        assert_eq!(s.running().len(), 1);
+        assert_eq!(s.running()[0].data, 0);
+        let back = s.waiting().next().unwrap();
         assert_eq!(
             (back.data, back.seq.computed, back.seq.tokens.len()),
             (1, 0, 9)
@@ -500,9 +595,9 @@ mod tests {
         assert_eq!(s.blocks().in_use(), 3);
         // The older one took the newer one's last block (evicted first); when it
         // finishes, the newer one comes back from its cached first block.
-        s.finish(0);
+        finish_at(&mut s, 0);
         let plan = step(&mut s);
-        assert_eq!(plan.chunks, vec![5]);
+        assert_eq!(chunks(&plan), vec![5]);
         assert_eq!(s.stats.prefix_hit_tokens, 4);
     }
 
@@ -511,15 +606,15 @@ mod tests {
         let mut s = sched(4, 64, 16);
         s.enqueue(SeqState::new((0..10).collect()), 0);
         step(&mut s);
-        s.finish(0);
+        finish_at(&mut s, 0);
         assert_eq!(s.blocks().in_use(), 0);
         // Same first 8 tokens (two full blocks), different tail.
         let mut tokens: Vec<u32> = (0..8).collect();
         tokens.extend([50, 51, 52]);
         s.enqueue(SeqState::new(tokens), 1);
-        assert_eq!(step(&mut s).chunks, vec![3]);
+        assert_eq!(chunks(&step(&mut s)), vec![3]);
         assert_eq!(s.stats.prefix_hit_tokens, 8);
-        assert_eq!(s.running[0].seq.computed, 11);
+        assert_eq!(s.running()[0].seq.computed, 11);
     }
 
     #[test]
@@ -532,28 +627,28 @@ mod tests {
         s.enqueue(SeqState::new(vec![7; 5]), 2);
         let data = |v: &mut dyn Iterator<Item = &Entry<u32>>| v.map(|e| e.data).collect::<Vec<_>>();
         // The second waits at the head of the queue; the one behind it starts.
-        assert_eq!(step(&mut s).chunks, vec![10, 5]);
-        assert_eq!(data(&mut s.running.iter()), vec![0, 2]);
-        assert_eq!(data(&mut s.waiting.iter()), vec![1]);
+        assert_eq!(chunks(&step(&mut s)), vec![10, 5]);
+        assert_eq!(data(&mut s.running().iter()), vec![0, 2]);
+        assert_eq!(data(&mut s.waiting()), vec![1]);
         // Then it starts from the first one's cached blocks and computes its own tail.
-        assert_eq!(step(&mut s).chunks, vec![1, 1, 3]);
+        assert_eq!(chunks(&step(&mut s)), vec![1, 1, 3]);
         assert_eq!(s.stats.prefix_hit_tokens, 8);
         assert_eq!(
-            s.running[2].seq.table.blocks[..2],
-            s.running[0].seq.table.blocks[..2]
+            s.running()[2].seq.table.blocks[..2],
+            s.running()[0].seq.table.blocks[..2]
         );
         // A prompt whose prefix is computed over several chunks waits chunk by chunk.
         let mut s = sched(4, 4, 16);
         s.enqueue(SeqState::new((0..12).collect()), 0);
         s.enqueue(SeqState::new((0..12).collect()), 1);
-        assert_eq!(step(&mut s).chunks, vec![4]);
-        assert_eq!(step(&mut s).chunks, vec![4]);
-        assert_eq!(step(&mut s).chunks, vec![4]);
+        assert_eq!(chunks(&step(&mut s)), vec![4]);
+        assert_eq!(chunks(&step(&mut s)), vec![4]);
+        assert_eq!(chunks(&step(&mut s)), vec![4]);
         // Then it takes the two cached blocks, and copies the three rows of the
         // partial third that the first computed: its last token is all it computes.
         let plan = step(&mut s);
-        assert_eq!(plan.chunks, vec![1, 1]);
-        let (first, second) = (&s.running[0].seq.table, &s.running[1].seq.table);
+        assert_eq!(chunks(&plan), vec![1, 1]);
+        let (first, second) = (&s.running()[0].seq.table, &s.running()[1].seq.table);
         assert_eq!(plan.copies, vec![(first.blocks[2], second.blocks[2], 3)]);
         assert_ne!(first.blocks[2], second.blocks[2]);
         assert_eq!(s.stats.prefix_hit_tokens, 11);
@@ -567,13 +662,13 @@ mod tests {
         // Same first block, then two of three tokens in common: two rows copied.
         s.enqueue(SeqState::new(vec![1, 2, 3, 4, 5, 6, 9, 9]), 1);
         let plan = step(&mut s);
-        assert_eq!((plan.chunks.clone(), plan.copies.len()), (vec![1, 2], 1));
+        assert_eq!((chunks(&plan), plan.copies.len()), (vec![1, 2], 1));
         assert_eq!(plan.copies[0].2, 2);
         // A prompt ending where the other's computed rows go on: its last token is
         // still computed.
         s.enqueue(SeqState::new(vec![1, 2, 3, 4, 5, 6]), 2);
         let plan = step(&mut s);
-        assert_eq!(plan.chunks, vec![1, 1, 1]);
+        assert_eq!(chunks(&plan), vec![1, 1, 1]);
         assert_eq!(plan.copies[0].2, 1);
         // A cached first block of other tokens: the rows after it are not the first
         // sequence's, though the tokens there agree.
@@ -581,10 +676,10 @@ mod tests {
         step(&mut s);
         s.enqueue(SeqState::new(vec![9, 9, 9, 9, 5, 6, 7, 8]), 4);
         let plan = step(&mut s);
-        assert_eq!((plan.chunks[4], plan.copies.len()), (4, 0));
+        assert_eq!((chunks(&plan)[4], plan.copies.len()), (4, 0));
         assert_eq!(
-            s.running[4].seq.table.hashes[0],
-            s.running[3].seq.table.hashes[0]
+            s.running()[4].seq.table.hashes[0],
+            s.running()[3].seq.table.hashes[0]
         );
     }
 
@@ -593,29 +688,27 @@ mod tests {
         let mut s = sched(4, 64, 8);
         s.enqueue(SeqState::new(vec![1; 6]), 0);
         let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![6]);
+        assert_eq!(chunks(&plan), vec![6]);
         s.commit(&plan);
-        s.fork(0, 1);
+        s.fork(s.running()[0].id, 1).unwrap();
         assert_eq!(s.blocks().in_use(), 2, "the fork shares both blocks");
-        for e in &mut s.running {
-            e.seq.tokens.push(7);
-        }
+        push_where_computed(&mut s, 7);
         let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![1, 1]);
+        assert_eq!(chunks(&plan), vec![1, 1]);
         // The first writer into the shared partial block got its own copy; the
         // full block stays shared.
         assert_eq!(plan.copies.len(), 1);
         assert_eq!(plan.copies[0].2, 2);
         assert_eq!(
-            s.running[0].seq.table.blocks[0],
-            s.running[1].seq.table.blocks[0]
+            s.running()[0].seq.table.blocks[0],
+            s.running()[1].seq.table.blocks[0]
         );
         assert_ne!(
-            s.running[0].seq.table.blocks[1],
-            s.running[1].seq.table.blocks[1]
+            s.running()[0].seq.table.blocks[1],
+            s.running()[1].seq.table.blocks[1]
         );
-        s.finish(1);
-        s.finish(0);
+        finish_at(&mut s, 1);
+        finish_at(&mut s, 0);
         assert_eq!(s.blocks().in_use(), 0);
     }
 
@@ -625,16 +718,16 @@ mod tests {
         s.enqueue(SeqState::new(vec![1; 4]), 0);
         s.enqueue(SeqState::new(vec![2; 4]), 1);
         step(&mut s);
-        assert_eq!((s.running.len(), s.waiting.len()), (1, 1));
-        s.finish(0);
+        assert_eq!((s.running().len(), s.waiting().count()), (1, 1));
+        finish_at(&mut s, 0);
         step(&mut s);
-        assert_eq!(s.running[0].data, 1);
+        assert_eq!(s.running()[0].data, 1);
         let mut s = sched(4, 64, 2);
         s.enqueue(SeqState::new(vec![1; 6]), 0);
         s.enqueue(SeqState::new(vec![2; 6]), 1);
         step(&mut s);
         assert_eq!(
-            (s.running.len(), s.waiting.len()),
+            (s.running().len(), s.waiting().count()),
             (1, 1),
             "no blocks for the second"
         );
