@@ -109,10 +109,11 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return _values(seed, shape, float(np.sqrt(6.0 / fan_in)))
 
 
-def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
+def _copy_tokenizer(writer: GGUFWriter, source: Path, chat_template: bool) -> None:
     reader = GGUFReader(source)
     for key, f in reader.fields.items():
-        if not key.startswith("tokenizer."):
+        skipped = key == "tokenizer.chat_template" and not chat_template
+        if not key.startswith("tokenizer.") or skipped:
             continue
         value = f.contents()
         kind = f.types[0]
@@ -128,8 +129,9 @@ def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
             raise ValueError(f"{key}: unexpected type {kind}")
 
 
-def write(name: str, path: Path, tokenizer_source: Path) -> str:
-    """Writes model `name` to `path`; returns the file's sha256."""
+def write(name: str, path: Path, tokenizer_source: Path, *, chat_template: bool = True) -> str:
+    """Writes model `name` to `path` (without the chat template where asked: a base
+    model's file); returns the file's sha256."""
     m = MODELS[name]
     a = m.arch
     w = GGUFWriter(str(path), a)
@@ -151,7 +153,7 @@ def write(name: str, path: Path, tokenizer_source: Path) -> str:
             w.add_float32(f"{a}.{key}", value)
         else:
             w.add_uint32(f"{a}.{key}", value)
-    _copy_tokenizer(w, tokenizer_source)
+    _copy_tokenizer(w, tokenizer_source, chat_template)
     vocab = len(GGUFReader(tokenizer_source).fields["tokenizer.ggml.tokens"].data)
     tensors: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (vocab, HIDDEN),

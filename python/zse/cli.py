@@ -113,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rate_limit_rpm=args.rate_limit_rpm,
             rate_limit_tpm=args.rate_limit_tpm,
             cors_origins=tuple(args.cors_origin or ()),
+            chat_template=args.chat_template,
         )
     )
 
@@ -178,7 +179,7 @@ def _when(t: float | None) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = Engine(_model_path(args.model))
+    engine = Engine(_model_path(args.model), chat_template=args.chat_template)
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
         sampling["seed"] = args.seed
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tokens per engine step; prompts go in chunks (default {DEFAULT_MAX_BATCH_TOKENS})",
     )
     s.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
+    _add_chat_template(s)
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     s.add_argument(
         "--grace",
@@ -341,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--seed", type=int)
+    _add_chat_template(s)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("pull", help="fetch the default model into the cache")
@@ -384,6 +387,22 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def _add_chat_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        type=_read_template,
+        help="a Jinja chat template to use instead of the model's (or where it has none)",
+    )
+
+
+def _read_template(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read the chat template {path}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,6 +356,8 @@ class Engine:
     core), read once per process when the first engine starts. ``cpu_kernels`` picks
     the CPU's code path: ``"generic"``, ``"avx2"``, ``"avx512"``, ``"candle"`` (candle's
     operations, the GPU's path) or ``"auto"``; default: ``$ZSE_CPU_KERNELS``, else auto.
+    ``chat_template`` (Jinja text) replaces the file's chat template, or gives one to a
+    model without (without one, chats raise `TemplateError`; `generate` still works).
     Sampling keywords (all methods that generate): ``max_tokens``, ``temperature``
     (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` ({token id: bias}),
@@ -376,6 +378,7 @@ class Engine:
         device: str = "auto",
         gpu_memory_fraction: float = 0.9,
         cpu_kernels: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         if context_length is not None:
             _check_int("context_length", context_length, 1)
@@ -400,6 +403,7 @@ class Engine:
             device=device,
             gpu_memory_fraction=fraction,
             cpu_kernels=cpu_kernels,
+            chat_template=chat_template,
         )
         self.metadata: dict[str, Any] = json.loads(self._native.info_json())
 

@@ -237,7 +237,7 @@ impl Engine {
     #[pyo3(signature = (
         path, *, context_length=None, kv_cache_dtype="f16", max_sequences=16, max_queue=256,
         kv_cache_bytes=None, max_batch_tokens=256, device="auto", gpu_memory_fraction=0.9,
-        cpu_kernels=None
+        cpu_kernels=None, chat_template=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -252,6 +252,7 @@ impl Engine {
         device: &str,
         gpu_memory_fraction: f64,
         cpu_kernels: Option<String>,
+        chat_template: Option<String>,
     ) -> PyResult<Self> {
         let kv_dtype = match kv_cache_dtype {
             "f16" => candle_core::DType::F16,
@@ -274,6 +275,7 @@ impl Engine {
             max_batch_tokens,
             cpu_kernels,
             fault_token: None,
+            chat_template,
         };
         let inner = py
             .detach(|| zse_core::Engine::load(&path, opts))

@@ -68,6 +68,8 @@ class ServeOptions:
     rate_limit_rpm: int | None = None
     rate_limit_tpm: int | None = None
     cors_origins: tuple[str, ...] = ()
+    #: Jinja chat template text replacing the model's (or where it has none).
+    chat_template: str | None = None
 
 
 def serve(opts: ServeOptions) -> int:
@@ -90,6 +92,7 @@ def serve(opts: ServeOptions) -> int:
         max_batch_tokens=opts.max_batch_tokens,
         device=device,
         gpu_memory_fraction=opts.gpu_memory_fraction,
+        chat_template=opts.chat_template,
     )
     try:
         # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.

@@ -106,8 +106,8 @@ impl Engine {
                 ),
             ));
         }
-        let template = file
-            .chat_template
+        let chat_template = opts.chat_template.clone().or(file.chat_template.clone());
+        let template = chat_template
             .as_deref()
             .map(ChatTemplate::new)
             .transpose()?;
@@ -132,7 +132,7 @@ impl Engine {
             quantization: file.quantization.clone(),
             provenance: file.provenance.clone(),
             file_size: file.gguf().file_size(),
-            chat_template: file.chat_template.clone(),
+            chat_template,
             bos_token: file.bos_token_id.and_then(|id| tokenizer.id_to_token(id)),
             eos_token_ids: file.eos_token_ids.clone(),
             limits: limits.clone(),
@@ -203,10 +203,14 @@ impl Engine {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let t = self
-            .template
-            .as_ref()
-            .ok_or_else(|| Error::Template("the model file has no chat template".into()))?;
+        let t = self.template.as_ref().ok_or_else(|| {
+            Error::Template(
+                "the model has no chat template: complete raw text instead \
+                     (/v1/completions), or give one (--chat-template FILE, \
+                     zse.Engine(chat_template=...))"
+                    .into(),
+            )
+        })?;
         let eos = self
             .info
             .eos_token_ids

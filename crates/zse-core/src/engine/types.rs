@@ -39,6 +39,8 @@ pub struct EngineOptions {
     /// case), to show that one failing request fails alone. None: what
     /// `ZSE_FAULT_TOKEN` names, else none.
     pub fault_token: Option<u32>,
+    /// A chat template (Jinja) to use instead of the file's, or where it has none.
+    pub chat_template: Option<String>,
 }
 
 /// Positions per KV block: small enough that little is wasted at a sequence's end,
@@ -58,6 +60,7 @@ impl Default for EngineOptions {
             gpu_memory_fraction: 0.9,
             cpu_kernels: None,
             fault_token: None,
+            chat_template: None,
         }
     }
 }
