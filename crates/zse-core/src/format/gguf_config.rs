@@ -40,6 +40,12 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         rope_style: spec.rope_style,
         qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
         qk_norm: g.tensor_info("blk.0.attn_q_norm.weight").is_some(),
+        sliding_window: match spec.sliding_window {
+            true => g
+                .get_u64(&format!("{arch}.attention.sliding_window"))
+                .map(|w| w as usize),
+            false => None,
+        },
         tied_embeddings: g.tensor_info("output.weight").is_none(),
         vocab_size: embd.shape[0],
         hidden_size: hidden,

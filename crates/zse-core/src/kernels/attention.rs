@@ -43,12 +43,15 @@ thread_local! {
 /// Query rows (of one head) that share each converted key and value row.
 const ROW_TILE: usize = 16;
 
-/// Head counts and size.
+/// Head counts and size, and how far back a query sees.
 #[derive(Debug, Clone, Copy)]
 pub struct Heads {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding-window attention: a query at position p sees keys `p + 1 - window
+    /// ..= p` only (llama.cpp's standard window). None: every earlier key.
+    pub window: Option<usize>,
 }
 
 /// One sequence of the batch: its query tokens are rows `offset..offset + n` of the
@@ -126,9 +129,11 @@ fn attention_with(
                 .flat_map(|head| {
                     it.rows.clone().map(move |i| {
                         let at = (head * tokens + s.offset + i) * hd;
+                        let visible = s.past + i + 1;
                         Query {
                             q: &q[at..at + hd],
-                            visible: s.past + i + 1,
+                            first: h.window.map_or(0, |w| visible.saturating_sub(w)),
+                            visible,
                         }
                     })
                 })
@@ -151,9 +156,10 @@ fn attention_with(
     out
 }
 
-/// A query row and how many cache positions it sees (keys `0..visible`).
+/// A query row and the cache positions it sees (keys `first..visible`).
 struct Query<'a> {
     q: &'a [f32],
+    first: usize,
     visible: usize,
 }
 
@@ -172,9 +178,25 @@ fn attend_rows(
     debug_assert_eq!(s.slots.len(), s.past + s.n);
     let scale = 1.0 / (hd as f32).sqrt();
     let n = queries.len();
+    // Under a sliding window the tile reads from its earliest visible key; each
+    // query's keys before its own first are masked out of the softmax below.
+    let lo = queries.iter().map(|r| r.first).min().unwrap_or(0);
+    let shifted: Vec<Query<'_>>;
+    let queries = if lo == 0 {
+        queries
+    } else {
+        shifted = (queries.iter())
+            .map(|r| Query {
+                q: r.q,
+                first: r.first - lo,
+                visible: r.visible - lo,
+            })
+            .collect();
+        &shifted
+    };
     let span = queries.iter().map(|r| r.visible).max().unwrap_or(0);
     let view = HeadView {
-        slots: &s.slots[..span],
+        slots: &s.slots[lo..lo + span],
         g,
         width: nkv * hd,
         hd,
@@ -196,8 +218,11 @@ fn attend_rows(
                 }
             }
         }
+        for (t, r) in queries.iter().enumerate() {
+            scores[t * span..t * span + r.first].fill(f32::NEG_INFINITY);
+        }
         // Softmax per row, in position order; the weights stay unnormalised and
-        // `inv` scales each one as the values are summed.
+        // `inv` scales each one as the values are summed (a masked key's is 0).
         let mut inv = vec![0f32; n];
         for (t, (r, inv)) in queries.iter().zip(inv.iter_mut()).enumerate() {
             let sc = &mut scores[t * span..t * span + r.visible];
@@ -622,6 +647,7 @@ mod tests {
             num_heads: s.num_heads,
             num_kv_heads: s.num_kv_heads,
             head_dim: s.head_dim,
+            window: None,
         };
         paged_attention(q, s.n, k, v, &[seq], h)
     }
@@ -672,6 +698,48 @@ mod tests {
     }
 
     #[test]
+    fn a_sliding_window_sees_only_its_last_keys_with_the_same_bits_alone() {
+        let (s, q, k, v, slots) = setup();
+        let (hd, width, window) = (s.head_dim, s.num_kv_heads * s.head_dim, 3);
+        let h = Heads {
+            num_heads: s.num_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: hd,
+            window: Some(window),
+        };
+        let seq = |n: usize, past: usize| SeqAttn {
+            slots: &slots[..past + n],
+            past,
+            n,
+            offset: 0,
+        };
+        let (kr, vr) = (KvRows::F32(&k), KvRows::F32(&v));
+        let out = paged_attention(&q, s.n, kr, vr, &[seq(s.n, s.past)], h);
+        for head in 0..s.num_heads {
+            let g = head / (s.num_heads / s.num_kv_heads);
+            for i in 0..s.n {
+                let end = s.past + i + 1;
+                let seen = &slots[end - window..end];
+                let row = |t: &[f32], slot: u32| t[slot as usize * width + g * hd..][..hd].to_vec();
+                let keys: Vec<_> = seen.iter().map(|&sl| row(&k, sl)).collect();
+                let values: Vec<_> = seen.iter().map(|&sl| row(&v, sl)).collect();
+                let qi = &q[(head * s.n + i) * hd..][..hd];
+                let want = reference(qi, &keys, &values);
+                let got = &out[i * s.num_heads * hd + head * hd..][..hd];
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+                }
+            }
+        }
+        // The chunk's last query alone (its tile starts at its own window).
+        let last: Vec<f32> = (0..s.num_heads)
+            .flat_map(|head| q[(head * s.n + s.n - 1) * hd..][..hd].to_vec())
+            .collect();
+        let alone = paged_attention(&last, 1, kr, vr, &[seq(1, s.past + s.n - 1)], h);
+        assert_eq!(alone, out[(s.n - 1) * s.num_heads * hd..].to_vec());
+    }
+
+    #[test]
     fn a_token_gets_the_same_bits_alone_or_in_a_chunk() {
         let (s, q, k, v, slots) = setup();
         let chunk = one(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
@@ -704,6 +772,7 @@ mod tests {
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: hd,
+                window: None,
             };
             // A decode row and a chunk longer than a tile, on scattered slots.
             for (past, n) in [(30, 1), (3, 2 * ROW_TILE + 3)] {
@@ -719,9 +788,17 @@ mod tests {
                     (KvRows::F32(&k), KvRows::F32(&v)),
                     (KvRows::F16(&k16), KvRows::F16(&v16)),
                 ] {
-                    let fast = attention_with(&q, n, kr, vr, &[seq], h, true);
-                    let portable = attention_with(&q, n, kr, vr, &[seq], h, false);
-                    assert_eq!(fast, portable, "hd {hd}, n {n}");
+                    for h in [
+                        h,
+                        Heads {
+                            window: Some(5),
+                            ..h
+                        },
+                    ] {
+                        let fast = attention_with(&q, n, kr, vr, &[seq], h, true);
+                        let portable = attention_with(&q, n, kr, vr, &[seq], h, false);
+                        assert_eq!(fast, portable, "hd {hd}, n {n}, window {:?}", h.window);
+                    }
                 }
             }
             // Decoding sequences of different lengths, enough of them that a
@@ -771,6 +848,7 @@ mod tests {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
+            window: None,
         };
         let slots: Vec<Vec<u32>> = [20u32, 7, 33, 12]
             .iter()

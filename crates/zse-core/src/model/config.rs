@@ -28,12 +28,19 @@ pub struct ModelConfig {
     #[serde(default)]
     pub qk_norm: bool,
     pub tied_embeddings: bool,
+    /// Sliding-window attention over this many positions (Mistral); absent from
+    /// files made before it.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
     /// Checks the numbers are coherent, so the model code can rely on them.
     pub fn validate(&self) -> Result<()> {
         architecture(&self.architecture)?;
+        if self.sliding_window == Some(0) {
+            return Err(Error::Unsupported("a sliding window of 0 positions".into()));
+        }
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -106,6 +113,10 @@ impl ModelConfig {
             context_length: int("max_position_embeddings").unwrap_or(4096),
             qkv_bias: arch == "qwen2" || json["attention_bias"].as_bool().unwrap_or(false),
             qk_norm: false,
+            sliding_window: match hf_arch {
+                "MistralForCausalLM" => int("sliding_window"),
+                _ => None,
+            },
             tied_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(false),
         };
         cfg.validate()?;

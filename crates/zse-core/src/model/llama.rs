@@ -18,6 +18,7 @@ use crate::kv::KvPool;
 pub const LLAMA: Architecture = Architecture {
     name: "llama",
     rope_style: RopeStyle::Interleaved,
+    sliding_window: true,
     tensors,
     load,
 };
@@ -25,6 +26,7 @@ pub const LLAMA: Architecture = Architecture {
 pub const QWEN2: Architecture = Architecture {
     name: "qwen2",
     rope_style: RopeStyle::Neox,
+    sliding_window: false,
     tensors,
     load,
 };
@@ -32,6 +34,7 @@ pub const QWEN2: Architecture = Architecture {
 pub const QWEN3: Architecture = Architecture {
     name: "qwen3",
     rope_style: RopeStyle::Neox,
+    sliding_window: false,
     tensors,
     load,
 };
@@ -68,6 +71,7 @@ fn layout(c: &ModelConfig, s: Storage) -> AttentionLayout {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
+            window: c.sliding_window,
         },
         hidden: c.hidden_size,
         qkv_bias: c.qkv_bias,

@@ -45,6 +45,10 @@ pub struct Architecture {
     pub name: &'static str,
     /// How its files pair the dimensions RoPE rotates.
     pub rope_style: RopeStyle,
+    /// Whether a file's `{arch}.attention.sliding_window` applies to every layer
+    /// (Mistral's files are `llama`; llama.cpp leaves Phi-3's window off, and so
+    /// does ZSE, to compute what it computes).
+    pub sliding_window: bool,
     /// Every tensor of its layers a model with this config has, with its shape
     /// (candle order); the embedding, output norm and head are common to all.
     pub tensors: fn(&ModelConfig) -> TensorShapes,

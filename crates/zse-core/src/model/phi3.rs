@@ -15,6 +15,7 @@ const FUSED: Storage = Storage {
 pub const PHI3: Architecture = Architecture {
     name: "phi3",
     rope_style: RopeStyle::Neox,
+    sliding_window: false,
     tensors: |c| tensors_stored(c, FUSED),
     load: |c, l, max_positions| load_stored(c, l, max_positions, FUSED),
 };

@@ -40,6 +40,7 @@ fn config() -> ModelConfig {
         qkv_bias: false,
         qk_norm: false,
         tied_embeddings: true,
+        sliding_window: None,
     }
 }
 
@@ -55,7 +56,11 @@ fn model(k_type: GgmlDType) -> Model {
 /// Random weights, `k_type` for the key projection and `w_type` for the other
 /// matrices, on `backend`.
 fn model_with(k_type: GgmlDType, w_type: GgmlDType, backend: Backend) -> Model {
-    let c = config();
+    model_config(config(), k_type, w_type, backend)
+}
+
+/// Random weights for `c`, as `model_with`.
+fn model_config(c: ModelConfig, k_type: GgmlDType, w_type: GgmlDType, backend: Backend) -> Model {
     let mut tensors = HashMap::new();
     for (i, (name, shape)) in expected_tensors(&c).unwrap().into_iter().enumerate() {
         let n: usize = shape.iter().product();
@@ -161,4 +166,34 @@ fn candles_operations_compute_what_the_kernels_compute() {
             .fold(0f32, f32::max);
         assert!(worst < 1e-4, "row {row}: logits apart by {worst}");
     }
+}
+
+#[test]
+fn a_sliding_window_is_kept_alike_by_both_backends() {
+    // Window 3: the second step's long items (positions 5..8 of C, B's prefill) see
+    // only their last three keys; the kernels' tiles and candle's masks agree.
+    let windowed = ModelConfig {
+        sliding_window: Some(3),
+        ..config()
+    };
+    let f32_model =
+        |c: &ModelConfig, b: Backend| model_config(c.clone(), GgmlDType::F32, GgmlDType::F32, b);
+    let kernels = Backend::Kernels(KernelPath::best());
+    let native = two_steps(&f32_model(&windowed, kernels));
+    let candle = two_steps(&f32_model(&windowed, Backend::Candle));
+    let full = two_steps(&f32_model(&config(), kernels));
+    let apart = |x: &[Vec<f32>], y: &[Vec<f32>]| {
+        x.iter()
+            .flatten()
+            .zip(y.iter().flatten())
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        apart(&native, &candle) < 1e-4,
+        "backends apart by {}",
+        apart(&native, &candle)
+    );
+    // B's first three positions see all they would anyway; later ones do not.
+    assert!(apart(&native, &full) > 1e-3, "the window changed nothing");
 }

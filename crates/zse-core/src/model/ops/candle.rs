@@ -52,12 +52,34 @@ struct DecodeBatch {
     slots: Tensor,
     /// `[count, 1, 1, longest]`: 0 where a position exists, -inf past its end.
     mask: Tensor,
+    /// Each one's context length (the mask's 0s).
+    lens: Vec<usize>,
     /// Where the batch also has longer items: the permutation from [decoding rows;
     /// the others' rows] back to the batch's token order.
     order: Option<Tensor>,
 }
 
 impl DecodeBatch {
+    /// `mask` for a layer with a sliding window: also -inf before each one's window.
+    fn windowed_mask(&self, window: Option<usize>) -> Result<Tensor> {
+        let Some(w) = window else {
+            return Ok(self.mask.clone());
+        };
+        let mut mask = Vec::with_capacity(self.count * self.longest);
+        for &len in &self.lens {
+            let first = len.saturating_sub(w);
+            mask.extend((0..self.longest).map(|j| {
+                if j < first || j >= len {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            }));
+        }
+        let shape = (self.count, 1, 1, self.longest);
+        Ok(Tensor::from_vec(mask, shape, self.mask.device())?)
+    }
+
     fn new(items: &[BatchItem<'_>], device: &Device) -> Result<Option<Self>> {
         let decoding: Vec<usize> = (0..items.len())
             .filter(|&i| items[i].tokens.len() == 1)
@@ -110,6 +132,7 @@ impl DecodeBatch {
             rows: Tensor::from_vec(rows, count, device)?,
             slots: Tensor::from_vec(slots, count * longest, device)?,
             mask: Tensor::from_vec(mask, (count, 1, 1, longest), device)?,
+            lens: decoding.iter().map(|&i| items[i].slots.len()).collect(),
             order: order.transpose()?,
         }))
     }
@@ -291,7 +314,7 @@ fn attend_decoding(
     };
     let (k, v) = (heads(kc)?, heads(vc)?);
     let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&d.mask)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&d.windowed_mask(shape.window)?)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     Ok(probs.matmul(&v)?.reshape((n, nh * hd))?)
 }
@@ -308,10 +331,18 @@ fn causal(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, shape: AttentionShape)
     let q = q.reshape((nkv, groups * n, d))?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = if n > 1 {
+    // Causal, and within the window where the layer has one.
+    let first = |i: usize| shape.window.map_or(0, |w| (pos + i + 1).saturating_sub(w));
+    let scores = if n > 1 || first(0) > 0 {
         let mask: Vec<f32> = (0..n)
             .flat_map(|i| {
-                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                (0..total).map(move |j| {
+                    if j > pos + i || j < first(i) {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
             })
             .collect();
         let mask = Tensor::from_vec(mask, (n, total), q.device())?;

@@ -159,6 +159,7 @@ impl Ops for CpuOps {
             num_heads: nh,
             num_kv_heads: shape.num_kv_heads,
             head_dim: hd,
+            window: shape.window,
         };
         let out = pool
             .with_rows(layer, |k, v| {

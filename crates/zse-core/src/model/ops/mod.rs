@@ -75,12 +75,14 @@ pub enum Activation {
     Silu,
 }
 
-/// One attention layer's shape.
+/// One attention layer's shape, and how far back its queries see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Sliding window: a query at position p sees keys `p + 1 - window ..= p`.
+    pub window: Option<usize>,
 }
 
 impl AttentionShape {
