@@ -12,9 +12,8 @@
 //! normalised on its own, so a token's result does not depend on how many tokens
 //! share the step.
 //!
-//! RoPE here lets the CPU kernels' forward pass rotate queries and keys straight
-//! from the q/k/v projections' output rows into the attention's layout and the KV
-//! pool, where candle's operation needs a transposed copy in and a tensor out.
+//! RoPE here rotates the rows of queries and keys as the projections give them,
+//! where candle's operation needs them transposed into heads first and back after.
 //!
 //! Why llama.cpp's arithmetic: the activations are quantized to 8 bits before every
 //! matmul, so a 1-ulp difference anywhere can flip a rounding and move the output;
