@@ -36,6 +36,8 @@ class Tiny:
     rope_theta: float = 1_000_000.0
     rms_eps: float = 1e-6
     tied_embeddings: bool = True
+    #: Half-width of the token embeddings' values (Gemma scales them by sqrt(hidden)).
+    embed_range: float = 1.0
 
 
 def _qwen3_layer(hd: int) -> dict[str, tuple[int, ...]]:
@@ -67,6 +69,25 @@ def _phi3_layer(hd: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _gemma3_layer(hd: int) -> dict[str, tuple[int, ...]]:
+    q, kv = HEADS * hd, KV_HEADS * hd
+    return {
+        "attn_norm.weight": (HIDDEN,),
+        "attn_q.weight": (q, HIDDEN),
+        "attn_k.weight": (kv, HIDDEN),
+        "attn_v.weight": (kv, HIDDEN),
+        "attn_q_norm.weight": (hd,),
+        "attn_k_norm.weight": (hd,),
+        "attn_output.weight": (HIDDEN, q),
+        "post_attention_norm.weight": (HIDDEN,),
+        "ffn_norm.weight": (HIDDEN,),
+        "ffn_gate.weight": (FFN, HIDDEN),
+        "ffn_up.weight": (FFN, HIDDEN),
+        "ffn_down.weight": (HIDDEN, FFN),
+        "post_ffw_norm.weight": (HIDDEN,),
+    }
+
+
 MODELS = {
     # Per-head q/k RMSNorm, no biases, a head size other than hidden / heads.
     "qwen3": Tiny("qwen3", head_dim=32, layer_tensors=_qwen3_layer),
@@ -79,6 +100,20 @@ MODELS = {
         rope_theta=10_000.0,
         rms_eps=1e-5,
         tied_embeddings=False,
+    ),
+    # Embeddings scaled by sqrt(hidden), post-norms, GELU-gated MLP; layer 0 attends
+    # within a 4-position window (RoPE base 10000), layer 1 globally (base 1e6).
+    "gemma3": Tiny(
+        "gemma3",
+        head_dim=32,
+        layer_tensors=_gemma3_layer,
+        keys={
+            "attention.sliding_window": 4,
+            "attention.sliding_window_pattern": 2,
+            "rope.freq_base_swa": 10_000.0,
+        },
+        tied_embeddings=False,
+        embed_range=1.0 / 8,
     ),
 }
 
@@ -95,15 +130,17 @@ def _values(seed: int, shape: tuple[int, ...], scale: float) -> np.ndarray:
     return ((2.0 * unit - 1.0) * scale).astype(np.float32).reshape(shape)
 
 
-def _tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+def _tensor(name: str, shape: tuple[int, ...], seed: int, embed_range: float) -> np.ndarray:
     if name.endswith("norm.weight"):
         # Norm weights near 1, as trained models have them.
         return 1.0 + _values(seed, shape, 0.2)
     if name.endswith(".bias"):
         return _values(seed, shape, 0.1)
-    if name in ("token_embd.weight", "output.weight"):
-        # Wide enough that the tied head's logits are peaked, as a trained model's are
-        # (a flat distribution would hide errors in the log-probabilities' spread).
+    if name == "token_embd.weight":
+        return _values(seed, shape, embed_range)
+    if name == "output.weight":
+        # Wide enough that the logits are peaked, as a trained model's are (a flat
+        # distribution would hide errors in the log-probabilities' spread).
         return _values(seed, shape, 1.0)
     fan_in = shape[-1]
     return _values(seed, shape, float(np.sqrt(6.0 / fan_in)))
@@ -164,7 +201,7 @@ def write(name: str, path: Path, tokenizer_source: Path, *, chat_template: bool 
     for i in range(LAYERS):
         tensors.update({f"blk.{i}.{k}": s for k, s in m.layer_tensors(m.head_dim).items()})
     for seed, (tname, shape) in enumerate(tensors.items(), start=1):
-        w.add_tensor(tname, _tensor(tname, shape, seed))
+        w.add_tensor(tname, _tensor(tname, shape, seed, m.embed_range))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

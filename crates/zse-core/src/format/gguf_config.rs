@@ -46,6 +46,12 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
                 .map(|w| w as usize),
             false => None,
         },
+        sliding_window_pattern: g
+            .get_u64(&format!("{arch}.attention.sliding_window_pattern"))
+            .map(|n| n as usize),
+        rope_theta_swa: g
+            .get_f64(&format!("{arch}.rope.freq_base_swa"))
+            .map(|b| b as f32),
         tied_embeddings: g.tensor_info("output.weight").is_none(),
         vocab_size: embd.shape[0],
         hidden_size: hidden,

@@ -1,7 +1,7 @@
 //! Elementwise steps of the forward pass on the CPU, in llama.cpp's arithmetic:
-//! RMSNorm, and the feed-forward activation of the Llama family, SwiGLU
-//! (`silu(gate) * up`) fused into one pass over the two projections; and RoPE on
-//! plain slices, as candle computes it.
+//! RMSNorm, and the gated feed-forward activations, SwiGLU (`silu(gate) * up`, the
+//! Llama family) and GeGLU (Gemma), each fused into one pass over the two
+//! projections; and RoPE on plain slices, as candle computes it.
 //!
 //! Done with candle's operations, SwiGLU is two new tensors and a call to the C
 //! library's `expf` per value. Here `exp` is the algorithm of Arm's
@@ -65,6 +65,34 @@ pub fn swiglu(path: KernelPath, gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
     let _ = path;
     swiglu_portable(gate, up, out);
+}
+
+/// `out[i] = gelu(gate[i]) * up[i]` (GELU's tanh form), in llama.cpp's CPU arithmetic:
+/// 0 below -10, the gate itself above 10, and between them GELU of the gate rounded
+/// to f16, computed in f32 and rounded to f16 again (llama.cpp reads it from a table
+/// of every f16 value).
+pub fn geglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(
+        gate.len() == out.len() && up.len() == out.len(),
+        "geglu lengths"
+    );
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = if g <= -10.0 {
+            0.0
+        } else if g >= 10.0 {
+            g * u
+        } else {
+            let x = half::f16::from_f32(g).to_f32();
+            half::f16::from_f32(gelu(x)).to_f32() * u
+        };
+    }
+}
+
+/// GELU's tanh form, as llama.cpp computes it in f32.
+fn gelu(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044_715;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
 }
 
 /// `swiglu` value by value: the bits every path gives.
@@ -205,6 +233,30 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn geglu_is_gelu_of_the_f16_gate_in_f16_times_up() {
+        let gate = [-12.0f32, -1.0, 0.0, 0.5, 1.0, 3.0, 11.0];
+        let up = [2.0f32; 7];
+        let mut out = [0f32; 7];
+        geglu(&gate, &up, &mut out);
+        // Beyond +-10: 0 and the gate itself.
+        assert_eq!((out[0], out[6]), (0.0, 22.0));
+        assert_eq!(out[2], 0.0);
+        for (&g, &o) in gate[1..6].iter().zip(&out[1..6]) {
+            // GELU's tanh form in f64, to within f16's rounding of input and output.
+            let x = f64::from(g);
+            let exact = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            assert!(
+                (f64::from(o) / 2.0 - exact).abs() <= 2e-3 * exact.abs().max(1.0),
+                "{g}: {o}"
+            );
+            let y = half::f16::from_f32(o / 2.0);
+            assert_eq!(y.to_f32(), o / 2.0, "{g}: GELU rounded to f16");
+        }
+    }
 
     #[test]
     fn rms_norm_normalises_each_row_on_its_own() {

@@ -32,6 +32,13 @@ pub struct ModelConfig {
     /// files made before it.
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Gemma 3: every this-many-th layer attends globally, the others within the
+    /// window (llama.cpp's default 6).
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3: the RoPE base of the windowed layers (llama.cpp's default 10000).
+    #[serde(default)]
+    pub rope_theta_swa: Option<f32>,
 }
 
 impl ModelConfig {
@@ -117,6 +124,8 @@ impl ModelConfig {
                 "MistralForCausalLM" => int("sliding_window"),
                 _ => None,
             },
+            sliding_window_pattern: None,
+            rope_theta_swa: None,
             tied_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(false),
         };
         cfg.validate()?;

@@ -6,8 +6,8 @@
 //! - [`rope`]: rotary embedding tables;
 //! - [`blocks`]: blocks architectures share (self-attention, gated MLP);
 //! - one file per architecture family ([`llama`]: Llama, Mistral, Qwen2, Qwen3;
-//!   [`phi3`]: the same layers with fused projections), each an [`Architecture`] in
-//!   [`ARCHITECTURES`], keyed by GGUF's `general.architecture`;
+//!   [`phi3`]: the same layers with fused projections; [`gemma3`]), each an
+//!   [`Architecture`] in [`ARCHITECTURES`], keyed by GGUF's `general.architecture`;
 //! - [`Model`]: what the engine runs: embedding, an architecture's layers, the
 //!   output norm and head.
 //!
@@ -17,6 +17,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod gemma3;
 pub mod llama;
 pub mod ops;
 pub mod phi3;
@@ -57,7 +58,13 @@ pub struct Architecture {
 }
 
 /// Every architecture ZSE runs.
-pub const ARCHITECTURES: &[Architecture] = &[llama::LLAMA, llama::QWEN2, llama::QWEN3, phi3::PHI3];
+pub const ARCHITECTURES: &[Architecture] = &[
+    llama::LLAMA,
+    llama::QWEN2,
+    llama::QWEN3,
+    phi3::PHI3,
+    gemma3::GEMMA3,
+];
 
 /// The architecture named `name`, or an error listing the supported ones.
 pub fn architecture(name: &str) -> Result<&'static Architecture> {

@@ -41,6 +41,8 @@ fn config() -> ModelConfig {
         qk_norm: false,
         tied_embeddings: true,
         sliding_window: None,
+        sliding_window_pattern: None,
+        rope_theta_swa: None,
     }
 }
 

@@ -195,6 +195,14 @@ impl Ops for CandleOps {
         );
         let gate = match act {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
+            // As llama.cpp's table: GELU of the gate rounded to f16, rounded to f16
+            // (it passes gates beyond ±10 unrounded; GELU is within f16's step there).
+            Activation::GeluTanh => gate
+                .to_dtype(DType::F16)?
+                .to_dtype(DType::F32)?
+                .gelu()?
+                .to_dtype(DType::F16)?
+                .to_dtype(DType::F32)?,
         };
         Ok((gate * up)?)
     }

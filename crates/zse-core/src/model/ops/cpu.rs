@@ -90,6 +90,7 @@ impl Ops for CpuOps {
                 let (gate, up) = row.split_at(width);
                 match act {
                     Activation::Silu => elementwise::swiglu(self.path, gate, up, o),
+                    Activation::GeluTanh => elementwise::geglu(gate, up, o),
                 }
             }
         })?;

@@ -73,6 +73,8 @@ impl Backend {
 pub enum Activation {
     /// SiLU (SwiGLU): the Llama family, Qwen, Phi-3, Mistral.
     Silu,
+    /// GELU, tanh form (GeGLU): Gemma.
+    GeluTanh,
 }
 
 /// One attention layer's shape, and how far back its queries see.
