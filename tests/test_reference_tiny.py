@@ -66,6 +66,7 @@ def tiny(request: pytest.FixtureRequest, model: Path) -> Iterator[tuple[zse.Engi
 def test_teacher_forced_top10_logprobs_at_every_position(tiny: tuple[zse.Engine, str]) -> None:
     engine, name = tiny
     assert engine.metadata["config"]["architecture"] == name
+    worst = 0.0
     for i, case in enumerate(reference(name)["cases"]):
         ours = engine.score(case["token_ids"], top=10)
         ref = case["top10_logprobs_per_position"]
@@ -75,6 +76,9 @@ def test_teacher_forced_top10_logprobs_at_every_position(tiny: tuple[zse.Engine,
             for token, logprob in theirs:
                 assert token in mine_by_id, f"case {i} position {pos}: {token} not in our top 10"
                 assert mine_by_id[token] == pytest.approx(logprob, abs=TOLERANCE), (i, pos, token)
+                worst = max(worst, abs(mine_by_id[token] - logprob))
+    path = engine.metadata["cpu_kernels"]
+    print(f"\n{name} {path}: worst |delta| to llama.cpp {worst:.1e}")
 
 
 def test_greedy_continuation(tiny: tuple[zse.Engine, str]) -> None:

@@ -70,22 +70,15 @@ def _phi3_layer(hd: int) -> dict[str, tuple[int, ...]]:
 
 
 def _gemma3_layer(hd: int) -> dict[str, tuple[int, ...]]:
-    q, kv = HEADS * hd, KV_HEADS * hd
-    return {
-        "attn_norm.weight": (HIDDEN,),
-        "attn_q.weight": (q, HIDDEN),
-        "attn_k.weight": (kv, HIDDEN),
-        "attn_v.weight": (kv, HIDDEN),
-        "attn_q_norm.weight": (hd,),
-        "attn_k_norm.weight": (hd,),
-        "attn_output.weight": (HIDDEN, q),
-        "post_attention_norm.weight": (HIDDEN,),
-        "ffn_norm.weight": (HIDDEN,),
-        "ffn_gate.weight": (FFN, HIDDEN),
-        "ffn_up.weight": (FFN, HIDDEN),
-        "ffn_down.weight": (HIDDEN, FFN),
-        "post_ffw_norm.weight": (HIDDEN,),
-    }
+    """Qwen3's layer with a norm after the attention and one after the MLP (in the
+    order the reference file has them: the seeds follow it)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in _qwen3_layer(hd).items():
+        if name == "ffn_norm.weight":
+            out["post_attention_norm.weight"] = (HIDDEN,)
+        out[name] = shape
+    out["post_ffw_norm.weight"] = (HIDDEN,)
+    return out
 
 
 MODELS = {

@@ -672,22 +672,24 @@ mod tests {
         (s, q, k, v, slots)
     }
 
-    #[test]
-    fn matches_plain_causal_attention_with_gqa() {
-        let (s, q, k, v, slots) = setup();
+    /// Checks `out` (setup()'s queries) against plain attention of each query over
+    /// the keys it sees: all earlier ones, or the last `window`.
+    #[allow(clippy::type_complexity)]
+    fn check_plain(
+        (s, q, k, v, slots): &(AttnShape, Vec<f32>, Vec<f32>, Vec<f32>, Vec<u32>),
+        out: &[f32],
+        window: Option<usize>,
+    ) {
         let (hd, width) = (s.head_dim, s.num_kv_heads * s.head_dim);
-        let out = one(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
         for h in 0..s.num_heads {
             let g = h / (s.num_heads / s.num_kv_heads);
             for i in 0..s.n {
-                let visible = &slots[..s.past + i + 1];
-                let row = |t: &[f32], slot: u32| {
-                    let st = slot as usize * width + g * hd;
-                    t[st..st + hd].to_vec()
-                };
-                let keys: Vec<_> = visible.iter().map(|&sl| row(&k, sl)).collect();
-                let values: Vec<_> = visible.iter().map(|&sl| row(&v, sl)).collect();
-                let qi = &q[(h * s.n + i) * hd..(h * s.n + i + 1) * hd];
+                let end = s.past + i + 1;
+                let visible = &slots[window.map_or(0, |w| end - w)..end];
+                let row = |t: &[f32], slot: u32| t[slot as usize * width + g * hd..][..hd].to_vec();
+                let keys: Vec<_> = visible.iter().map(|&sl| row(k, sl)).collect();
+                let values: Vec<_> = visible.iter().map(|&sl| row(v, sl)).collect();
+                let qi = &q[(h * s.n + i) * hd..][..hd];
                 let want = reference(qi, &keys, &values);
                 let got = &out[i * s.num_heads * hd + h * hd..][..hd];
                 for (a, b) in got.iter().zip(&want) {
@@ -698,9 +700,18 @@ mod tests {
     }
 
     #[test]
+    fn matches_plain_causal_attention_with_gqa() {
+        let data = setup();
+        let (s, q, k, v, slots) = &data;
+        let out = one(q, KvRows::F32(k), KvRows::F32(v), slots, *s);
+        check_plain(&data, &out, None);
+    }
+
+    #[test]
     fn a_sliding_window_sees_only_its_last_keys_with_the_same_bits_alone() {
-        let (s, q, k, v, slots) = setup();
-        let (hd, width, window) = (s.head_dim, s.num_kv_heads * s.head_dim, 3);
+        let data = setup();
+        let (s, q, k, v, slots) = &data;
+        let (s, hd, window) = (*s, s.head_dim, 3);
         let h = Heads {
             num_heads: s.num_heads,
             num_kv_heads: s.num_kv_heads,
@@ -713,24 +724,9 @@ mod tests {
             n,
             offset: 0,
         };
-        let (kr, vr) = (KvRows::F32(&k), KvRows::F32(&v));
-        let out = paged_attention(&q, s.n, kr, vr, &[seq(s.n, s.past)], h);
-        for head in 0..s.num_heads {
-            let g = head / (s.num_heads / s.num_kv_heads);
-            for i in 0..s.n {
-                let end = s.past + i + 1;
-                let seen = &slots[end - window..end];
-                let row = |t: &[f32], slot: u32| t[slot as usize * width + g * hd..][..hd].to_vec();
-                let keys: Vec<_> = seen.iter().map(|&sl| row(&k, sl)).collect();
-                let values: Vec<_> = seen.iter().map(|&sl| row(&v, sl)).collect();
-                let qi = &q[(head * s.n + i) * hd..][..hd];
-                let want = reference(qi, &keys, &values);
-                let got = &out[i * s.num_heads * hd + head * hd..][..hd];
-                for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-                }
-            }
-        }
+        let (kr, vr) = (KvRows::F32(k), KvRows::F32(v));
+        let out = paged_attention(q, s.n, kr, vr, &[seq(s.n, s.past)], h);
+        check_plain(&data, &out, Some(window));
         // The chunk's last query alone (its tile starts at its own window).
         let last: Vec<f32> = (0..s.num_heads)
             .flat_map(|head| q[(head * s.n + s.n - 1) * hd..][..hd].to_vec())

@@ -142,14 +142,7 @@ impl Layers for Gemma3 {
         Ok(x)
     }
 
-    fn size_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| l.attn.size_bytes() + l.mlp.size_bytes())
-            .sum()
-    }
-
-    fn qkv_matrices(&self) -> Vec<usize> {
-        self.layers.iter().map(|l| l.attn.qkv_matrices()).collect()
+    fn blocks(&self) -> Vec<(&SelfAttention, &GatedMlp)> {
+        self.layers.iter().map(|l| (&l.attn, &l.mlp)).collect()
     }
 }

@@ -34,6 +34,7 @@ pub use weights::TensorSource;
 
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
+use blocks::{GatedMlp, SelfAttention};
 use weights::{Loader, Weight};
 
 /// Tensor names with their shapes (candle order).
@@ -86,11 +87,22 @@ pub trait Layers: Send + Sync {
     /// each layer's keys and values in `pool`.
     fn forward(&self, ops: &dyn Ops, x: Tensor, step: &Step<'_>, pool: &KvPool) -> Result<Tensor>;
 
+    /// Each layer's attention and feed-forward blocks, which hold its matrices.
+    fn blocks(&self) -> Vec<(&SelfAttention, &GatedMlp)>;
+
     /// Bytes of weight matrices held.
-    fn size_bytes(&self) -> usize;
+    fn size_bytes(&self) -> usize {
+        (self.blocks().iter())
+            .map(|(attn, mlp)| attn.size_bytes() + mlp.size_bytes())
+            .sum()
+    }
 
     /// Per layer, how many matrices its q/k/v projections run as (1 where stacked).
-    fn qkv_matrices(&self) -> Vec<usize>;
+    fn qkv_matrices(&self) -> Vec<usize> {
+        (self.blocks().iter())
+            .map(|(attn, _)| attn.qkv_matrices())
+            .collect()
+    }
 }
 
 /// Optional tensor: Llama 3 RoPE frequency divisors.

@@ -54,6 +54,9 @@ struct DecodeBatch {
     mask: Tensor,
     /// Each one's context length (the mask's 0s).
     lens: Vec<usize>,
+    /// `mask` also hiding what lies before each one's window, made by the first
+    /// windowed layer for the others (a model has one window).
+    windowed: OnceCell<(usize, Tensor)>,
     /// Where the batch also has longer items: the permutation from [decoding rows;
     /// the others' rows] back to the batch's token order.
     order: Option<Tensor>,
@@ -65,6 +68,11 @@ impl DecodeBatch {
         let Some(w) = window else {
             return Ok(self.mask.clone());
         };
+        if let Some((made_for, mask)) = self.windowed.get() {
+            if *made_for == w {
+                return Ok(mask.clone());
+            }
+        }
         let mut mask = Vec::with_capacity(self.count * self.longest);
         for &len in &self.lens {
             let first = len.saturating_sub(w);
@@ -77,7 +85,10 @@ impl DecodeBatch {
             }));
         }
         let shape = (self.count, 1, 1, self.longest);
-        Ok(Tensor::from_vec(mask, shape, self.mask.device())?)
+        let mask = Tensor::from_vec(mask, shape, self.mask.device())?;
+        // Set once; a later, other window (none so far) is made each time.
+        let _ = self.windowed.set((w, mask.clone()));
+        Ok(mask)
     }
 
     fn new(items: &[BatchItem<'_>], device: &Device) -> Result<Option<Self>> {
@@ -133,6 +144,7 @@ impl DecodeBatch {
             slots: Tensor::from_vec(slots, count * longest, device)?,
             mask: Tensor::from_vec(mask, (count, 1, 1, longest), device)?,
             lens: decoding.iter().map(|&i| items[i].slots.len()).collect(),
+            windowed: OnceCell::new(),
             order: order.transpose()?,
         }))
     }
