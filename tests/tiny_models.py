@@ -139,10 +139,16 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int, embed_range: float) ->
     return _values(seed, shape, float(np.sqrt(6.0 / fan_in)))
 
 
-def _copy_tokenizer(writer: GGUFWriter, source: Path, chat_template: bool) -> None:
+def _copy_tokenizer(
+    writer: GGUFWriter, source: Path, chat_template: bool, add_bos: bool | None
+) -> None:
     reader = GGUFReader(source)
+    if add_bos is not None:
+        writer.add_bool("tokenizer.ggml.add_bos_token", add_bos)
     for key, f in reader.fields.items():
-        skipped = key == "tokenizer.chat_template" and not chat_template
+        skipped = (key == "tokenizer.chat_template" and not chat_template) or (
+            key == "tokenizer.ggml.add_bos_token" and add_bos is not None
+        )
         if not key.startswith("tokenizer.") or skipped:
             continue
         value = f.contents()
@@ -159,9 +165,17 @@ def _copy_tokenizer(writer: GGUFWriter, source: Path, chat_template: bool) -> No
             raise ValueError(f"{key}: unexpected type {kind}")
 
 
-def write(name: str, path: Path, tokenizer_source: Path, *, chat_template: bool = True) -> str:
+def write(
+    name: str,
+    path: Path,
+    tokenizer_source: Path,
+    *,
+    chat_template: bool = True,
+    add_bos: bool | None = None,
+) -> str:
     """Writes model `name` to `path` (without the chat template where asked: a base
-    model's file); returns the file's sha256."""
+    model's file; with `tokenizer.ggml.add_bos_token` set where `add_bos` says);
+    returns the file's sha256."""
     m = MODELS[name]
     a = m.arch
     w = GGUFWriter(str(path), a)
@@ -183,7 +197,7 @@ def write(name: str, path: Path, tokenizer_source: Path, *, chat_template: bool 
             w.add_float32(f"{a}.{key}", value)
         else:
             w.add_uint32(f"{a}.{key}", value)
-    _copy_tokenizer(w, tokenizer_source, chat_template)
+    _copy_tokenizer(w, tokenizer_source, chat_template, add_bos)
     vocab = len(GGUFReader(tokenizer_source).fields["tokenizer.ggml.tokens"].data)
     tensors: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (vocab, HIDDEN),

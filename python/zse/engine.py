@@ -445,8 +445,11 @@ class Engine:
 
     # Text ------------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._native.tokenize(text)
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids for ``text``; special tokens written in it are recognised. With
+        ``add_bos``, the BOS token the model asks for (``add_bos_token`` in its file)
+        starts the ids unless the text already starts with it."""
+        return self._native.tokenize(text, add_bos)
 
     def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._native.detokenize(list(token_ids), skip_special_tokens)
@@ -458,12 +461,13 @@ class Engine:
 
     def prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
         """The token ids the engine is fed for ``prompt``: raw text is tokenized as it
-        is, chat messages go through the model's chat template first."""
+        is, chat messages go through the model's chat template first; either starts
+        with BOS where the model asks for it (never twice)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("invalid value for 'prompt': must not be empty")
-            return self.tokenize(prompt)
-        return self.tokenize(self.apply_chat_template(prompt))
+            return self.tokenize(prompt, add_bos=True)
+        return self.tokenize(self.apply_chat_template(prompt), add_bos=True)
 
     def _token_logprob(
         self, token_id: int, logprob: float, top: list[tuple[int, float]]

@@ -317,8 +317,14 @@ impl Engine {
         .to_string()
     }
 
-    fn tokenize(&self, text: &str) -> PyResult<Vec<u32>> {
-        self.inner.tokenizer().encode(text).map_err(to_py)
+    #[pyo3(signature = (text, add_bos=false))]
+    fn tokenize(&self, text: &str, add_bos: bool) -> PyResult<Vec<u32>> {
+        let tok = self.inner.tokenizer();
+        match add_bos {
+            true => tok.encode_prompt(text),
+            false => tok.encode(text),
+        }
+        .map_err(to_py)
     }
 
     #[pyo3(signature = (ids, skip_special_tokens=true))]

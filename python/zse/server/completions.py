@@ -147,7 +147,7 @@ def _legacy_prompts(
         if isinstance(item, str):
             if not item:
                 raise invalid("invalid value for 'prompt': must not be empty", param="prompt")
-            out.append(ctx.engine.tokenize(item))
+            out.append(ctx.engine.prompt_ids(item))
         elif not item:
             raise invalid(f"invalid value for 'prompt[{i}]': no token ids", param="prompt")
         else:

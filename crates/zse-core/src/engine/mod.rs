@@ -95,7 +95,9 @@ impl Engine {
         };
         let limits = resolve_limits(&file.config, &opts, context_length)?;
         context_length = context_length.min(limits.kv_capacity_tokens());
-        let tokenizer = Arc::new(Tokenizer::from_json(&file.tokenizer_json)?);
+        let prompt_bos = file.bos_token_id.filter(|_| file.add_bos_token);
+        let tokenizer =
+            Arc::new(Tokenizer::from_json(&file.tokenizer_json)?.with_prompt_bos(prompt_bos));
         if tokenizer.vocab_size() > file.config.vocab_size {
             return Err(Error::invalid_file(
                 path.display(),

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::gguf::GgufFile;
 use super::gguf_config::config_from_gguf;
-use super::gguf_tokenizer::tokenizer_json_from_gguf;
+use super::gguf_tokenizer::{adds_bos_token, tokenizer_json_from_gguf};
 use super::hf::HfDir;
 use super::zse::{keys, FORMAT_VERSION};
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::model::ModelConfig;
 /// Bumped whenever the converter writes different tensors or keys for the same
 /// source and options, so that caches of converted files (the default model's
 /// among them) know to convert again.
-pub const CONVERTER_REVISION: u32 = 2;
+pub const CONVERTER_REVISION: u32 = 3;
 
 /// The weight precision asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +146,8 @@ struct Source {
     tokenizer_json: String,
     chat_template: Option<String>,
     bos_token_id: Option<u32>,
+    /// Whether prompts start with BOS (the engine adds it where missing).
+    add_bos_token: bool,
     eos_token_ids: Vec<u32>,
     /// Keys copied as they are, so llama.cpp can still read the output.
     passthrough: Vec<(String, Value)>,
@@ -174,6 +176,10 @@ fn gguf_source(path: &Path) -> Result<Source> {
         .or_else(|| g.get_str("tokenizer.chat_template"))
         .map(str::to_string);
     let bos_token_id = g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32);
+    let add_bos_token = match g.get(keys::ADD_BOS_TOKEN) {
+        Some(Value::Bool(b)) => *b,
+        _ => adds_bos_token(&g),
+    };
     let mut eos_token_ids: Vec<u32> = g
         .get_u64("tokenizer.ggml.eos_token_id")
         .map(|v| v as u32)
@@ -205,6 +211,7 @@ fn gguf_source(path: &Path) -> Result<Source> {
         tokenizer_json,
         chat_template,
         bos_token_id,
+        add_bos_token,
         eos_token_ids,
         passthrough,
         tensors,
@@ -256,6 +263,7 @@ fn hf_source(dir: &Path) -> Result<Source> {
         tokenizer_json: hf.tokenizer_json.clone(),
         chat_template: hf.chat_template.clone(),
         bos_token_id: hf.bos_token_id,
+        add_bos_token: hf.add_bos_token,
         eos_token_ids: hf.eos_token_ids.clone(),
         passthrough,
         stored_types: vec![None; tensors.len()],
@@ -401,6 +409,10 @@ pub fn convert(
         (
             keys::CONVERTER_REVISION.to_string(),
             Value::U32(CONVERTER_REVISION),
+        ),
+        (
+            keys::ADD_BOS_TOKEN.to_string(),
+            Value::Bool(source.add_bos_token),
         ),
         (
             keys::ZSE_VERSION.to_string(),

@@ -28,10 +28,19 @@ pub struct HfDir {
     pub tokenizer_json: String,
     pub chat_template: Option<String>,
     pub bos_token_id: Option<u32>,
+    pub add_bos_token: bool,
     pub eos_token_ids: Vec<u32>,
     pub name: String,
     /// The files whose bytes identify the source (hashed for provenance).
     pub files: Vec<PathBuf>,
+}
+
+/// Whether the tokenizer's post-processor puts `bos` before a single text (as Llama 3's
+/// `tokenizer.json` does where `tokenizer_config.json` does not say `add_bos_token`).
+fn post_processor_adds(tokenizer: &tokenizers::Tokenizer, bos: u32) -> bool {
+    tokenizer
+        .post_process(tokenizers::Encoding::default(), None, true)
+        .is_ok_and(|e| e.get_ids().first() == Some(&bos))
 }
 
 fn read_json(path: &Path) -> Result<Json> {
@@ -113,6 +122,10 @@ impl HfDir {
         };
         let id_of = |v: &Json| token_content(v).and_then(|t| tokenizer.token_to_id(t));
         let bos_token_id = id_of(&tok_config["bos_token"]);
+        let add_bos_token = match &tok_config["add_bos_token"] {
+            Json::Bool(b) => *b,
+            _ => bos_token_id.is_some_and(|bos| post_processor_adds(&tokenizer, bos)),
+        };
         let mut eos_token_ids: Vec<u32> = id_of(&tok_config["eos_token"]).into_iter().collect();
         let gen_path = dir.join("generation_config.json");
         if gen_path.exists() {
@@ -183,6 +196,7 @@ impl HfDir {
             tokenizer_json,
             chat_template,
             bos_token_id,
+            add_bos_token,
             eos_token_ids,
             name,
             files,

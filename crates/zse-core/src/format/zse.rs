@@ -20,6 +20,8 @@ pub mod keys {
     pub const TOKENIZER_JSON: &str = "zse.tokenizer_json";
     pub const CHAT_TEMPLATE: &str = "zse.chat_template";
     pub const BOS_TOKEN_ID: &str = "zse.bos_token_id";
+    /// Bool: prompts start with BOS (files from before it was written: no).
+    pub const ADD_BOS_TOKEN: &str = "zse.add_bos_token";
     pub const EOS_TOKEN_IDS: &str = "zse.eos_token_ids";
     pub const QUANTIZATION: &str = "zse.quantization";
     pub const SOURCE_NAME: &str = "zse.source.name";
@@ -53,6 +55,8 @@ pub struct ZseFile {
     pub tokenizer_json: String,
     pub chat_template: Option<String>,
     pub bos_token_id: Option<u32>,
+    /// Prompts start with BOS: the engine adds it where the text does not.
+    pub add_bos_token: bool,
     pub eos_token_ids: Vec<u32>,
     pub quantization: String,
     pub provenance: Provenance,
@@ -105,6 +109,7 @@ impl ZseFile {
             tokenizer_json: need_str(keys::TOKENIZER_JSON)?,
             chat_template: gguf.get_str(keys::CHAT_TEMPLATE).map(str::to_string),
             bos_token_id: gguf.get_u64(keys::BOS_TOKEN_ID).map(|v| v as u32),
+            add_bos_token: matches!(gguf.get(keys::ADD_BOS_TOKEN), Some(Value::Bool(true))),
             eos_token_ids,
             quantization: opt_str(keys::QUANTIZATION),
             provenance: Provenance {

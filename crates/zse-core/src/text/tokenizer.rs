@@ -4,6 +4,8 @@ use crate::error::{Error, Result};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The BOS token prompts start with, where the model file asks for one.
+    prompt_bos: Option<u32>,
 }
 
 impl Tokenizer {
@@ -11,17 +13,40 @@ impl Tokenizer {
         let inner = json
             .parse::<tokenizers::Tokenizer>()
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            prompt_bos: None,
+        })
+    }
+
+    /// Makes `encode_prompt` start every prompt with `bos` (the model file's
+    /// `add_bos_token`).
+    pub fn with_prompt_bos(mut self, bos: Option<u32>) -> Self {
+        self.prompt_bos = bos;
+        self
     }
 
     /// Token ids for `text`. Special tokens written in the text (`<|im_start|>`) are
-    /// recognised; nothing (no BOS) is added: the chat template decides that.
+    /// recognised; nothing (no BOS) is added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids the model is fed for a prompt: `encode`, with the BOS the model asks
+    /// for put first unless the text already starts with it (a chat template that
+    /// writes `bos_token` itself), so it is never doubled. As llama.cpp's server does.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if let Some(bos) = self.prompt_bos {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
