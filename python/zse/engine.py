@@ -430,15 +430,19 @@ class Engine:
         return n
 
     @property
-    def limits(self) -> dict[str, int]:
+    def limits(self) -> dict[str, Any]:
         """``max_sequences``, ``max_queue``, ``max_batch_tokens``, ``kv_cache_tokens``
-        (= ``kv_blocks`` x ``kv_block_size``), ``kv_bytes_per_token``."""
-        limits: dict[str, int] = self.metadata["limits"]
+        (= ``kv_blocks`` x ``kv_block_size``), ``kv_bytes_per_token``, ``kv_bytes`` (the
+        whole cache) and ``kv_window``: where some layers attend within a sliding
+        window, ``{"window", "blocks", "layers"}`` of their own pool (the ``kv_blocks``
+        are then the other layers'), else None."""
+        limits: dict[str, Any] = self.metadata["limits"]
         return limits
 
     def stats(self) -> dict[str, int]:
         """Now: ``running`` and ``waiting`` requests, ``finished`` so far,
-        ``kv_blocks_used`` (held by sequences) and ``kv_used_tokens`` (positions filled);
+        ``kv_blocks_used`` (held by sequences; ``kv_window_blocks_used`` in the windowed
+        layers' pool) and ``kv_used_tokens`` (positions filled);
         since the start: ``prefix_query_tokens`` and ``prefix_hit_tokens`` (prompt
         positions looked up in the prefix cache, and found) and ``preemptions``."""
         return self._native.stats()

@@ -312,6 +312,10 @@ impl Engine {
                 "kv_blocks": i.limits.kv_blocks,
                 "kv_block_size": i.limits.kv_block_size,
                 "kv_bytes_per_token": i.limits.kv_bytes_per_token,
+                "kv_bytes": i.limits.kv_bytes,
+                "kv_window": i.limits.kv_window.map(|w| serde_json::json!({
+                    "window": w.window, "blocks": w.blocks, "layers": w.layers,
+                })),
             },
         })
         .to_string()
@@ -454,6 +458,7 @@ impl Engine {
             ("waiting", get(&s.waiting)),
             ("finished", s.finished.load(Ordering::Relaxed)),
             ("kv_blocks_used", get(&s.kv_blocks_used)),
+            ("kv_window_blocks_used", get(&s.kv_window_blocks_used)),
             ("kv_used_tokens", get(&s.kv_used_tokens)),
             (
                 "prefix_query_tokens",

@@ -17,6 +17,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from granian.constants import Interfaces
 from granian.log import LogLevels
@@ -168,9 +169,25 @@ def _configure_logging(level: str) -> None:
     zse_log.propagate = False
 
 
+def _kv_rows(limits: dict[str, Any], budget: str) -> list[tuple[str, str]]:
+    """The banner's KV cache lines: its size and blocks, and where some layers attend
+    within a window, the blocks of their pool and of the others'."""
+    size = f"{limits['kv_bytes'] / 2**20:.0f} MiB"
+    blocks = f"blocks of {limits['kv_block_size']} positions"
+    w = limits.get("kv_window")
+    if not w:
+        per = f"{limits['kv_bytes_per_token']} B each"
+        line = f"{size} = {limits['kv_blocks']} {blocks} ({per}){budget}, prefix reuse on"
+        return [("KV cache", line)]
+    return [
+        ("KV cache", f"{size}{budget}, prefix reuse on"),
+        ("", f"layers with a {w['window']}-position window: {w['blocks']} {blocks}"),
+        ("", f"the others: {limits['kv_blocks']} {blocks}"),
+    ]
+
+
 def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
     limits = engine.limits
-    kv_mb = limits["kv_cache_tokens"] * limits["kv_bytes_per_token"] / 2**20
     threads = os.environ.get("RAYON_NUM_THREADS") or str(os.cpu_count())
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     budget = engine.metadata["kv_budget"]
@@ -186,11 +203,7 @@ def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
         ("device", f"{device}, {engine.metadata['cpu_kernels']} kernels"),
         ("quantization", engine.metadata["quantization"]),
         ("context", f"{engine.context_length} tokens"),
-        (
-            "KV cache",
-            f"{kv_mb:.0f} MiB = {limits['kv_blocks']} blocks of {limits['kv_block_size']} "
-            f"positions ({limits['kv_bytes_per_token']} B each){kv_from}, prefix reuse on",
-        ),
+        *_kv_rows(limits, kv_from),
         ("sequences", f"{limits['max_sequences']} at once, {limits['max_queue']} may wait"),
         ("batch", f"{limits['max_batch_tokens']} tokens per step (prompts in chunks)"),
         ("threads", threads),

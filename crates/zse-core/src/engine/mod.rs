@@ -29,13 +29,13 @@ use crate::format::zse::ZseTensors;
 use crate::format::ZseFile;
 use crate::model::{Backend, Model};
 use crate::sample::MAX_TOP_LOGPROBS;
-use crate::sched::{Scheduler, SchedulerConfig};
+use crate::sched::{Scheduler, SchedulerConfig, WindowConfig};
 use crate::text::{ChatMessage, ChatTemplate, Tokenizer};
 
 pub use types::*;
 pub use worker::FAULT_TOKEN_VAR;
 
-use limits::{gpu_kv_budget, resolve_limits};
+use limits::{gpu_kv_budget, resolve_limits, split_kv};
 use worker::{fault_token, Worker};
 
 enum Command {
@@ -93,7 +93,7 @@ impl Engine {
             Some(n) => n.min(model_ctx),
             None => model_ctx,
         };
-        let limits = resolve_limits(&file.config, &opts, context_length)?;
+        let mut limits = resolve_limits(&file.config, &opts, context_length)?;
         context_length = context_length.min(limits.kv_capacity_tokens());
         let prompt_bos = file.bos_token_id.filter(|_| file.add_bos_token);
         let tokenizer =
@@ -126,6 +126,7 @@ impl Engine {
             &opts.device,
             backend,
         )?;
+        split_kv(&mut limits, &model.layer_windows(), context_length);
         let info = ModelInfo {
             name: file.name.clone(),
             path: path.display().to_string(),
@@ -146,13 +147,18 @@ impl Engine {
         drop(file);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let pool = model.new_kv_pool(limits.kv_blocks, limits.kv_block_size)?;
+        let window_blocks = limits.kv_window.map_or(0, |w| w.blocks);
+        let pool = model.new_kv_pool(limits.kv_blocks, window_blocks, limits.kv_block_size)?;
         let sched = Scheduler::new(SchedulerConfig {
             max_running: limits.max_running,
             max_batch_tokens: limits.max_batch_tokens,
             num_blocks: limits.kv_blocks,
             block_size: limits.kv_block_size,
             max_positions: context_length,
+            window: limits.kv_window.map(|w| WindowConfig {
+                window: w.window,
+                num_blocks: w.blocks,
+            }),
         });
         let worker = Worker {
             model,

@@ -216,10 +216,23 @@ pub struct EngineLimits {
     pub max_waiting: usize,
     pub max_batch_tokens: usize,
     /// The KV budget: blocks of `kv_block_size` positions, and what one position
-    /// costs in bytes.
+    /// costs in bytes (in every layer).
     pub kv_blocks: usize,
     pub kv_block_size: usize,
     pub kv_bytes_per_token: usize,
+    /// The pool's bytes (both pools' where there are two).
+    pub kv_bytes: usize,
+    /// Where some layers attend within a sliding window: the blocks of their own
+    /// pool and the window (`kv_blocks` then counts the other layers' blocks).
+    pub kv_window: Option<KvWindow>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvWindow {
+    pub window: usize,
+    pub blocks: usize,
+    /// How many layers attend within it (of the model's all).
+    pub layers: usize,
 }
 
 impl EngineLimits {
@@ -238,8 +251,10 @@ pub struct EngineStats {
     /// Submitted and not yet started (counted at submission, so the bound is exact).
     pub waiting: AtomicUsize,
     pub finished: AtomicU64,
-    /// KV blocks held by sequences (cached blocks nobody uses do not count).
+    /// KV blocks held by sequences (cached blocks nobody uses do not count), and
+    /// those held in the windowed layers' pool.
     pub kv_blocks_used: AtomicUsize,
+    pub kv_window_blocks_used: AtomicUsize,
     /// Positions computed and held by running sequences.
     pub kv_used_tokens: AtomicUsize,
     /// Prompt positions looked up in the prefix cache, and those found there.

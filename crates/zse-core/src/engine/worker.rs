@@ -250,6 +250,8 @@ impl Worker {
             .store(self.sched.running().len(), Ordering::Relaxed);
         s.kv_blocks_used
             .store(self.sched.blocks().in_use(), Ordering::Relaxed);
+        let window = self.sched.window_blocks().map_or(0, |w| w.in_use());
+        s.kv_window_blocks_used.store(window, Ordering::Relaxed);
         s.kv_used_tokens
             .store(self.sched.computed_tokens(), Ordering::Relaxed);
         s.prefix_query_tokens
@@ -262,14 +264,14 @@ impl Worker {
     /// Teacher-forced log-probabilities, in a cache of their own.
     fn score(&self, tokens: &[u32], top: usize) -> Result<PositionLogprobs> {
         let bs = self.sched.config().block_size;
-        let pool = self
-            .model
-            .new_kv_pool(BlockTable::blocks_for(bs, tokens.len()), bs)?;
+        let blocks = BlockTable::blocks_for(bs, tokens.len());
+        let pool = self.model.new_kv_pool(blocks, blocks, bs)?;
         let slots: Vec<u32> = (0..tokens.len() as u32).collect();
         let item = BatchItem {
             tokens,
             past: 0,
             slots: &slots,
+            window_slots: &slots,
             logits: Logits::All,
         };
         let logits = self
@@ -297,8 +299,8 @@ impl Worker {
         // Published before the step too, so that a caller who sees a step's first
         // event also sees the admission that led to it.
         self.publish_stats();
-        for &(from, to, rows) in &plan.copies {
-            self.pool.copy_block(from, to, rows)?;
+        for c in &plan.copies {
+            self.pool.copy_block(c.windowed, c.from, c.to, c.rows)?;
         }
         let (logits, failed) = self.forward_isolating(&mut plan);
         self.sched.commit(&plan);
@@ -397,17 +399,23 @@ impl Worker {
         if work.is_empty() {
             return Ok(Vec::new());
         }
-        let slots: Vec<Vec<u32>> = (work.iter())
-            .map(|(e, chunk)| e.seq.table.slots(bs, e.seq.computed + chunk))
+        let windowed = self.sched.window_blocks().is_some();
+        let slots: Vec<(Vec<u32>, Option<Vec<u32>>)> = (work.iter())
+            .map(|(e, chunk)| {
+                let end = e.seq.computed + chunk;
+                let window = windowed.then(|| e.seq.window.slots(bs, end));
+                (e.seq.table.slots(bs, end), window)
+            })
             .collect();
         let items: Vec<BatchItem<'_>> = (work.iter().zip(&slots))
-            .map(|((e, chunk), slots)| {
+            .map(|((e, chunk), (slots, window))| {
                 let seq = &e.seq;
                 let end = seq.computed + chunk;
                 BatchItem {
                     tokens: &seq.tokens[seq.computed..end],
                     past: seq.computed,
                     slots,
+                    window_slots: window.as_deref().unwrap_or(slots),
                     logits: if end == seq.tokens.len() {
                         Logits::Last
                     } else {

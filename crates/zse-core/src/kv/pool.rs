@@ -1,7 +1,9 @@
 //! The KV cache's memory: per layer one key and one value tensor of
 //! `[num_blocks * block_size, kv_heads * head_dim]` rows, one row per token
-//! position ("slot"). Which slots a sequence owns is `blocks`' business; this module
-//! only writes rows at given slots and reads them back.
+//! position ("slot"). Layers that attend within a sliding window have a pool of
+//! their own (`window_blocks` blocks, numbered apart): a sequence keeps only its
+//! window there. Which slots a sequence owns is the scheduler's business; this
+//! module only writes rows at given slots and reads them back.
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
 use half::f16;
@@ -12,6 +14,8 @@ use crate::kernels::attention::KvRows;
 #[derive(Debug)]
 pub struct KvPool {
     layers: Vec<(Tensor, Tensor)>,
+    /// Per layer: whether its rows are the windowed pool's.
+    windowed: Vec<bool>,
     width: usize,
     block_size: usize,
     device: Device,
@@ -24,20 +28,22 @@ pub struct SlotWrite {
 }
 
 impl KvPool {
-    /// Reserves the address space for `num_blocks` blocks. The memory is not
-    /// written here: pages are only touched as slots fill, so an idle budget costs
-    /// no resident memory.
+    /// Reserves the address space for `num_blocks` blocks for the layers not in
+    /// `windowed`, and `window_blocks` for those in it (one flag per layer). The
+    /// memory is not written here: pages are only touched as slots fill, so an idle
+    /// budget costs no resident memory.
     pub fn new(
-        num_layers: usize,
+        windowed: &[bool],
         num_blocks: usize,
+        window_blocks: usize,
         block_size: usize,
         width: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let rows = num_blocks * block_size;
-        let mut layers = Vec::with_capacity(num_layers);
-        for _ in 0..num_layers {
+        let mut layers = Vec::with_capacity(windowed.len());
+        for &w in windowed {
+            let rows = if w { window_blocks } else { num_blocks } * block_size;
             // SAFETY: only slots written by `write` are ever read (`gather` reads the
             // slots of positions a sequence has computed), so uninitialised rows are
             // never observed.
@@ -47,10 +53,16 @@ impl KvPool {
         }
         Ok(Self {
             layers,
+            windowed: windowed.to_vec(),
             width,
             block_size,
             device: device.clone(),
         })
+    }
+
+    /// Whether `layer`'s slots are the windowed pool's.
+    pub fn is_windowed(&self, layer: usize) -> bool {
+        self.windowed.get(layer).copied().unwrap_or(false)
     }
 
     pub fn prepare_write(&self, slots: &[u32]) -> Result<SlotWrite> {
@@ -120,8 +132,9 @@ impl KvPool {
     }
 
     /// Copies the first `rows` slots of block `src` into block `dst` in every layer
-    /// (copy-on-write of a shared, partly filled block).
-    pub fn copy_block(&self, src: u32, dst: u32, rows: usize) -> Result<()> {
+    /// of one pool, the windowed layers' or the others' (copy-on-write of a shared,
+    /// partly filled block).
+    pub fn copy_block(&self, windowed: bool, src: u32, dst: u32, rows: usize) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
@@ -130,7 +143,7 @@ impl KvPool {
         let to: Vec<u32> = (0..rows as u32).map(|i| dst * bs + i).collect();
         let from = Tensor::from_vec(from, rows, &self.device)?;
         let to = self.prepare_write(&to)?;
-        for layer in 0..self.layers.len() {
+        for layer in (0..self.layers.len()).filter(|&l| self.windowed[l] == windowed) {
             let (k, v) = self.gather(layer, &from)?;
             self.write(layer, &to, &k, &v)?;
         }
@@ -198,7 +211,7 @@ mod tests {
     #[test]
     fn rows_written_at_slots_read_back_and_copy_between_blocks() -> Result<()> {
         let dev = Device::Cpu;
-        let pool = KvPool::new(2, 4, 2, 3, DType::F16, &dev)?;
+        let pool = KvPool::new(&[false, false], 4, 4, 2, 3, DType::F16, &dev)?;
         let k = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev)?;
         let v = (&k * 10.)?;
         let at = pool.prepare_write(&[5, 2])?;
@@ -211,7 +224,7 @@ mod tests {
             vec![10., 20., 30.]
         );
         // Block 1 holds slots 2 and 3; copy its first row into block 3 (slot 6).
-        pool.copy_block(1, 3, 1)?;
+        pool.copy_block(false, 1, 3, 1)?;
         let (ck, _) = pool.gather(1, &Tensor::new(&[6u32], &dev)?)?;
         assert_eq!(
             ck.to_dtype(DType::F32)?.to_vec2::<f32>()?,
@@ -228,8 +241,8 @@ mod tests {
         let v: Vec<f32> = k.iter().map(|x| -x * 1e3 - 0.5).collect();
         for dtype in [DType::F16, DType::F32] {
             let (a, b) = (
-                KvPool::new(1, 4, 2, 3, dtype, &dev)?,
-                KvPool::new(1, 4, 2, 3, dtype, &dev)?,
+                KvPool::new(&[false], 4, 4, 2, 3, dtype, &dev)?,
+                KvPool::new(&[false], 4, 4, 2, 3, dtype, &dev)?,
             );
             let slots = [5u32, 2];
             let (kt, vt) = (

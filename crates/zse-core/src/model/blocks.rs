@@ -35,6 +35,10 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
+    pub fn shape(&self) -> AttentionShape {
+        self.shape
+    }
+
     /// Layer `prefix`'s tensors (`blk.N`).
     pub fn load(l: &Loader<'_>, prefix: &str, layout: AttentionLayout) -> Result<Self> {
         let s = layout.shape;

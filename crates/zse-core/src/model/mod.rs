@@ -116,7 +116,21 @@ pub struct BatchItem<'a> {
     pub past: usize,
     /// The cache slot of every position `0..past + tokens.len()`.
     pub slots: &'a [u32],
+    /// The same in the windowed layers' pool (`KvPool::is_windowed`); `slots` where
+    /// the pool has no such layers.
+    pub window_slots: &'a [u32],
     pub logits: Logits,
+}
+
+impl<'a> BatchItem<'a> {
+    /// Its slots in the windowed layers' pool, or the others'.
+    pub fn slots_for(&self, windowed: bool) -> &'a [u32] {
+        if windowed {
+            self.window_slots
+        } else {
+            self.slots
+        }
+    }
 }
 
 /// Which positions of a batch item need logits.
@@ -261,13 +275,28 @@ impl Model {
         self.max_positions
     }
 
-    /// A KV pool of `num_blocks` blocks of `block_size` positions, in the cache
-    /// precision chosen at load.
-    pub fn new_kv_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
+    /// Each layer's sliding window, where it has one.
+    pub fn layer_windows(&self) -> Vec<Option<usize>> {
+        (self.layers.blocks().iter())
+            .map(|(attn, _)| attn.shape().window)
+            .collect()
+    }
+
+    /// A KV pool of `num_blocks` blocks of `block_size` positions for the layers
+    /// that see every earlier position, and `window_blocks` for those that see a
+    /// window, in the cache precision chosen at load.
+    pub fn new_kv_pool(
+        &self,
+        num_blocks: usize,
+        window_blocks: usize,
+        block_size: usize,
+    ) -> Result<KvPool> {
         let c = &self.config;
+        let windowed: Vec<bool> = self.layer_windows().iter().map(Option::is_some).collect();
         KvPool::new(
-            c.num_layers,
+            &windowed,
             num_blocks,
+            window_blocks,
             block_size,
             c.num_kv_heads * c.head_dim,
             self.kv_dtype,

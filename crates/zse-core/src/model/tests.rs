@@ -82,12 +82,13 @@ fn model_config(c: ModelConfig, k_type: GgmlDType, w_type: GgmlDType, backend: B
 }
 
 fn logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
-    let pool = m.new_kv_pool(4, 16).unwrap();
+    let pool = m.new_kv_pool(4, 4, 16).unwrap();
     let slots: Vec<u32> = (0..tokens.len() as u32).collect();
     let item = BatchItem {
         tokens,
         past: 0,
         slots: &slots,
+        window_slots: &slots,
         logits: Logits::Last,
     };
     let out = m.forward(&[item], &pool).unwrap().remove(0).unwrap();
@@ -120,6 +121,7 @@ fn item<'a>(tokens: &'a [u32], past: usize, slots: &'a [u32]) -> BatchItem<'a> {
         tokens,
         past,
         slots,
+        window_slots: slots,
         logits: Logits::All,
     }
 }
@@ -127,7 +129,7 @@ fn item<'a>(tokens: &'a [u32], past: usize, slots: &'a [u32]) -> BatchItem<'a> {
 /// Runs two steps of three sequences on `m`: A and C prefill, then A and C
 /// decode beside B's prefill. Returns every logits row of the second step.
 fn two_steps(m: &Model) -> Vec<Vec<f32>> {
-    let pool = m.new_kv_pool(4, 16).unwrap();
+    let pool = m.new_kv_pool(4, 4, 16).unwrap();
     let (a, b, c) = (
         [3u32, 7, 1, 4, 9, 2],
         [5u32, 6, 8],

@@ -32,9 +32,10 @@ impl CandleOps {
 /// What a step needs on candle, made once for all layers.
 pub(crate) struct StepTensors {
     positions: Tensor,
-    /// The scatter indices of the new keys and values, made by the first layer.
-    write: OnceCell<SlotWrite>,
-    decode: Option<DecodeBatch>,
+    /// Per pool (the others', the windowed layers'), made by its first layer: the
+    /// scatter indices of the new keys and values, and the decoding items' layout.
+    write: [OnceCell<SlotWrite>; 2],
+    decode: [OnceCell<Option<DecodeBatch>>; 2],
     /// `cos`/`sin` rows of the step's positions, per rope table (by address).
     rope_rows: RefCell<Vec<(usize, Tensor, Tensor)>>,
 }
@@ -91,7 +92,9 @@ impl DecodeBatch {
         Ok(mask)
     }
 
-    fn new(items: &[BatchItem<'_>], device: &Device) -> Result<Option<Self>> {
+    /// The layout of `items`' one-token items, with their slots in the windowed
+    /// layers' pool or the others'.
+    fn new(items: &[BatchItem<'_>], windowed: bool, device: &Device) -> Result<Option<Self>> {
         let decoding: Vec<usize> = (0..items.len())
             .filter(|&i| items[i].tokens.len() == 1)
             .collect();
@@ -101,13 +104,13 @@ impl DecodeBatch {
         let count = decoding.len();
         let longest = decoding
             .iter()
-            .map(|&i| items[i].slots.len())
+            .map(|&i| items[i].slots_for(windowed).len())
             .max()
             .unwrap_or(1);
         let mut slots = Vec::with_capacity(count * longest);
         let mut mask = Vec::with_capacity(count * longest);
         for &i in &decoding {
-            let s = items[i].slots;
+            let s = items[i].slots_for(windowed);
             slots.extend_from_slice(s);
             slots.extend(std::iter::repeat_n(s[0], longest - s.len()));
             mask.extend(std::iter::repeat_n(0f32, s.len()));
@@ -143,7 +146,10 @@ impl DecodeBatch {
             rows: Tensor::from_vec(rows, count, device)?,
             slots: Tensor::from_vec(slots, count * longest, device)?,
             mask: Tensor::from_vec(mask, (count, 1, 1, longest), device)?,
-            lens: decoding.iter().map(|&i| items[i].slots.len()).collect(),
+            lens: decoding
+                .iter()
+                .map(|&i| items[i].slots_for(windowed).len())
+                .collect(),
             windowed: OnceCell::new(),
             order: order.transpose()?,
         }))
@@ -186,8 +192,8 @@ impl Ops for CandleOps {
         let n = step.tokens();
         step.candle = Some(StepTensors {
             positions: Tensor::from_slice(&step.positions, n, &self.device)?,
-            write: OnceCell::new(),
-            decode: DecodeBatch::new(items, &self.device)?,
+            write: [OnceCell::new(), OnceCell::new()],
+            decode: [OnceCell::new(), OnceCell::new()],
             rope_rows: RefCell::new(Vec::new()),
         });
         Ok(step)
@@ -260,14 +266,19 @@ impl Ops for CandleOps {
         pool: &KvPool,
     ) -> Result<Tensor> {
         let p = prepared(step)?;
-        if p.write.get().is_none() {
-            // Set here, once: nothing else writes the cell.
-            let _ = p.write.set(pool.prepare_write(&step.new_slots)?);
+        let windowed = pool.is_windowed(layer);
+        let (write, decode) = (&p.write[windowed as usize], &p.decode[windowed as usize]);
+        // Set here, once: nothing else writes the cells.
+        if write.get().is_none() {
+            let _ = write.set(pool.prepare_write(step.new_slots_for(windowed))?);
         }
-        let write = p
-            .write
+        if decode.get().is_none() {
+            let _ = decode.set(DecodeBatch::new(step.items, windowed, &self.device)?);
+        }
+        let write = write
             .get()
             .ok_or_else(|| Error::Compute("slot indices".into()))?;
+        let decode = decode.get().and_then(Option::as_ref);
         pool.write(layer, write, k, v)?;
         let (tokens, hd) = (step.tokens(), shape.head_dim);
         // [heads, tokens, head_dim]
@@ -276,23 +287,26 @@ impl Ops for CandleOps {
             .transpose(0, 1)?
             .contiguous()?;
         let mut outs = Vec::with_capacity(step.items.len() + 1);
-        if let Some(d) = &p.decode {
+        if let Some(d) = decode {
             outs.push(attend_decoding(layer, &q, d, shape, pool)?);
         }
         let mut off = 0;
         for it in step.items {
             let n = it.tokens.len();
-            if p.decode.is_some() && n == 1 {
+            if decode.is_some() && n == 1 {
                 off += n;
                 continue;
             }
             let qi = q.narrow(1, off, n)?.contiguous()?;
-            let slots = Tensor::from_slice(it.slots, it.slots.len(), &self.device)?;
-            let (kc, vc) = pool.gather(layer, &slots)?;
+            let slots = it.slots_for(windowed);
+            let (kc, vc) = pool.gather(
+                layer,
+                &Tensor::from_slice(slots, slots.len(), &self.device)?,
+            )?;
             // The cache may hold F16 (half the memory, llama.cpp's default);
             // attention itself computes in F32.
             let heads = |t: Tensor| -> Result<Tensor> {
-                Ok(t.reshape((it.slots.len(), shape.num_kv_heads, hd))?
+                Ok(t.reshape((slots.len(), shape.num_kv_heads, hd))?
                     .transpose(0, 1)?
                     .to_dtype(DType::F32)?
                     .contiguous()?)
@@ -301,7 +315,7 @@ impl Ops for CandleOps {
             off += n;
         }
         let out = Tensor::cat(&outs, 0)?;
-        match p.decode.as_ref().and_then(|d| d.order.as_ref()) {
+        match decode.and_then(|d| d.order.as_ref()) {
             Some(order) => Ok(out.index_select(order, 0)?),
             None => Ok(out),
         }

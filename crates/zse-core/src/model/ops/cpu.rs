@@ -132,8 +132,10 @@ impl Ops for CpuOps {
         pool: &KvPool,
     ) -> Result<Tensor> {
         let tokens = step.tokens();
+        let windowed = pool.is_windowed(layer);
+        let new_slots = step.new_slots_for(windowed);
         with_f32(k, |k| {
-            with_f32(v, |v| pool.write_rows(layer, &step.new_slots, k, v))
+            with_f32(v, |v| pool.write_rows(layer, new_slots, k, v))
         })???;
         // The kernel reads queries head by head: `[heads, tokens, head_dim]`.
         let (hd, nh) = (shape.head_dim, shape.num_heads);
@@ -149,7 +151,7 @@ impl Ops for CpuOps {
         let mut offset = 0;
         for it in step.items {
             seqs.push(SeqAttn {
-                slots: it.slots,
+                slots: it.slots_for(windowed),
                 past: it.past,
                 n: it.tokens.len(),
                 offset,

@@ -106,8 +106,9 @@ pub struct Step<'a> {
     pub ids: Vec<u32>,
     /// Each token's position in its sequence.
     pub positions: Vec<u32>,
-    /// Each token's cache slot.
+    /// Each token's cache slot, and its slot in the windowed layers' pool.
     pub new_slots: Vec<u32>,
+    pub new_window_slots: Vec<u32>,
     /// Candle's index tensors, made by `CandleOps::begin`.
     candle: Option<candle::StepTensors>,
 }
@@ -118,6 +119,7 @@ impl<'a> Step<'a> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut new_slots = Vec::new();
+        let mut new_window_slots = Vec::new();
         for it in items {
             let end = it.past + it.tokens.len();
             if it.tokens.is_empty() {
@@ -132,10 +134,11 @@ impl<'a> Step<'a> {
                     context_length: max_positions,
                 });
             }
-            if it.slots.len() != end {
+            if it.slots.len() != end || it.window_slots.len() != end {
                 return Err(Error::Compute(format!(
-                    "{} cache slots for {end} positions",
-                    it.slots.len()
+                    "{} and {} cache slots for {end} positions",
+                    it.slots.len(),
+                    it.window_slots.len()
                 )));
             }
             if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= vocab_size) {
@@ -147,12 +150,14 @@ impl<'a> Step<'a> {
             ids.extend_from_slice(it.tokens);
             positions.extend(it.past as u32..end as u32);
             new_slots.extend_from_slice(&it.slots[it.past..]);
+            new_window_slots.extend_from_slice(&it.window_slots[it.past..]);
         }
         Ok(Self {
             items,
             ids,
             positions,
             new_slots,
+            new_window_slots,
             candle: None,
         })
     }
@@ -160,6 +165,15 @@ impl<'a> Step<'a> {
     /// Tokens in the step.
     pub fn tokens(&self) -> usize {
         self.ids.len()
+    }
+
+    /// The new tokens' slots in the windowed layers' pool, or the others'.
+    pub fn new_slots_for(&self, windowed: bool) -> &[u32] {
+        if windowed {
+            &self.new_window_slots
+        } else {
+            &self.new_slots
+        }
     }
 }
 
