@@ -12,7 +12,7 @@ mod sentencepiece;
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{json, Value as Json};
 
-use super::gguf::GgufFile;
+use super::gguf::{value_as_u64, GgufFile};
 use crate::error::{Error, Result};
 
 /// llama.cpp's token types (`llama_token_type`).
@@ -132,50 +132,33 @@ fn missing(g: &GgufFile, key: &str) -> Error {
 }
 
 fn bool_key(g: &GgufFile, key: &str) -> Option<bool> {
-    match g.get(key)? {
-        Value::Bool(b) => Some(*b),
-        other => super::gguf::value_as_u64(other).map(|v| v != 0),
-    }
+    value_as_u64(g.get(key)?).map(|v| v != 0)
 }
 
-fn array(v: Option<&Value>) -> Option<&Vec<Value>> {
+/// The items of an array value, each read by `item`; None if any is not readable.
+fn array_of<'a, T>(v: Option<&'a Value>, item: impl Fn(&'a Value) -> Option<T>) -> Option<Vec<T>> {
     match v? {
-        Value::Array(items) => Some(items),
+        Value::Array(items) => items.iter().map(item).collect(),
         _ => None,
     }
 }
 
 fn strings(v: Option<&Value>) -> Option<Vec<&str>> {
-    array(v)?
-        .iter()
-        .map(|i| match i {
-            Value::String(s) => Some(s.as_str()),
-            _ => None,
-        })
-        .collect()
+    array_of(v, |i| match i {
+        Value::String(s) => Some(s.as_str()),
+        _ => None,
+    })
 }
 
+/// Token types: small non-negative integers of any integer type.
 fn ints(v: Option<&Value>) -> Option<Vec<i64>> {
-    array(v)?
-        .iter()
-        .map(|i| match *i {
-            Value::I32(x) => Some(x as i64),
-            Value::U32(x) => Some(x as i64),
-            Value::I64(x) => Some(x),
-            Value::I8(x) => Some(x as i64),
-            Value::U8(x) => Some(x as i64),
-            _ => None,
-        })
-        .collect()
+    array_of(v, |i| value_as_u64(i).and_then(|x| i64::try_from(x).ok()))
 }
 
 fn floats(v: Option<&Value>) -> Option<Vec<f32>> {
-    array(v)?
-        .iter()
-        .map(|i| match *i {
-            Value::F32(x) => Some(x),
-            Value::F64(x) => Some(x as f32),
-            _ => None,
-        })
-        .collect()
+    array_of(v, |i| match *i {
+        Value::F32(x) => Some(x),
+        Value::F64(x) => Some(x as f32),
+        _ => None,
+    })
 }
