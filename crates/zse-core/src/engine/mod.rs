@@ -141,6 +141,7 @@ impl Engine {
             limits: limits.clone(),
             weight_bytes: model.weight_bytes(),
             cpu_kernels: model.backend().name().to_string(),
+            matrices_without_kernel: model.matrices_without_kernel(),
             device: device_name(&opts.device),
             kv_budget,
         };

@@ -182,6 +182,8 @@ pub struct ModelInfo {
     /// How the model computes: ZSE's CPU kernels (`generic`, `avx2`, `avx512`) or
     /// candle's operations (`candle`, always so on a GPU).
     pub cpu_kernels: String,
+    /// Matrices ZSE's kernels do not run (candle's matmul does), by block type.
+    pub matrices_without_kernel: std::collections::BTreeMap<String, usize>,
     /// `cpu` or `cuda:N`.
     pub device: String,
     /// Where the KV budget came from: the caller, the default, or the GPU's memory.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gguf::{value_as_u64, GgufFile};
 use crate::error::{Error, Result};
+use crate::kernels::weights::QWeight;
 use crate::model::ModelConfig;
 use crate::model::TensorSource;
 
@@ -126,17 +127,20 @@ impl ZseFile {
         &self.gguf
     }
 
-    /// Tensor count per (kind, block type, block type in the source), e.g.
-    /// ("attn_q", "Q4_1", "Q4_1") -> 30, for `zse info`. The source's type is None
-    /// where the file does not record it.
+    /// Tensor count per (kind, block type, block type in the source, kernel), e.g.
+    /// ("attn_q", "Q4_1", "Q4_1", Some(true)) -> 30, for `zse info`. The source's type
+    /// is None where the file does not record it; `kernel` says for a matrix whether
+    /// ZSE's CPU kernels run it (else candle's matmul does), None for a vector or an
+    /// embedding table only looked up.
     pub fn tensor_types(&self) -> Vec<TensorTypeCount> {
+        let untied = self.gguf.tensor_info("output.weight").is_some();
         let source: serde_json::Map<String, serde_json::Value> = self
             .gguf
             .get_str(keys::SOURCE_TENSOR_TYPES)
             .and_then(|s| serde_json::from_str(s).ok())
             .unwrap_or_default();
-        let mut counts: std::collections::BTreeMap<(String, String, Option<String>), usize> =
-            Default::default();
+        type Key = (String, String, Option<String>, Option<bool>);
+        let mut counts: std::collections::BTreeMap<Key, usize> = Default::default();
         for t in &self.gguf.tensors {
             let kind = t
                 .name
@@ -149,18 +153,26 @@ impl ZseFile {
                 .get(&t.name)
                 .and_then(|v| v.as_str())
                 .map(str::to_string);
+            let lookup_only = untied && t.name == "token_embd.weight";
+            let kernel = match t.shape.as_slice() {
+                [_, cols] if !lookup_only => Some(QWeight::handles(t.dtype, *cols)),
+                _ => None,
+            };
             *counts
-                .entry((kind, format!("{:?}", t.dtype), from))
+                .entry((kind, format!("{:?}", t.dtype), from, kernel))
                 .or_default() += 1;
         }
         counts
             .into_iter()
-            .map(|((kind, dtype, source_dtype), count)| TensorTypeCount {
-                kind,
-                dtype,
-                source_dtype,
-                count,
-            })
+            .map(
+                |((kind, dtype, source_dtype, kernel), count)| TensorTypeCount {
+                    kind,
+                    dtype,
+                    source_dtype,
+                    kernel,
+                    count,
+                },
+            )
             .collect()
     }
 }
@@ -171,6 +183,8 @@ pub struct TensorTypeCount {
     pub kind: String,
     pub dtype: String,
     pub source_dtype: Option<String>,
+    /// For a matrix: whether ZSE's CPU kernels run it.
+    pub kernel: Option<bool>,
     pub count: usize,
 }
 

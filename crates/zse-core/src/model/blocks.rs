@@ -108,8 +108,9 @@ impl SelfAttention {
         out
     }
 
-    pub fn size_bytes(&self) -> usize {
-        self.qkv.size_bytes() + self.o.size_bytes()
+    /// Its weight matrices.
+    pub fn weights(&self) -> impl Iterator<Item = &Weight> {
+        self.qkv.weights().iter().chain([&self.o])
     }
 
     /// Matrices the q/k/v projections run as (one where stacked).
@@ -197,8 +198,9 @@ impl GatedMlp {
         out
     }
 
-    pub fn size_bytes(&self) -> usize {
-        self.gate_up.size_bytes() + self.down.size_bytes()
+    /// Its weight matrices.
+    pub fn weights(&self) -> impl Iterator<Item = &Weight> {
+        self.gate_up.weights().iter().chain([&self.down])
     }
 
     /// `x: [tokens, hidden]` (normed) -> `[tokens, hidden]`.

@@ -24,7 +24,7 @@ pub mod phi3;
 pub mod rope;
 pub mod weights;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -90,11 +90,16 @@ pub trait Layers: Send + Sync {
     /// Each layer's attention and feed-forward blocks, which hold its matrices.
     fn blocks(&self) -> Vec<(&SelfAttention, &GatedMlp)>;
 
+    /// Every layer's weight matrices.
+    fn weights(&self) -> Vec<&Weight> {
+        (self.blocks().into_iter())
+            .flat_map(|(attn, mlp)| attn.weights().chain(mlp.weights()))
+            .collect()
+    }
+
     /// Bytes of weight matrices held.
     fn size_bytes(&self) -> usize {
-        (self.blocks().iter())
-            .map(|(attn, mlp)| attn.size_bytes() + mlp.size_bytes())
-            .sum()
+        self.weights().into_iter().map(Weight::size_bytes).sum()
     }
 
     /// Per layer, how many matrices its q/k/v projections run as (1 where stacked).
@@ -273,6 +278,21 @@ impl Model {
 
     pub fn max_positions(&self) -> usize {
         self.max_positions
+    }
+
+    /// Where the model runs on ZSE's kernels: the matrices they do not run (candle's
+    /// matmul does, far slower), counted by block type. Empty on candle's backend,
+    /// which runs every matrix by choice.
+    pub fn matrices_without_kernel(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        if self.backend() == Backend::Candle {
+            return counts;
+        }
+        let matrices = self.layers.weights().into_iter().chain([&self.lm_head]);
+        for dtype in matrices.filter_map(Weight::without_kernel) {
+            *counts.entry(dtype).or_default() += 1;
+        }
+        counts
     }
 
     /// Each layer's sliding window, where it has one.

@@ -99,6 +99,18 @@ impl Weight {
         }
     }
 
+    /// The block type of a matrix that ZSE's kernels do not run (candle's matmul
+    /// does), as `zse info` names types; None for one they run.
+    pub fn without_kernel(&self) -> Option<String> {
+        match self {
+            Weight::Kernel(..) => None,
+            Weight::Candle(QMatMul::QTensor(t)) => Some(format!("{:?}", t.dtype())),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                Some(format!("{:?}", t.dtype()).to_uppercase())
+            }
+        }
+    }
+
     /// `x: [tokens, in]` -> `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -193,8 +205,9 @@ impl Projections {
         self.weights.len()
     }
 
-    pub fn size_bytes(&self) -> usize {
-        self.weights.iter().map(Weight::size_bytes).sum()
+    /// The matrices held.
+    pub fn weights(&self) -> &[Weight] {
+        &self.weights
     }
 
     /// `x: [tokens, in]` -> one `[tokens, width]` tensor per projection.
