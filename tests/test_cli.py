@@ -61,8 +61,8 @@ def test_convert_refuses_to_requantize_unless_allowed(default_model: Path, tmp_p
     assert r.stderr.startswith("zse: warning:") and "quantized again" in r.stderr
     r = zse("info", str(out))
     assert r.returncode == 0, r.stderr
-    # The kind, the file's type and the source's type, side by side.
-    assert re.search(r"ffn_down\s+Q4K\s+Q4_1\s+x30", r.stdout), r.stdout
+    # The kind, the file's type, the source's type and the kernel, side by side.
+    assert re.search(r"ffn_down\s+Q4K\s+Q4_1\s+zse\s+x30", r.stdout), r.stdout
 
 
 def test_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
