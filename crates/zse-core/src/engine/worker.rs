@@ -267,13 +267,7 @@ impl Worker {
         let blocks = BlockTable::blocks_for(bs, tokens.len());
         let pool = self.model.new_kv_pool(blocks, blocks, bs)?;
         let slots: Vec<u32> = (0..tokens.len() as u32).collect();
-        let item = BatchItem {
-            tokens,
-            past: 0,
-            slots: &slots,
-            window_slots: &slots,
-            logits: Logits::All,
-        };
+        let item = BatchItem::same_slots(tokens, 0, &slots, Logits::All);
         let logits = self
             .model
             .forward(&[item], &pool)?

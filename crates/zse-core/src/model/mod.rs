@@ -128,6 +128,18 @@ pub struct BatchItem<'a> {
 }
 
 impl<'a> BatchItem<'a> {
+    /// An item whose positions have the same slots in both pools (a cache made for it
+    /// alone, where nothing is freed: scoring, tests).
+    pub fn same_slots(tokens: &'a [u32], past: usize, slots: &'a [u32], logits: Logits) -> Self {
+        Self {
+            tokens,
+            past,
+            slots,
+            window_slots: slots,
+            logits,
+        }
+    }
+
     /// Its slots in the windowed layers' pool, or the others'.
     pub fn slots_for(&self, windowed: bool) -> &'a [u32] {
         if windowed {

@@ -84,13 +84,7 @@ fn model_config(c: ModelConfig, k_type: GgmlDType, w_type: GgmlDType, backend: B
 fn logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
     let pool = m.new_kv_pool(4, 4, 16).unwrap();
     let slots: Vec<u32> = (0..tokens.len() as u32).collect();
-    let item = BatchItem {
-        tokens,
-        past: 0,
-        slots: &slots,
-        window_slots: &slots,
-        logits: Logits::Last,
-    };
+    let item = BatchItem::same_slots(tokens, 0, &slots, Logits::Last);
     let out = m.forward(&[item], &pool).unwrap().remove(0).unwrap();
     out.flatten_all().unwrap().to_vec1().unwrap()
 }
@@ -117,13 +111,7 @@ fn mixed_block_types_in_qkv_run_as_separate_matmuls() {
 }
 
 fn item<'a>(tokens: &'a [u32], past: usize, slots: &'a [u32]) -> BatchItem<'a> {
-    BatchItem {
-        tokens,
-        past,
-        slots,
-        window_slots: slots,
-        logits: Logits::All,
-    }
+    BatchItem::same_slots(tokens, past, slots, Logits::All)
 }
 
 /// Runs two steps of three sequences on `m`: A and C prefill, then A and C

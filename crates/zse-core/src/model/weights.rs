@@ -106,7 +106,7 @@ impl Weight {
             Weight::Kernel(..) => None,
             Weight::Candle(QMatMul::QTensor(t)) => Some(format!("{:?}", t.dtype())),
             Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                Some(format!("{:?}", t.dtype()).to_uppercase())
+                Some(format!("{:?}", t.dtype()))
             }
         }
     }

@@ -416,7 +416,8 @@ impl<T> Scheduler<T> {
         let (Some(cfg), Some(blocks)) = (self.cfg.window, self.window_blocks.as_mut()) else {
             return window;
         };
-        while let Some(hit) = (!table.blocks.is_empty()).then_some(table.blocks.len()) {
+        while !table.blocks.is_empty() {
+            let hit = table.blocks.len();
             let first = WindowTable::first_visible(bs, cfg.window, hit * bs);
             window.blocks = vec![None; first];
             for b in first..hit {
