@@ -524,8 +524,8 @@ fn convert(
 #[pyfunction]
 fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     let f = py.detach(|| ZseFile::open(&path)).map_err(to_py)?;
+    // Parsed once (Gemma's 262k-token vocabulary with 513k merges takes a while).
     let tok = zse_core::text::Tokenizer::from_json(&f.tokenizer_json).map_err(to_py)?;
-    let tok_json: serde_json::Value = serde_json::from_str(&f.tokenizer_json).map_err(json_err)?;
     let types = f.tensor_types();
     Ok(serde_json::json!({
         "name": f.name,
@@ -534,7 +534,7 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
         "quantization": f.quantization,
         "tensor_types": types,
         "file_size": f.gguf().file_size(),
-        "tokenizer": {"type": tok_json["model"]["type"], "vocab_size": tok.vocab_size()},
+        "tokenizer": {"type": tok.model_type(), "vocab_size": tok.vocab_size()},
         "chat_template": f.chat_template,
         "bos_token_id": f.bos_token_id,
         "eos_token_ids": f.eos_token_ids,

@@ -67,6 +67,17 @@ impl Tokenizer {
         }
     }
 
+    /// The tokenization model's name as `tokenizer.json` gives it (`BPE`, ...).
+    pub fn model_type(&self) -> &'static str {
+        use tokenizers::models::ModelWrapper;
+        match self.inner.get_model() {
+            ModelWrapper::BPE(_) => "BPE",
+            ModelWrapper::WordPiece(_) => "WordPiece",
+            ModelWrapper::WordLevel(_) => "WordLevel",
+            ModelWrapper::Unigram(_) => "Unigram",
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
