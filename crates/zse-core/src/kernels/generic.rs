@@ -2,14 +2,15 @@
 //!
 //! One weight row times one activation row is computed the way llama.cpp's AVX2 code
 //! computes it: per 32-value block an exact integer dot split into 8 lanes of 4
-//! values, each lane scaled (`weight scale * activation scale`) and fused-multiply-
-//! added into its own f32 accumulator; for weights with a minimum, `minimum *
+//! values (each lane's integer times its half block's 8-bit factor, for Q6_K), each
+//! lane scaled (`weight scale * activation scale`) and fused-multiply-added into its
+//! own f32 accumulator; for weights with a minimum, `minimum *
 //! activation sum` added to a separate running sum; the 8 accumulators summed in a
 //! fixed tree at the end. The vector paths take these exact steps, so every path gives
 //! the same bits, and the order never depends on how many rows are multiplied at once.
 
 use super::acts::Acts;
-use super::weights::{Layout, QWeight};
+use super::weights::QWeight;
 
 /// Sums 8 f32 lanes in the order of llama.cpp's `hsum_float_8`.
 #[inline]
@@ -26,13 +27,15 @@ pub fn dot(w: &QWeight, r: usize, a: &Acts, i: usize) -> f32 {
         let wq = w.block(r, b);
         let xq = &a.block(i, b).0;
         let dd = w.d.get(r * w.nbp + b) * a.d[b * a.m + i];
+        let halves = w.halves(r, b);
         for (lane, acc) in acc.iter_mut().enumerate() {
             let s: i32 = (4 * lane..4 * lane + 4)
                 .map(|j| wq[j] as i32 * xq[j] as i32)
                 .sum();
+            let s = s * halves[lane / 4] as i32;
             *acc = dd.mul_add(s as f32, *acc);
         }
-        if w.layout == Layout::Q4Min {
+        if w.layout.has_min() {
             summs += w.m.get(r * w.nbp + b) * a.s[b * a.m + i];
         }
     }

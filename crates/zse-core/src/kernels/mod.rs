@@ -1,8 +1,9 @@
 //! ZSE's CPU arithmetic, all of its SIMD in this one tree: matrix multiplication for
-//! quantized weights (Q4_0, Q4_1, Q4_K, Q8_0), chosen at run time among the paths this
+//! quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), chosen at run time among the paths this
 //! CPU supports, so one wheel is fast everywhere, and the steps around it.
 //!
-//! - `weights`: GGML blocks repacked at load (f32 scales, paired 4-bit blocks).
+//! - `weights`: GGML blocks repacked at load (paired 4-bit blocks, a plane of high
+//!   bits, scales apart).
 //! - `acts`: activations quantized once per matmul to 8-bit blocks.
 //! - `generic`: the portable dot product, which defines the arithmetic.
 //! - `x86`: the AVX2 and AVX-512 VNNI micro-kernels.
@@ -172,11 +173,14 @@ impl QWeight {
     unsafe fn tile(&self, rows: std::ops::Range<usize>, a: &Acts, path: KernelPath, out: Out) {
         #[cfg(target_arch = "x86_64")]
         if path.supported() {
-            match path {
-                // SAFETY: `supported()` checked the path's features at run time.
-                KernelPath::Avx2 => return x86::avx2::tile(self, rows, a, out),
-                KernelPath::Avx512 => return x86::avx512::tile(self, rows, a, out),
-                KernelPath::Generic => {}
+            // SAFETY: `supported()` checked the path's features at run time.
+            let done = match path {
+                KernelPath::Avx2 => x86::avx2::tile(self, rows.clone(), a, out),
+                KernelPath::Avx512 => x86::avx512::tile(self, rows.clone(), a, out),
+                KernelPath::Generic => false,
+            };
+            if done {
+                return;
             }
         }
         for k in rows {
@@ -223,12 +227,16 @@ mod tests {
         for kind in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
-            GgmlDType::Q4K,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
             GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
         ] {
             // Rows not a multiple of the tile or of four; an odd number of blocks;
             // activation rows below, at and beyond eight.
-            let shapes: &[(usize, usize, usize)] = if kind == GgmlDType::Q4K {
+            let shapes: &[(usize, usize, usize)] = if kind.block_size() == 256 {
                 &[(1, 256, 1), (19, 512, 9), (6, 1536, 70)]
             } else {
                 &[(1, 32, 1), (17, 96, 3), (37, 576, 8), (5, 1536, 70)]

@@ -14,7 +14,12 @@
 //! The two paths differ only in the integer dot of 4-value lanes: AVX2 multiplies to
 //! 16-bit pairs and adds those (`maddubs` + `madd`); AVX-512 VNNI does it in one
 //! instruction. The pairs never saturate (|w| <= 128, |x| <= 127, two products), so
-//! both give the same integers.
+//! both give the same integers. Q6_K's halves multiply their 16-bit pairs by their
+//! 8-bit factors in the `madd` (on both paths: that step is free there).
+//!
+//! Each layout is its own instantiation (`L`): unpacking a block is a mask or a
+//! shift of the paired nibbles, an OR of the high bits where the layout has them,
+//! and the subtraction of its offset.
 
 macro_rules! x86_path {
     ($features:literal, |$a:ident, $b:ident| $idot:expr) => {
@@ -23,30 +28,51 @@ macro_rules! x86_path {
 
         use crate::kernels::acts::Acts;
         use crate::kernels::generic::hsum8;
-        use crate::kernels::weights::{Layout, QWeight};
+        use crate::kernels::weights::{high_place, Layout, QWeight};
         use crate::kernels::Out;
 
         /// `out(i, k)` = weight row `k` times activation row `i`, for the tile's
-        /// weight rows and every activation row.
+        /// weight rows and every activation row. False (nothing written) for a
+        /// layout and scale precision that loading never produces.
         ///
         /// # Safety
         /// The CPU must support the path's features (checked by the caller at run
         /// time), and `out` must hold every `(i, k)` of the tile.
         #[target_feature(enable = $features)]
-        pub unsafe fn tile(w: &QWeight, rows: Range<usize>, a: &Acts, out: Out) {
+        pub unsafe fn tile(w: &QWeight, rows: Range<usize>, a: &Acts, out: Out) -> bool {
             match (w.layout, w.d.is_half()) {
-                (Layout::Q4Offset, true) => tile_of::<OFFSET, true>(w, rows, a, out),
-                (Layout::Q4Min, true) => tile_of::<MIN, true>(w, rows, a, out),
+                (Layout::Q4Offset, true) => tile_of::<Q4_OFFSET, true>(w, rows, a, out),
+                (Layout::Q4Min, true) => tile_of::<Q4_MIN, true>(w, rows, a, out),
+                (Layout::Q4Min, false) => tile_of::<Q4_MIN, false>(w, rows, a, out),
+                (Layout::Q5Offset, true) => tile_of::<Q5_OFFSET, true>(w, rows, a, out),
+                (Layout::Q5Min, true) => tile_of::<Q5_MIN, true>(w, rows, a, out),
+                (Layout::Q5Min, false) => tile_of::<Q5_MIN, false>(w, rows, a, out),
+                (Layout::Q6Halves, true) => tile_of::<Q6_HALVES, true>(w, rows, a, out),
                 (Layout::Q8, true) => tile_of::<SIGNED8, true>(w, rows, a, out),
-                (Layout::Q4Offset, false) => tile_of::<OFFSET, false>(w, rows, a, out),
-                (Layout::Q4Min, false) => tile_of::<MIN, false>(w, rows, a, out),
-                (Layout::Q8, false) => tile_of::<SIGNED8, false>(w, rows, a, out),
+                _ => return false,
             }
+            true
         }
 
-        const OFFSET: u8 = 0;
-        const MIN: u8 = 1;
-        const SIGNED8: u8 = 2;
+        // The layouts as constants (`Layout` cannot be a const parameter), and what
+        // each implies.
+        const Q4_OFFSET: u8 = 0;
+        const Q4_MIN: u8 = 1;
+        const Q5_OFFSET: u8 = 2;
+        const Q5_MIN: u8 = 3;
+        const Q6_HALVES: u8 = 4;
+        const SIGNED8: u8 = 5;
+
+        const fn layout(l: u8) -> Layout {
+            match l {
+                Q4_OFFSET => Layout::Q4Offset,
+                Q4_MIN => Layout::Q4Min,
+                Q5_OFFSET => Layout::Q5Offset,
+                Q5_MIN => Layout::Q5Min,
+                Q6_HALVES => Layout::Q6Halves,
+                _ => Layout::Q8,
+            }
+        }
 
         #[target_feature(enable = $features)]
         unsafe fn tile_of<const L: u8, const H: bool>(
@@ -55,7 +81,7 @@ macro_rules! x86_path {
             a: &Acts,
             out: Out,
         ) {
-            assert!(rows.end <= w.rows && w.nb == a.nb);
+            assert!(rows.end <= w.rows && w.nb == a.nb && w.layout == layout(L));
             let m = a.m;
             let mut i = 0;
             while i + 8 <= m {
@@ -89,6 +115,13 @@ macro_rules! x86_path {
             $idot
         }
 
+        /// The same, each 16-bit pair times its factor in `f` (16 x i16).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn idot_scaled(a: __m256i, b: __m256i, f: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), f)
+        }
+
         /// Eight scales or minimums from `p` (f16 when `H`, else f32) as f32.
         #[target_feature(enable = $features)]
         #[inline]
@@ -98,6 +131,16 @@ macro_rules! x86_path {
             } else {
                 _mm256_loadu_ps(p as *const f32)
             }
+        }
+
+        /// A block's two 8-bit half factors at `p` as 16 x i16: the first eight
+        /// 16-bit lanes (values 0..16) the first factor, the rest the second.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn halves16(p: *const i8) -> __m256i {
+            let pair = (p as *const u16).read_unaligned();
+            let spread = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_cvtsi32_si128(pair as i32), spread))
         }
 
         /// Weight rows `k..k + K` times activation rows `i..i + R` (`R` is 1 or 8).
@@ -117,15 +160,21 @@ macro_rules! x86_path {
             a: &Acts,
             i: usize,
         ) -> [[f32; R]; K] {
+            let lay = layout(L);
+            let (min, hb, halves) = (lay.has_min(), lay.high_bits(), lay.has_halves());
             let (nb, nbp, m) = (w.nb, w.nbp, a.m);
             let esz = if H { 2 } else { 4 };
             let rb = w.row_bytes();
             // Row starts, bounds-checked once here; the loop indexes within them.
             let wq: [*const u8; K] = std::array::from_fn(|kk| w.row_values(k + kk).as_ptr());
+            let wh: [*const u8; K] =
+                std::array::from_fn(|kk| w.row_high_bits(k + kk).as_ptr());
+            let hrb = w.row_high_bits(k).len();
+            let wf: [*const i8; K] = std::array::from_fn(|kk| w.row_halves(k + kk).as_ptr());
             let wd: [*const u8; K] = std::array::from_fn(|kk| w.d.row_bytes((k + kk) * nbp, nbp));
-            let wm: [*const u8; K] = std::array::from_fn(|kk| match L {
-                MIN => w.m.row_bytes((k + kk) * nbp, nbp),
-                _ => std::ptr::null(),
+            let wm: [*const u8; K] = std::array::from_fn(|kk| match min {
+                true => w.m.row_bytes((k + kk) * nbp, nbp),
+                false => std::ptr::null(),
             });
             // By row (one activation row) or transposed (eight).
             let (xd_row, xs_row) = (
@@ -141,6 +190,8 @@ macro_rules! x86_path {
                 (a.row(i).as_ptr() as *const __m256i, std::ptr::null())
             };
             let low = _mm256_set1_epi8(0x0F);
+            let high_mask = _mm256_set1_epi8(((1u32 << hb) - 1) as i8);
+            let offset = _mm256_set1_epi8(lay.offset());
             let mut acc = [[_mm256_setzero_ps(); R]; K];
             let mut summs = [[0f32; R]; K];
             let mut summv = [_mm256_setzero_ps(); K];
@@ -155,7 +206,7 @@ macro_rules! x86_path {
                         v = _mm256_mul_ps(v, _mm256_loadu_ps(xd_row.add(g)));
                     }
                     _mm256_storeu_ps(sd[kk].as_mut_ptr(), v);
-                    if L == MIN {
+                    if min {
                         let mut v = load8::<H>(wm[kk].add(g * esz));
                         if R == 1 {
                             v = _mm256_mul_ps(v, _mm256_loadu_ps(xs_row.add(g)));
@@ -170,6 +221,7 @@ macro_rules! x86_path {
                         SIGNED8 => (b * 32, _mm_setzero_si128()),
                         _ => ((b / 2) * 32, _mm_cvtsi32_si128(4 * (b & 1) as i32)),
                     };
+                    let (hgroup, hshift) = high_place(b, hb.max(1));
                     for kk in 0..K {
                         // The same place K rows on: what the next call reads. The
                         // hardware alone leaves much of the memory bandwidth unused.
@@ -179,20 +231,36 @@ macro_rules! x86_path {
                         let ahead = wq[kk].wrapping_add(at + K * rb);
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                         let raw = _mm256_loadu_si256(wq[kk].add(at) as *const __m256i);
-                        let wv = match L {
-                            SIGNED8 => raw,
-                            MIN => _mm256_and_si256(_mm256_srl_epi16(raw, shift), low),
-                            _ => _mm256_sub_epi8(
-                                _mm256_and_si256(_mm256_srl_epi16(raw, shift), low),
-                                _mm256_set1_epi8(8),
-                            ),
+                        let wv = if L == SIGNED8 {
+                            raw
+                        } else {
+                            let mut v = _mm256_and_si256(_mm256_srl_epi16(raw, shift), low);
+                            if hb > 0 {
+                                let hat = hgroup * 32;
+                                if b % (8 / hb) == 0 {
+                                    let ahead = wh[kk].wrapping_add(hat + K * hrb);
+                                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                                }
+                                let hraw = _mm256_loadu_si256(wh[kk].add(hat) as *const __m256i);
+                                let hv = _mm256_and_si256(
+                                    _mm256_srl_epi16(hraw, _mm_cvtsi32_si128(hshift as i32)),
+                                    high_mask,
+                                );
+                                v = _mm256_or_si256(v, _mm256_slli_epi16::<4>(hv));
+                            }
+                            if min {
+                                v
+                            } else {
+                                _mm256_sub_epi8(v, offset)
+                            }
                         };
                         // Unsigned weights multiply as they are; signed ones as
                         // |w| * (x * sign(w)).
-                        let wu = if L == MIN {
-                            wv
+                        let wu = if min { wv } else { _mm256_sign_epi8(wv, wv) };
+                        let factors = if halves {
+                            halves16(wf[kk].add(2 * b))
                         } else {
-                            _mm256_sign_epi8(wv, wv)
+                            _mm256_setzero_si256()
                         };
                         let w_scale = _mm256_set1_ps(sd[kk][lane]);
                         for r in 0..R {
@@ -201,12 +269,13 @@ macro_rules! x86_path {
                             } else {
                                 _mm256_load_si256(xq.add(b))
                             };
-                            let x = if L == MIN {
-                                xv
+                            let x = if min { xv } else { _mm256_sign_epi8(xv, wv) };
+                            let p = if halves {
+                                idot_scaled(wu, x, factors)
                             } else {
-                                _mm256_sign_epi8(xv, wv)
+                                idot(wu, x)
                             };
-                            let p = _mm256_cvtepi32_ps(idot(wu, x));
+                            let p = _mm256_cvtepi32_ps(p);
                             // Several rows: weight scale times the row's splatted
                             // scale (the product the generic code forms); one row:
                             // already in `sd`.
@@ -217,7 +286,7 @@ macro_rules! x86_path {
                             };
                             acc[kk][r] = _mm256_fmadd_ps(dd, p, acc[kk][r]);
                         }
-                        if L == MIN {
+                        if min {
                             if R == 8 {
                                 let t = _mm256_mul_ps(
                                     _mm256_set1_ps(sm[kk][lane]),
