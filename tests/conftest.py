@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 import zse
 from zse.models import gguf_path, resolve_model
@@ -53,6 +55,55 @@ def f32_copy(name: str) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_f32(default_model: Path) -> Path:
     return f32_copy("SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q2k(default_model: Path) -> Path:
+    """SmolLM2 with its 30 ffn_down matrices as Q2_K, a block type ZSE has no kernel
+    for, cached beside it as `f32_copy` does and converted once. gguf-py cannot
+    quantize to Q2_K, so the blocks are seeded random bytes with small scales: the
+    model loads and runs, its text is noise."""
+    source = gguf_path("SmolLM2-135M-Instruct")
+    dest = source.with_name("SmolLM2-135M-Instruct.Q2K-down.gguf")
+    if not dest.exists():
+        partial = dest.with_name(dest.name + ".partial")
+        _write_q2k_down(source, partial)
+        partial.replace(dest)
+    return resolve_model(dest, progress=False)
+
+
+def _write_q2k_down(source: Path, dest: Path) -> None:
+    src = gguf.GGUFReader(source)
+    w = gguf.GGUFWriter(dest, arch="llama")
+    for name, f in src.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind = f.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            sub = f.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                value: Any = [bytes(f.parts[i]).decode() for i in f.data]
+            else:
+                value = [f.parts[i].tolist()[0] for i in f.data]
+            w.add_key_value(name, value, kind, sub_type=sub)
+        elif kind == gguf.GGUFValueType.STRING:
+            w.add_key_value(name, bytes(f.parts[-1]).decode(), kind)
+        else:
+            w.add_key_value(name, f.parts[-1].tolist()[0], kind)
+    rng = np.random.default_rng(0)
+    for t in src.tensors:
+        if t.name.endswith("ffn_down.weight"):
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            # Q2_K: 16 scale bytes, 64 bytes of 2-bit values, f16 d and dmin.
+            blocks = rng.integers(0, 256, (rows * cols // 256, 84), dtype=np.uint8)
+            blocks[:, 80:84] = np.array([1e-3, 1e-3], dtype=np.float16).view(np.uint8)
+            w.add_tensor(t.name, blocks.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 @pytest.fixture(scope="session")

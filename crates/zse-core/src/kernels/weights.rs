@@ -14,7 +14,8 @@
 //!   blocks (`h` high bits per value) 32 bytes, byte `j` holding the high bits of
 //!   value `j` of each block of the group, `h` bits per block. That is Q5_K's and
 //!   Q6_K's own arrangement; Q5_0 and Q5_1 blocks are gathered into it.
-//! - Q8_0 keeps its bytes as they are.
+//! - Q8_0 keeps its bytes as they are, and so do float weights (F32, F16, BF16),
+//!   which the kernels multiply by unquantized activations (`float_dot`).
 //!
 //! Scales and minimums sit in arrays of their own, each row padded to a multiple of
 //! eight blocks, so that a kernel converts eight at once. They stay f16 where GGML
@@ -48,19 +49,13 @@ pub enum Layout {
     Q6Halves,
     /// 8-bit signed, `w = d * q` (Q8_0).
     Q8,
+    /// Floats, as GGML stores them.
+    F32,
+    F16,
+    BF16,
 }
 
 impl Layout {
-    /// Every layout (for tests that try them all).
-    pub const ALL: [Layout; 6] = [
-        Layout::Q4Offset,
-        Layout::Q4Min,
-        Layout::Q5Offset,
-        Layout::Q5Min,
-        Layout::Q6Halves,
-        Layout::Q8,
-    ];
-
     /// The layout GGML's `dtype` is repacked into, if the kernels handle it.
     pub fn of(dtype: GgmlDType) -> Option<Layout> {
         Some(match dtype {
@@ -70,6 +65,9 @@ impl Layout {
             GgmlDType::Q5_1 | GgmlDType::Q5K => Layout::Q5Min,
             GgmlDType::Q6K => Layout::Q6Halves,
             GgmlDType::Q8_0 => Layout::Q8,
+            GgmlDType::F32 => Layout::F32,
+            GgmlDType::F16 => Layout::F16,
+            GgmlDType::BF16 => Layout::BF16,
             _ => return None,
         })
     }
@@ -103,13 +101,30 @@ impl Layout {
         matches!(self, Layout::Q6Halves)
     }
 
-    /// Bytes of low-plane values per row of `nb` blocks.
-    fn row_bytes(self, nb: usize) -> usize {
+    /// Whether the weights are floats (no blocks, no scales).
+    pub const fn is_float(self) -> bool {
+        matches!(self, Layout::F32 | Layout::F16 | Layout::BF16)
+    }
+
+    /// Values a row's length must be a multiple of: a block, or for floats the
+    /// eight lanes of a vector.
+    const fn granule(self) -> usize {
+        if self.is_float() {
+            8
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes of low-plane values (or floats) per row of `cols` values.
+    fn row_bytes(self, cols: usize) -> usize {
         match self {
+            Layout::F32 => 4 * cols,
+            Layout::F16 | Layout::BF16 => 2 * cols,
             // Whole bytes.
-            Layout::Q8 => nb * QK,
+            Layout::Q8 => cols,
             // Blocks in pairs; an odd last block leaves its high nibbles zero.
-            _ => nb.div_ceil(2) * QK,
+            _ => (cols / QK).div_ceil(2) * QK,
         }
     }
 
@@ -223,7 +238,9 @@ impl QWeight {
 
     /// Whether the kernels handle `dtype` with rows of `cols` values.
     pub fn handles(dtype: GgmlDType, cols: usize) -> bool {
-        Layout::of(dtype).is_some() && cols.is_multiple_of(dtype.block_size())
+        Layout::of(dtype).is_some_and(|l| {
+            cols.is_multiple_of(dtype.block_size()) && cols.is_multiple_of(l.granule())
+        })
     }
 
     /// Whether `other` can be stacked under this matrix (same columns, layout and
@@ -279,7 +296,21 @@ impl QWeight {
         }
         let nb = cols / QK;
         let nbp = nb.next_multiple_of(8);
-        let (row_bytes, high_bytes) = (layout.row_bytes(nb), layout.high_row_bytes(nbp));
+        if layout.is_float() {
+            return Ok(QWeight {
+                layout,
+                rows,
+                cols,
+                nb,
+                nbp,
+                qs: data.to_vec(),
+                qh: Vec::new(),
+                d: Scales::Single(Vec::new()),
+                m: Scales::Single(Vec::new()),
+                halves: Vec::new(),
+            });
+        }
+        let (row_bytes, high_bytes) = (layout.row_bytes(cols), layout.high_row_bytes(nbp));
         let mut w = QWeight {
             layout,
             rows,
@@ -392,6 +423,27 @@ impl QWeight {
 
     /// Row `r` as floats (the embedding lookup of a tied output head).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if self.layout.is_float() {
+            let (row, out) = (self.row_values(r), &mut out[..self.cols]);
+            match self.layout {
+                Layout::F32 => {
+                    for (y, v) in out.iter_mut().zip(row.chunks_exact(4)) {
+                        *y = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+                    }
+                }
+                Layout::F16 => {
+                    for (y, v) in out.iter_mut().zip(row.chunks_exact(2)) {
+                        *y = f16::from_le_bytes([v[0], v[1]]).to_f32();
+                    }
+                }
+                _ => {
+                    for (y, v) in out.iter_mut().zip(row.chunks_exact(2)) {
+                        *y = half::bf16::from_le_bytes([v[0], v[1]]).to_f32();
+                    }
+                }
+            }
+            return;
+        }
         for (b, chunk) in out.chunks_exact_mut(QK).enumerate().take(self.nb) {
             let q = self.block(r, b);
             let d = self.d.get(r * self.nbp + b);
@@ -410,10 +462,10 @@ impl QWeight {
         }
     }
 
-    /// Bytes of low-plane values per row.
+    /// Bytes of low-plane values (or floats) per row.
     #[inline]
     pub fn row_bytes(&self) -> usize {
-        self.layout.row_bytes(self.nb)
+        self.layout.row_bytes(self.cols)
     }
 
     /// The low-plane values of row `r` (the kernels index blocks from it).
@@ -573,6 +625,9 @@ mod tests {
             (GgmlDType::Q4K, 512),
             (GgmlDType::Q5K, 512),
             (GgmlDType::Q6K, 768),
+            (GgmlDType::F32, 40),
+            (GgmlDType::F16, 40),
+            (GgmlDType::BF16, 40),
         ] {
             let q = quantized(dtype, 5, cols);
             let want = q
@@ -611,6 +666,7 @@ mod tests {
         assert!(QWeight::from_ggml(GgmlDType::Q4_1, 2, 64, &[0; 79]).is_err());
         assert!(QWeight::from_ggml(GgmlDType::Q2K, 1, 256, &[0; 84]).is_err());
         assert!(QWeight::from_ggml(GgmlDType::Q6K, 1, 256, &[0; 209]).is_err());
+        assert!(QWeight::from_ggml(GgmlDType::F16, 2, 20, &[0; 80]).is_err());
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             assert!(!QWeight::handles(dtype, 96) && QWeight::handles(dtype, 768));
         }

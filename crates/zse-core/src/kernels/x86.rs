@@ -313,6 +313,144 @@ macro_rules! x86_path {
             }
             y
         }
+
+        /// Float weights times unquantized activations: `out(i, k)` for the tile's
+        /// weight rows and every activation row. False (nothing written) for
+        /// quantized weights.
+        ///
+        /// # Safety
+        /// As `tile`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn float_tile(
+            w: &QWeight,
+            rows: Range<usize>,
+            x: &[f32],
+            m: usize,
+            out: Out,
+        ) -> bool {
+            match w.layout {
+                Layout::F32 => float_tile_of::<F32>(w, rows, x, m, out),
+                Layout::F16 => float_tile_of::<F16>(w, rows, x, m, out),
+                Layout::BF16 => float_tile_of::<BF16>(w, rows, x, m, out),
+                _ => return false,
+            }
+            true
+        }
+
+        const F32: u8 = 0;
+        const F16: u8 = 1;
+        const BF16: u8 = 2;
+
+        /// Activation rows go four at a time past two weight rows (eight
+        /// accumulators: each weight vector loaded once serves four rows); the rest
+        /// one at a time past four weight rows.
+        #[target_feature(enable = $features)]
+        unsafe fn float_tile_of<const F: u8>(
+            w: &QWeight,
+            rows: Range<usize>,
+            x: &[f32],
+            m: usize,
+            out: Out,
+        ) {
+            assert!(rows.end <= w.rows && x.len() == m * w.cols && w.cols % 8 == 0);
+            let mut i = 0;
+            while i + 4 <= m {
+                let mut k = rows.start;
+                while k + 2 <= rows.end {
+                    let y = float_micro::<F, 2, 4>(w, k, x, i);
+                    for (kk, y) in y.iter().enumerate() {
+                        for (r, &v) in y.iter().enumerate() {
+                            out.set(i + r, k + kk, v);
+                        }
+                    }
+                    k += 2;
+                }
+                for k in k..rows.end {
+                    for (r, &v) in float_micro::<F, 1, 4>(w, k, x, i)[0].iter().enumerate() {
+                        out.set(i + r, k, v);
+                    }
+                }
+                i += 4;
+            }
+            for i in i..m {
+                let mut k = rows.start;
+                while k + 4 <= rows.end {
+                    let y = float_micro::<F, 4, 1>(w, k, x, i);
+                    for (kk, y) in y.iter().enumerate() {
+                        out.set(i, k + kk, y[0]);
+                    }
+                    k += 4;
+                }
+                for k in k..rows.end {
+                    out.set(i, k, float_micro::<F, 1, 1>(w, k, x, i)[0][0]);
+                }
+            }
+        }
+
+        /// Eight weights at `p` as f32 (exact for every float type).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn load_floats<const F: u8>(p: *const u8) -> __m256 {
+            match F {
+                F32 => _mm256_loadu_ps(p as *const f32),
+                F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                // A bf16 is the high half of an f32.
+                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                    _mm_loadu_si128(p as *const __m128i),
+                ))),
+            }
+        }
+
+        /// Float weight rows `k..k + K` times activation rows `i..i + R`: value `j`
+        /// fused-multiply-added into lane `j % 8` (`generic::float_dot`).
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn float_micro<const F: u8, const K: usize, const R: usize>(
+            w: &QWeight,
+            k: usize,
+            x: &[f32],
+            i: usize,
+        ) -> [[f32; R]; K] {
+            let cols = w.cols;
+            let esz = if F == F32 { 4 } else { 2 };
+            let rb = w.row_bytes();
+            let mut wp = [std::ptr::null::<u8>(); K];
+            for (kk, p) in wp.iter_mut().enumerate() {
+                *p = w.row_values(k + kk).as_ptr();
+            }
+            let mut xp = [std::ptr::null::<f32>(); R];
+            for (r, p) in xp.iter_mut().enumerate() {
+                *p = x[(i + r) * cols..][..cols].as_ptr();
+            }
+            let mut acc = [[_mm256_setzero_ps(); R]; K];
+            for j in (0..cols).step_by(8) {
+                let at = j * esz;
+                let mut wv = [_mm256_setzero_ps(); K];
+                for kk in 0..K {
+                    // Once per cache line: the same place K rows on (see `micro`).
+                    if at % 64 == 0 {
+                        let ahead = wp[kk].wrapping_add(at + K * rb);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                    wv[kk] = load_floats::<F>(wp[kk].add(at));
+                }
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(xp[r].add(j));
+                    for kk in 0..K {
+                        acc[kk][r] = _mm256_fmadd_ps(wv[kk], xv, acc[kk][r]);
+                    }
+                }
+            }
+            let mut y = [[0f32; R]; K];
+            for kk in 0..K {
+                for r in 0..R {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[kk][r]);
+                    y[kk][r] = hsum8(&lanes);
+                }
+            }
+            y
+        }
     };
 }
 
