@@ -1,16 +1,18 @@
-//! The portable dot product, and the definition of the arithmetic every path follows.
+//! The portable dot products, and the definition of the arithmetic every path follows.
 //!
-//! One weight row times one activation row is computed the way llama.cpp's AVX2 code
-//! computes it: per 32-value block an exact integer dot split into 8 lanes of 4
-//! values (each lane's integer times its half block's 8-bit factor, for Q6_K), each
-//! lane scaled (`weight scale * activation scale`) and fused-multiply-added into its
-//! own f32 accumulator; for weights with a minimum, `minimum *
-//! activation sum` added to a separate running sum; the 8 accumulators summed in a
-//! fixed tree at the end. The vector paths take these exact steps, so every path gives
-//! the same bits, and the order never depends on how many rows are multiplied at once.
+//! One weight row times one activation row: per 32-value block the exact integer dot
+//! of the weights' integers and the activations' (for Q6_K, each half's dot times
+//! its 8-bit factor), converted to f32 (exactly: it stays under 2^24) and
+//! fused-multiply-added, scaled by `weight scale * activation scale`, into one f32
+//! accumulator, block after block; for weights with a minimum, `minimum *
+//! activation sum` added to a separate running sum, and the two sums added at the
+//! end. The vector paths take these exact steps for eight weight rows at a time, so
+//! every path gives the same bits, and the order never depends on how many rows are
+//! multiplied at once.
 //!
 //! Float weights meet the activations unquantized: value `j` is fused-multiply-added
-//! into lane `j % 8`, in order, and the lanes summed as above.
+//! into lane `j % 16`, in order; lanes `l` and `l + 8` are added, and those eight
+//! summed as `hsum8` does.
 
 use super::acts::Acts;
 use super::weights::QWeight;
@@ -24,25 +26,24 @@ pub fn hsum8(a: &[f32; 8]) -> f32 {
 
 /// Weight row `r` times activation row `i`.
 pub fn dot(w: &QWeight, r: usize, a: &Acts, i: usize) -> f32 {
-    let mut acc = [0f32; 8];
+    let mut acc = 0f32;
     let mut summs = 0f32;
-    for b in 0..w.nb {
+    for (b, (xq, xs)) in a.row(i).iter().zip(a.row_sums(i)).enumerate().take(w.nb) {
         let wq = w.block(r, b);
-        let xq = &a.block(i, b).0;
-        let dd = w.d.get(r * w.nbp + b) * a.d[b * a.m + i];
         let halves = w.halves(r, b);
-        for (lane, acc) in acc.iter_mut().enumerate() {
-            let s: i32 = (4 * lane..4 * lane + 4)
-                .map(|j| wq[j] as i32 * xq[j] as i32)
+        let mut isum = 0i32;
+        for (h, &f) in halves.iter().enumerate() {
+            let s: i32 = (16 * h..16 * h + 16)
+                .map(|j| wq[j] as i32 * xq.0[j] as i32)
                 .sum();
-            let s = s * halves[lane / 4] as i32;
-            *acc = dd.mul_add(s as f32, *acc);
+            isum += s * f as i32;
         }
+        acc = (w.scale(r, b) * xs.d).mul_add(isum as f32, acc);
         if w.layout.has_min() {
-            summs += w.m.get(r * w.nbp + b) * a.s[b * a.m + i];
+            summs += w.min(r, b) * xs.s;
         }
     }
-    hsum8(&acc) + summs
+    acc + summs
 }
 
 /// Row `r` of float weights times each of the `m` activation rows of `x`
@@ -73,13 +74,13 @@ fn dots(row: &[f32], x: &[f32], m: usize) -> Vec<f32> {
     x.chunks_exact(row.len())
         .take(m)
         .map(|x| {
-            let mut acc = [0f32; 8];
-            for (w, x) in row.chunks_exact(8).zip(x.chunks_exact(8)) {
-                for lane in 0..8 {
+            let mut acc = [0f32; 16];
+            for (w, x) in row.chunks_exact(16).zip(x.chunks_exact(16)) {
+                for lane in 0..16 {
                     acc[lane] = w[lane].mul_add(x[lane], acc[lane]);
                 }
             }
-            hsum8(&acc)
+            hsum8(&std::array::from_fn(|l| acc[l] + acc[l + 8]))
         })
         .collect()
 }

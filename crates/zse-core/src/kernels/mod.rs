@@ -74,6 +74,7 @@ impl KernelPath {
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512bw")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -270,11 +271,11 @@ mod tests {
         ] {
             // Rows not a multiple of the tile or of four; an odd number of blocks;
             // activation rows below, at and beyond eight (and for floats, rows of
-            // a vector's eight lanes but not of a block).
+            // sixteen lanes but not of a block).
             let shapes: &[(usize, usize, usize)] = if kind.block_size() == 256 {
                 &[(1, 256, 1), (19, 512, 9), (6, 1536, 70)]
             } else if kind.block_size() == 1 {
-                &[(1, 8, 1), (17, 40, 3), (37, 576, 8), (5, 200, 13)]
+                &[(1, 16, 1), (17, 48, 3), (37, 576, 8), (5, 208, 13)]
             } else {
                 &[(1, 32, 1), (17, 96, 3), (37, 576, 8), (5, 1536, 70)]
             };

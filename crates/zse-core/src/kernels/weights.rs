@@ -1,30 +1,34 @@
 //! Quantized weights repacked at load for the kernels.
 //!
 //! Every block type is brought to one form: blocks of 32 values, each value a small
-//! integer `q`, the block's weights `d * q` (signed layouts) or `d * q + m` (layouts
-//! with a minimum). The kernels multiply the integers exactly and apply the scales
-//! per block, so one micro-kernel serves every type; a layout says only how to
-//! unpack a block's 32 integers.
+//! integer `q`, the block's weights `d * (q - offset)` (signed layouts) or `d * q + m`
+//! (layouts with a minimum). The kernels multiply the integers exactly and apply the
+//! scales per block, so one micro-kernel serves every type; a layout says only how
+//! to unpack a block's integers.
 //!
-//! - The low four bits of two consecutive blocks share one 32-byte vector (block `2p`
-//!   in the low nibbles, block `2p + 1` in the high ones), so that one load and a mask
-//!   or a shift give a block's values in element order. Q4_K and Q5_K store their
-//!   sub-blocks this way already; the other types are interleaved into it here.
-//! - Five- and six-bit types add a plane of high bits: for each group of `8 / h`
-//!   blocks (`h` high bits per value) 32 bytes, byte `j` holding the high bits of
-//!   value `j` of each block of the group, `h` bits per block. That is Q5_K's and
-//!   Q6_K's own arrangement; Q5_0 and Q5_1 blocks are gathered into it.
-//! - Q8_0 keeps its bytes as they are, and so do float weights (F32, F16, BF16),
-//!   which the kernels multiply by unquantized activations (`float_dot`).
+//! Rows go in groups of sixteen, interleaved, so that one 64-byte vector holds four
+//! consecutive values (a "quad") of each of sixteen rows: one instruction then
+//! multiplies four broadcast activation values into all the rows' sums at once
+//! (AVX2 takes the group as two halves of eight), and the scales of the rows are
+//! one vector. That is llama.cpp's repacked form (its `_8x8` GEMM); here every block
+//! type has it. Per group and block:
+//! - the low planes: Q8_0's values as eight 64-byte vectors (quad `g`, byte
+//!   `4 * row + t`); four-bit values as four vectors, quad `g` in the low nibbles of
+//!   vector `g % 4` for `g < 4`, in its high nibbles for the other four;
+//! - five- and six-bit layouts add a plane of high bits: `h` vectors of 64 bytes,
+//!   byte `4 * row + t` holding the high bits of value `t` of each quad, `h` bits per
+//!   quad (Q6_K's two bits: quads 0..4 in the first vector, 4..8 in the second);
+//! - the rows' scales (and minimums, and Q6_K's two half-block factors).
 //!
-//! Scales and minimums sit in arrays of their own, each row padded to a multiple of
-//! eight blocks, so that a kernel converts eight at once. They stay f16 where GGML
-//! had them in f16 (the bytes streamed per token stay close to GGML's). Q4_K and
-//! Q5_K's 6-bit scales and minimums times the super-block's f16 factors are exact in
-//! f32 (not in f16), so they are kept in f32 and nothing is lost. Q6_K scales each
-//! 16 values with its own 8-bit factor: the block keeps the super-block's f16 scale,
-//! and the two 8-bit factors of its halves multiply the halves' integer sums, as
-//! llama.cpp's kernels do.
+//! Float weights (F32, F16, BF16) keep GGML's rows as they are; the kernels multiply
+//! them by unquantized activations (`generic::float_dots`).
+//!
+//! Scales stay f16 where GGML had them in f16 (the bytes streamed per token stay
+//! close to GGML's). Q4_K and Q5_K's 6-bit scales and minimums times the
+//! super-block's f16 factors are exact in f32 (not in f16), so they are kept in f32
+//! and nothing is lost. Q6_K scales each 16 values with its own 8-bit factor: the
+//! block keeps the super-block's f16 scale, and the two 8-bit factors of its halves
+//! multiply the halves' integer sums, as llama.cpp's kernels do.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -107,36 +111,39 @@ impl Layout {
     }
 
     /// Values a row's length must be a multiple of: a block, or for floats the
-    /// eight lanes of a vector.
+    /// sixteen lanes of the kernels' sums.
     const fn granule(self) -> usize {
         if self.is_float() {
-            8
+            16
         } else {
             QK
         }
     }
 
-    /// Bytes of low-plane values (or floats) per row of `cols` values.
-    fn row_bytes(self, cols: usize) -> usize {
+    /// Bytes of float values per row of `cols` values.
+    fn float_row_bytes(self, cols: usize) -> usize {
         match self {
             Layout::F32 => 4 * cols,
-            Layout::F16 | Layout::BF16 => 2 * cols,
-            // Whole bytes.
-            Layout::Q8 => cols,
-            // Blocks in pairs; an odd last block leaves its high nibbles zero.
-            _ => (cols / QK).div_ceil(2) * QK,
+            _ => 2 * cols,
         }
     }
 
-    /// Bytes of high bits per row of `nbp` blocks (a multiple of 8): 32 per group
-    /// of `8 / h` blocks.
-    fn high_row_bytes(self, nbp: usize) -> usize {
-        nbp * 4 * self.high_bits()
+    /// Bytes of the low planes per group of rows and block.
+    pub const fn low_bytes(self) -> usize {
+        match self {
+            Layout::Q8 => 8 * QUAD_VEC,
+            _ => 4 * QUAD_VEC,
+        }
+    }
+
+    /// Bytes of the high-bit plane per group of rows and block.
+    pub const fn high_bytes(self) -> usize {
+        self.high_bits() * QUAD_VEC
     }
 }
 
-/// Per-block factors of a weight matrix (scales or minimums), row-major, each row
-/// padded with zeros to `QWeight::nbp` blocks.
+/// Per-block factors of a weight matrix (scales or minimums): per group of rows and
+/// block, the group's rows' factors.
 #[derive(Debug)]
 pub enum Scales {
     Half(Vec<f16>),
@@ -165,13 +172,13 @@ impl Scales {
         matches!(self, Scales::Half(_))
     }
 
-    /// The row of `nbp` values starting at element `at`, as raw bytes (f16 or f32
-    /// as `is_half` says), bounds-checked here.
+    /// The `n` values starting at element `at`, as raw bytes (f16 or f32 as
+    /// `is_half` says), bounds-checked here.
     #[inline]
-    pub fn row_bytes(&self, at: usize, nbp: usize) -> *const u8 {
+    pub fn span(&self, at: usize, n: usize) -> *const u8 {
         match self {
-            Scales::Half(v) => v[at..at + nbp].as_ptr() as *const u8,
-            Scales::Single(v) => v[at..at + nbp].as_ptr() as *const u8,
+            Scales::Half(v) => v[at..at + n].as_ptr() as *const u8,
+            Scales::Single(v) => v[at..at + n].as_ptr() as *const u8,
         }
     }
 
@@ -192,27 +199,43 @@ impl Scales {
     }
 }
 
-/// A quantized weight matrix `[rows, cols]`, repacked (see the module docs).
+/// A weight matrix `[rows, cols]`, repacked (see the module docs).
 #[derive(Debug)]
 pub struct QWeight {
     pub layout: Layout,
     pub rows: usize,
     pub cols: usize,
-    /// Blocks per row.
+    /// Blocks per row (quantized layouts).
     pub nb: usize,
-    /// Blocks per row of `d` and `m`: `nb` rounded up to a multiple of 8.
-    pub nbp: usize,
-    /// The low plane: paired nibbles, or Q8's bytes.
+    /// Groups of `GROUP` rows (the last one padded with zero rows).
+    pub groups: usize,
+    /// The low planes (or the float rows).
     qs: Vec<u8>,
-    /// The high-bit plane (five- and six-bit layouts; empty otherwise).
+    /// The high-bit planes (five- and six-bit layouts; empty otherwise).
     qh: Vec<u8>,
     /// The scales.
     pub d: Scales,
     /// The minimums (layouts with a minimum; empty otherwise).
     pub m: Scales,
-    /// The half blocks' 8-bit factors, two per block, `2 * nbp` per row (`Q6Halves`;
-    /// empty otherwise).
+    /// The half blocks' 8-bit factors: per group and block, the rows' first
+    /// factors, then their second ones (`Q6Halves`; empty otherwise).
     halves: Vec<i8>,
+}
+
+/// Rows per group: the lanes of a 512-bit vector of 32-bit sums (AVX-512 takes a
+/// group at once, AVX2 its two halves of eight).
+pub const GROUP: usize = 16;
+
+/// Bytes of one quad of every row of a group: one 512-bit vector.
+pub const QUAD_VEC: usize = 4 * GROUP;
+
+/// Group `g`'s data for every block, as the kernels read it (see `QWeight::group`).
+pub struct GroupView<'a> {
+    pub low: &'a [u8],
+    pub high: &'a [u8],
+    pub d: *const u8,
+    pub m: *const u8,
+    pub halves: &'a [i8],
 }
 
 /// One GGML block, unpacked: its values as unsigned integers (before the layout's
@@ -244,12 +267,13 @@ impl QWeight {
     }
 
     /// Whether `other` can be stacked under this matrix (same columns, layout and
-    /// scale precision).
+    /// scale precision; and for quantized layouts, this matrix's rows whole groups).
     pub fn stacks_with(&self, other: &QWeight) -> bool {
         self.layout == other.layout
             && self.cols == other.cols
             && self.d.is_half() == other.d.is_half()
             && self.m.is_half() == other.m.is_half()
+            && (self.layout.is_float() || self.rows.is_multiple_of(GROUP))
     }
 
     /// Several matrices with the same columns and block type, stacked by rows (one
@@ -268,6 +292,7 @@ impl QWeight {
                 )));
             }
             out.rows += w.rows;
+            out.groups += w.groups;
             out.qs.extend_from_slice(&w.qs);
             out.qh.extend_from_slice(&w.qh);
             out.halves.extend_from_slice(&w.halves);
@@ -295,14 +320,14 @@ impl QWeight {
             )));
         }
         let nb = cols / QK;
-        let nbp = nb.next_multiple_of(8);
+        let groups = rows.div_ceil(GROUP);
         if layout.is_float() {
             return Ok(QWeight {
                 layout,
                 rows,
                 cols,
                 nb,
-                nbp,
+                groups,
                 qs: data.to_vec(),
                 qh: Vec::new(),
                 d: Scales::Single(Vec::new()),
@@ -310,28 +335,28 @@ impl QWeight {
                 halves: Vec::new(),
             });
         }
-        let (row_bytes, high_bytes) = (layout.row_bytes(cols), layout.high_row_bytes(nbp));
+        let cells = groups * nb;
         let mut w = QWeight {
             layout,
             rows,
             cols,
             nb,
-            nbp,
-            qs: vec![0u8; rows * row_bytes],
-            qh: vec![0u8; rows * high_bytes],
+            groups,
+            qs: vec![0u8; cells * layout.low_bytes()],
+            qh: vec![0u8; cells * layout.high_bytes()],
             d: Scales::Single(Vec::new()),
             m: Scales::Single(Vec::new()),
             halves: vec![
                 0i8;
                 if layout.has_halves() {
-                    rows * 2 * nbp
+                    cells * 2 * GROUP
                 } else {
                     0
                 }
             ],
         };
-        let mut d = vec![0f32; rows * nbp];
-        let mut m = vec![0f32; if layout.has_min() { rows * nbp } else { 0 }];
+        let mut d = vec![0f32; cells * GROUP];
+        let mut m = vec![0f32; if layout.has_min() { cells * GROUP } else { 0 }];
         let src_row = data.len() / rows.max(1);
         let per_src = dtype.type_size();
         let blocks_per_src = dtype.block_size() / QK;
@@ -342,13 +367,15 @@ impl QWeight {
                     let b = s * blocks_per_src + j;
                     let u = unpack(dtype, blk, j);
                     w.put(r, b, &u.q);
-                    d[r * nbp + b] = u.d;
+                    let at = w.factor_at(r, b);
+                    d[at] = u.d;
                     if layout.has_min() {
-                        m[r * nbp + b] = u.m;
+                        m[at] = u.m;
                     }
                     if layout.has_halves() {
-                        let at = (r * nbp + b) * 2;
-                        w.halves[at..at + 2].copy_from_slice(&u.halves);
+                        let at = w.halves_at(r, b);
+                        w.halves[at] = u.halves[0];
+                        w.halves[at + GROUP] = u.halves[1];
                     }
                 }
             }
@@ -361,25 +388,65 @@ impl QWeight {
         Ok(w)
     }
 
-    /// Writes block `b` of row `r` from its unsigned integers.
+    /// Group and block of row `r`'s block `b`, as one index.
+    #[inline]
+    fn cell(&self, r: usize, b: usize) -> usize {
+        (r / GROUP) * self.nb + b
+    }
+
+    /// Where row `r`'s factor of block `b` lies in `d` and `m`.
+    #[inline]
+    fn factor_at(&self, r: usize, b: usize) -> usize {
+        self.cell(r, b) * GROUP + r % GROUP
+    }
+
+    /// Where row `r`'s first half factor of block `b` lies (the second is
+    /// `GROUP` on).
+    #[inline]
+    fn halves_at(&self, r: usize, b: usize) -> usize {
+        self.cell(r, b) * 2 * GROUP + r % GROUP
+    }
+
+    /// Where value `j` of row `r`'s block `b` lies: its byte in the low planes and
+    /// the shift of its four bits there, and its byte in the high planes and the
+    /// shift of its high bits there.
+    #[inline]
+    fn place(&self, r: usize, b: usize, j: usize) -> (usize, usize, usize, usize) {
+        let (quad, lane) = (j / 4, 4 * (r % GROUP) + j % 4);
+        let cell = self.cell(r, b);
+        let (low, shift) = match self.layout {
+            Layout::Q8 => (quad * QUAD_VEC + lane, 0),
+            _ => ((quad % 4) * QUAD_VEC + lane, 4 * (quad / 4)),
+        };
+        let h = self.layout.high_bits().max(1);
+        let per = 8 / h;
+        let high = cell * self.layout.high_bytes() + (quad / per) * QUAD_VEC + lane;
+        (
+            cell * self.layout.low_bytes() + low,
+            shift,
+            high,
+            h * (quad % per),
+        )
+    }
+
+    /// Writes block `b` of row `r` from its unsigned integers, quad by quad (the
+    /// four values of a quad are adjacent bytes in every plane).
     fn put(&mut self, r: usize, b: usize, q: &[u8; QK]) {
-        let row_bytes = self.row_bytes();
-        if self.layout == Layout::Q8 {
-            self.qs[r * row_bytes + b * QK..][..QK].copy_from_slice(q);
-            return;
-        }
-        let pair = &mut self.qs[r * row_bytes + (b / 2) * QK..][..QK];
-        let shift = 4 * (b % 2);
-        for (p, &v) in pair.iter_mut().zip(q) {
-            *p |= (v & 0x0F) << shift;
-        }
         let h = self.layout.high_bits();
-        if h > 0 {
-            let (group, shift) = high_place(b, h);
-            let at = r * self.layout.high_row_bytes(self.nbp) + group * QK;
-            let mask = (1u8 << h) - 1;
-            for (p, &v) in self.qh[at..at + QK].iter_mut().zip(q) {
-                *p |= ((v >> 4) & mask) << shift;
+        for (quad, vals) in q.chunks_exact(4).enumerate() {
+            let (low, shift, high, hshift) = self.place(r, b, 4 * quad);
+            let lows = &mut self.qs[low..low + 4];
+            if self.layout == Layout::Q8 {
+                lows.copy_from_slice(vals);
+                continue;
+            }
+            for (p, &v) in lows.iter_mut().zip(vals) {
+                *p |= (v & 0x0F) << shift;
+            }
+            if h > 0 {
+                for (p, &v) in self.qh[high..high + 4].iter_mut().zip(vals) {
+                    *p |= ((v >> 4) & ((1 << h) - 1)) << hshift;
+                }
             }
         }
     }
@@ -388,34 +455,38 @@ impl QWeight {
     /// element order, already offset.
     #[inline]
     pub fn block(&self, r: usize, b: usize) -> [i8; QK] {
-        let bytes = self.row_bytes();
-        let mut q = [0i8; QK];
-        if self.layout == Layout::Q8 {
-            for (v, &p) in q.iter_mut().zip(&self.qs[r * bytes + b * QK..][..QK]) {
-                *v = p as i8;
-            }
-            return q;
-        }
-        let pair = &self.qs[r * bytes + (b / 2) * QK..][..QK];
-        let shift = 4 * (b % 2);
         let h = self.layout.high_bits();
-        let (group, hshift) = high_place(b, h.max(1));
-        let high =
-            &self.qh[(r * self.layout.high_row_bytes(self.nbp) + group * QK).min(self.qh.len())..];
-        let mask = (1u8 << h) - 1;
-        for (j, (v, &p)) in q.iter_mut().zip(pair).enumerate() {
-            let hi = if h > 0 { (high[j] >> hshift) & mask } else { 0 };
-            *v = (((p >> shift) & 0x0F) | (hi << 4)) as i8 - self.layout.offset();
-        }
-        q
+        std::array::from_fn(|j| {
+            let (low, shift, high, hshift) = self.place(r, b, j);
+            if self.layout == Layout::Q8 {
+                return self.qs[low] as i8;
+            }
+            let mut v = (self.qs[low] >> shift) & 0x0F;
+            if h > 0 {
+                v |= ((self.qh[high] >> hshift) & ((1 << h) - 1)) << 4;
+            }
+            v as i8 - self.layout.offset()
+        })
+    }
+
+    /// The scale of block `b` of row `r`.
+    #[inline]
+    pub fn scale(&self, r: usize, b: usize) -> f32 {
+        self.d.get(self.factor_at(r, b))
+    }
+
+    /// The minimum of block `b` of row `r` (layouts with one).
+    #[inline]
+    pub fn min(&self, r: usize, b: usize) -> f32 {
+        self.m.get(self.factor_at(r, b))
     }
 
     /// The 8-bit factors of block `b`'s two halves (ones where the layout has none).
     #[inline]
     pub fn halves(&self, r: usize, b: usize) -> [i8; 2] {
         if self.layout.has_halves() {
-            let at = (r * self.nbp + b) * 2;
-            [self.halves[at], self.halves[at + 1]]
+            let at = self.halves_at(r, b);
+            [self.halves[at], self.halves[at + GROUP]]
         } else {
             [1, 1]
         }
@@ -424,7 +495,7 @@ impl QWeight {
     /// Row `r` as floats (the embedding lookup of a tied output head).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         if self.layout.is_float() {
-            let (row, out) = (self.row_values(r), &mut out[..self.cols]);
+            let (row, out) = (self.float_row(r), &mut out[..self.cols]);
             match self.layout {
                 Layout::F32 => {
                     for (y, v) in out.iter_mut().zip(row.chunks_exact(4)) {
@@ -446,13 +517,13 @@ impl QWeight {
         }
         for (b, chunk) in out.chunks_exact_mut(QK).enumerate().take(self.nb) {
             let q = self.block(r, b);
-            let d = self.d.get(r * self.nbp + b);
+            let d = self.scale(r, b);
             let halves = self.halves(r, b);
             for (j, (y, &v)) in chunk.iter_mut().zip(&q).enumerate() {
                 // As GGML's dequantization: the scale (times the half's factor, an
                 // exact product), times the value, then the minimum.
                 *y = if self.layout.has_min() {
-                    v as f32 * d + self.m.get(r * self.nbp + b)
+                    v as f32 * d + self.min(r, b)
                 } else if self.layout.has_halves() {
                     d * halves[j / 16] as f32 * v as f32
                 } else {
@@ -462,33 +533,36 @@ impl QWeight {
         }
     }
 
-    /// Bytes of low-plane values (or floats) per row.
+    /// Bytes of a float row.
     #[inline]
-    pub fn row_bytes(&self) -> usize {
-        self.layout.row_bytes(self.cols)
+    pub fn float_row_bytes(&self) -> usize {
+        self.layout.float_row_bytes(self.cols)
     }
 
-    /// The low-plane values of row `r` (the kernels index blocks from it).
+    /// Row `r` of float weights, as GGML stores it.
     #[inline]
-    pub fn row_values(&self, r: usize) -> &[u8] {
-        let bytes = self.row_bytes();
+    pub fn float_row(&self, r: usize) -> &[u8] {
+        let bytes = self.float_row_bytes();
         &self.qs[r * bytes..(r + 1) * bytes]
     }
 
-    /// The high-bit plane of row `r` (empty for layouts without one).
+    /// Group `g` of a quantized matrix, every block, bounds-checked here.
     #[inline]
-    pub fn row_high_bits(&self, r: usize) -> &[u8] {
-        let bytes = self.layout.high_row_bytes(self.nbp);
-        &self.qh[r * bytes..(r + 1) * bytes]
-    }
-
-    /// The halves' factors of row `r`, two per block (empty for other layouts).
-    #[inline]
-    pub fn row_halves(&self, r: usize) -> &[i8] {
-        if self.layout.has_halves() {
-            &self.halves[r * 2 * self.nbp..(r + 1) * 2 * self.nbp]
-        } else {
-            &[]
+    pub fn group(&self, g: usize) -> GroupView<'_> {
+        let (nb, lay) = (self.nb, self.layout);
+        let cells = g * nb..(g + 1) * nb;
+        GroupView {
+            low: &self.qs[cells.start * lay.low_bytes()..cells.end * lay.low_bytes()],
+            high: &self.qh[cells.start * lay.high_bytes()..cells.end * lay.high_bytes()],
+            d: self.d.span(cells.start * GROUP, nb * GROUP),
+            m: match lay.has_min() {
+                true => self.m.span(cells.start * GROUP, nb * GROUP),
+                false => std::ptr::null(),
+            },
+            halves: match lay.has_halves() {
+                true => &self.halves[cells.start * 2 * GROUP..cells.end * 2 * GROUP],
+                false => &[],
+            },
         }
     }
 
@@ -496,14 +570,6 @@ impl QWeight {
     pub fn size_bytes(&self) -> usize {
         self.qs.len() + self.qh.len() + self.halves.len() + self.d.bytes() + self.m.bytes()
     }
-}
-
-/// Where block `b`'s high bits lie in the plane of `h` bits per value: its group of
-/// `8 / h` blocks and the shift within each byte.
-#[inline]
-pub fn high_place(b: usize, h: usize) -> (usize, usize) {
-    let per = 8 / h;
-    (b / per, h * (b % per))
 }
 
 /// Sub-block `j` (of 32 values) of GGML block `blk` of type `dtype`.
@@ -625,9 +691,9 @@ mod tests {
             (GgmlDType::Q4K, 512),
             (GgmlDType::Q5K, 512),
             (GgmlDType::Q6K, 768),
-            (GgmlDType::F32, 40),
-            (GgmlDType::F16, 40),
-            (GgmlDType::BF16, 40),
+            (GgmlDType::F32, 48),
+            (GgmlDType::F16, 48),
+            (GgmlDType::BF16, 48),
         ] {
             let q = quantized(dtype, 5, cols);
             let want = q
@@ -646,19 +712,29 @@ mod tests {
 
     #[test]
     fn stacking_keeps_every_row() {
-        let a = QWeight::from_qtensor(&quantized(GgmlDType::Q4_1, 3, 64))
+        let a = QWeight::from_qtensor(&quantized(GgmlDType::Q4_1, 16, 64))
             .unwrap()
             .unwrap();
-        let b = QWeight::from_qtensor(&quantized(GgmlDType::Q4_1, 2, 64))
+        let b = QWeight::from_qtensor(&quantized(GgmlDType::Q4_1, 3, 64))
             .unwrap()
             .unwrap();
-        let (a0, b1) = (a.block(0, 1), b.block(1, 1));
+        let (a5, b1) = (a.block(5, 1), b.block(1, 1));
         let s = QWeight::stack(vec![a, b]).unwrap();
-        assert_eq!((s.rows, s.block(0, 1), s.block(4, 1)), (5, a0, b1));
+        assert_eq!((s.rows, s.block(5, 1), s.block(17, 1)), (19, a5, b1));
         let c = QWeight::from_qtensor(&quantized(GgmlDType::Q8_0, 2, 64))
             .unwrap()
             .unwrap();
         assert!(QWeight::stack(vec![s, c]).is_err());
+        // Quantized rows stack in whole groups only.
+        let (d, e) = (
+            quantized(GgmlDType::Q4_1, 3, 64),
+            quantized(GgmlDType::Q4_1, 16, 64),
+        );
+        let (d, e) = (
+            QWeight::from_qtensor(&d).unwrap().unwrap(),
+            QWeight::from_qtensor(&e).unwrap().unwrap(),
+        );
+        assert!(!d.stacks_with(&e) && e.stacks_with(&d));
     }
 
     #[test]
@@ -666,7 +742,7 @@ mod tests {
         assert!(QWeight::from_ggml(GgmlDType::Q4_1, 2, 64, &[0; 79]).is_err());
         assert!(QWeight::from_ggml(GgmlDType::Q2K, 1, 256, &[0; 84]).is_err());
         assert!(QWeight::from_ggml(GgmlDType::Q6K, 1, 256, &[0; 209]).is_err());
-        assert!(QWeight::from_ggml(GgmlDType::F16, 2, 20, &[0; 80]).is_err());
+        assert!(QWeight::from_ggml(GgmlDType::F16, 2, 24, &[0; 96]).is_err());
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             assert!(!QWeight::handles(dtype, 96) && QWeight::handles(dtype, 768));
         }

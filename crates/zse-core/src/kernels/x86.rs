@@ -1,39 +1,38 @@
-//! The x86 paths: the arithmetic of `generic::dot`, eight lanes at a time, with the
-//! accumulators in registers.
+//! The x86 paths: the arithmetic of `generic::dot` for a group of weight rows at a
+//! time, each row in its own lane, with the accumulators in registers.
 //!
-//! A micro-kernel multiplies `K` weight rows by `R` activation rows block by block.
-//! Batches go `K = 1, R = 8`: each weight block is unpacked once for eight rows, whose
-//! blocks and scales the activations hold interleaved (`acts::GroupBlock`), so a row
-//! costs two loads and five vector operations per block (its scale is loaded already
-//! splatted: broadcasting it from a register queues every row on the shuffle unit,
-//! which measured 1.3 ns per row and block against 0.95 on one thread of a Zen 3).
-//! Leftover rows (every row of a single
-//! sequence's decode) go `K = 4, R = 1`: four independent accumulation chains, so the
-//! loop is bound by throughput, not by the latency of one chain of fused adds.
+//! Per block, the eight quads of the rows' integers are unpacked once (a mask or a
+//! shift of the nibble planes, an OR of the high bits where the layout has them) and
+//! serve up to four activation rows: for each, four of its values are broadcast and
+//! multiplied into every row's integer sum at once, then the block's correction,
+//! conversion and one fused multiply-add finish the block for all the rows. That is
+//! llama.cpp's repacked GEMM, for every block type. AVX2 takes a group's sixteen
+//! rows as two halves in 256-bit vectors; AVX-512 all sixteen in 512-bit ones.
 //!
-//! The two paths differ only in the integer dot of 4-value lanes: AVX2 multiplies to
-//! 16-bit pairs and adds those (`maddubs` + `madd`); AVX-512 VNNI does it in one
-//! instruction. The pairs never saturate (|w| <= 128, |x| <= 127, two products), so
-//! both give the same integers. Q6_K's halves multiply their 16-bit pairs by their
-//! 8-bit factors in the `madd` (on both paths: that step is free there).
+//! Weights multiply unsigned: four- to six-bit integers as stored (`q - offset`
+//! becomes `q * x - offset * sum(x)`, with the activations' exact block sums), Q8_0's
+//! signed ones as `|w| * (x * sign(w))`. The two paths differ only in the integer
+//! dot of 4-value lanes: AVX2 multiplies to 16-bit pairs and adds those (`maddubs` +
+//! `madd`); AVX-512 VNNI does it in one instruction. The pairs never saturate
+//! (|w| <= 128, |x| <= 127, two products), so both give the same integers.
 //!
-//! Each layout is its own instantiation (`L`): unpacking a block is a mask or a
-//! shift of the paired nibbles, an OR of the high bits where the layout has them,
-//! and the subtraction of its offset.
+//! Float weights are fused-multiply-added sixteen lanes wide: one 512-bit vector
+//! per row pair on AVX-512, two 256-bit ones on AVX2 (`float_tile`).
 
 macro_rules! x86_path {
-    ($features:literal, |$a:ident, $b:ident| $idot:expr) => {
+    ($features:literal) => {
         use std::arch::x86_64::*;
         use std::ops::Range;
 
         use crate::kernels::acts::Acts;
         use crate::kernels::generic::hsum8;
-        use crate::kernels::weights::{high_place, Layout, QWeight};
+        use crate::kernels::weights::{Layout, QWeight, GROUP};
         use crate::kernels::Out;
 
         /// `out(i, k)` = weight row `k` times activation row `i`, for the tile's
-        /// weight rows and every activation row. False (nothing written) for a
-        /// layout and scale precision that loading never produces.
+        /// weight rows (whole groups of eight but at the matrix's end) and every
+        /// activation row. False (nothing written) for a layout and scale precision
+        /// that loading never produces.
         ///
         /// # Safety
         /// The CPU must support the path's features (checked by the caller at run
@@ -74,6 +73,7 @@ macro_rules! x86_path {
             }
         }
 
+        /// Group by group: `group` (each path's own) takes the activation rows.
         #[target_feature(enable = $features)]
         unsafe fn tile_of<const L: u8, const H: bool>(
             w: &QWeight,
@@ -81,237 +81,15 @@ macro_rules! x86_path {
             a: &Acts,
             out: Out,
         ) {
-            assert!(rows.end <= w.rows && w.nb == a.nb && w.layout == layout(L));
-            let m = a.m;
-            let mut i = 0;
-            while i + 8 <= m {
-                for k in rows.clone() {
-                    let y = micro::<L, H, 1, 8>(w, k, a, i);
-                    for (r, &v) in y[0].iter().enumerate() {
-                        out.set(i + r, k, v);
-                    }
-                }
-                i += 8;
-            }
-            for i in i..m {
-                let mut k = rows.start;
-                while k + 4 <= rows.end {
-                    let y = micro::<L, H, 4, 1>(w, k, a, i);
-                    for (j, y) in y.iter().enumerate() {
-                        out.set(i, k + j, y[0]);
-                    }
-                    k += 4;
-                }
-                for k in k..rows.end {
-                    out.set(i, k, micro::<L, H, 1, 1>(w, k, a, i)[0][0]);
-                }
-            }
-        }
-
-        /// The 4-value-lane integer dot of unsigned `a` and signed `b`.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn idot($a: __m256i, $b: __m256i) -> __m256i {
-            $idot
-        }
-
-        /// The same, each 16-bit pair times its factor in `f` (16 x i16).
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn idot_scaled(a: __m256i, b: __m256i, f: __m256i) -> __m256i {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), f)
-        }
-
-        /// Eight scales or minimums from `p` (f16 when `H`, else f32) as f32.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn load8<const H: bool>(p: *const u8) -> __m256 {
-            if H {
-                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-            } else {
-                _mm256_loadu_ps(p as *const f32)
-            }
-        }
-
-        /// A block's two 8-bit half factors at `p` as 16 x i16: the first eight
-        /// 16-bit lanes (values 0..16) the first factor, the rest the second.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn halves16(p: *const i8) -> __m256i {
-            let pair = (p as *const u16).read_unaligned();
-            let spread = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-            _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_cvtsi32_si128(pair as i32), spread))
-        }
-
-        /// Weight rows `k..k + K` times activation rows `i..i + R` (`R` is 1 or 8).
-        /// The caller guarantees both ranges exist and the block counts agree.
-        /// Never inlined: compiled on its own, its fixed-size loops unroll and the
-        /// accumulators stay in registers.
-        ///
-        /// Blocks go in groups of eight: the group's weight scales (and minimums)
-        /// are converted in one instruction; for one activation row they are also
-        /// multiplied by its eight scales (and sums) at once, the same products the
-        /// generic code forms one by one.
-        #[target_feature(enable = $features)]
-        #[inline(never)]
-        unsafe fn micro<const L: u8, const H: bool, const K: usize, const R: usize>(
-            w: &QWeight,
-            k: usize,
-            a: &Acts,
-            i: usize,
-        ) -> [[f32; R]; K] {
-            let lay = layout(L);
-            let (min, hb, halves) = (lay.has_min(), lay.high_bits(), lay.has_halves());
-            let (nb, nbp, m) = (w.nb, w.nbp, a.m);
-            let esz = if H { 2 } else { 4 };
-            let rb = w.row_bytes();
-            // Row starts, bounds-checked once here; the loop indexes within them.
-            let wq: [*const u8; K] = std::array::from_fn(|kk| w.row_values(k + kk).as_ptr());
-            let wh: [*const u8; K] =
-                std::array::from_fn(|kk| w.row_high_bits(k + kk).as_ptr());
-            let hrb = w.row_high_bits(k).len();
-            let wf: [*const i8; K] = std::array::from_fn(|kk| w.row_halves(k + kk).as_ptr());
-            let wd: [*const u8; K] = std::array::from_fn(|kk| w.d.row_bytes((k + kk) * nbp, nbp));
-            let wm: [*const u8; K] = std::array::from_fn(|kk| match min {
-                true => w.m.row_bytes((k + kk) * nbp, nbp),
-                false => std::ptr::null(),
-            });
-            // By row (one activation row) or transposed (eight).
-            let (xd_row, xs_row) = (
-                a.d_rows[i * nbp..][..nbp].as_ptr(),
-                a.s_rows[i * nbp..][..nbp].as_ptr(),
+            assert!(
+                rows.start % GROUP == 0
+                    && rows.end <= w.rows
+                    && w.nb == a.nb
+                    && w.layout == layout(L)
             );
-            let xs_t = a.s[..nb * m].as_ptr().add(i);
-            // One row: its blocks; eight: their group, block by block (`i` is then a
-            // multiple of 8).
-            let (xq, group) = if R == 8 {
-                (std::ptr::null(), a.groups[i / 8 * nb..(i / 8 + 1) * nb].as_ptr())
-            } else {
-                (a.row(i).as_ptr() as *const __m256i, std::ptr::null())
-            };
-            let low = _mm256_set1_epi8(0x0F);
-            let high_mask = _mm256_set1_epi8(((1u32 << hb) - 1) as i8);
-            let offset = _mm256_set1_epi8(lay.offset());
-            let mut acc = [[_mm256_setzero_ps(); R]; K];
-            let mut summs = [[0f32; R]; K];
-            let mut summv = [_mm256_setzero_ps(); K];
-            for g in (0..nb).step_by(8) {
-                // Per weight row: the group's scales (times the activation scales
-                // when R == 1), and minimums (times the activation sums).
-                let mut sd = [[0f32; 8]; K];
-                let mut sm = [[0f32; 8]; K];
-                for kk in 0..K {
-                    let mut v = load8::<H>(wd[kk].add(g * esz));
-                    if R == 1 {
-                        v = _mm256_mul_ps(v, _mm256_loadu_ps(xd_row.add(g)));
-                    }
-                    _mm256_storeu_ps(sd[kk].as_mut_ptr(), v);
-                    if min {
-                        let mut v = load8::<H>(wm[kk].add(g * esz));
-                        if R == 1 {
-                            v = _mm256_mul_ps(v, _mm256_loadu_ps(xs_row.add(g)));
-                        }
-                        _mm256_storeu_ps(sm[kk].as_mut_ptr(), v);
-                    }
-                }
-                for b in g..(g + 8).min(nb) {
-                    let lane = b - g;
-                    // Block 2p is the low nibbles of its pair, 2p + 1 the high ones.
-                    let (at, shift) = match L {
-                        SIGNED8 => (b * 32, _mm_setzero_si128()),
-                        _ => ((b / 2) * 32, _mm_cvtsi32_si128(4 * (b & 1) as i32)),
-                    };
-                    let (hgroup, hshift) = high_place(b, hb.max(1));
-                    for kk in 0..K {
-                        // The same place K rows on: what the next call reads. The
-                        // hardware alone leaves much of the memory bandwidth unused.
-                        // (Past the last row the address is not valid; a prefetch
-                        // never faults, and `wrapping_add` keeps the arithmetic
-                        // defined.)
-                        let ahead = wq[kk].wrapping_add(at + K * rb);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                        let raw = _mm256_loadu_si256(wq[kk].add(at) as *const __m256i);
-                        let wv = if L == SIGNED8 {
-                            raw
-                        } else {
-                            let mut v = _mm256_and_si256(_mm256_srl_epi16(raw, shift), low);
-                            if hb > 0 {
-                                let hat = hgroup * 32;
-                                if b % (8 / hb) == 0 {
-                                    let ahead = wh[kk].wrapping_add(hat + K * hrb);
-                                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                                }
-                                let hraw = _mm256_loadu_si256(wh[kk].add(hat) as *const __m256i);
-                                let hv = _mm256_and_si256(
-                                    _mm256_srl_epi16(hraw, _mm_cvtsi32_si128(hshift as i32)),
-                                    high_mask,
-                                );
-                                v = _mm256_or_si256(v, _mm256_slli_epi16::<4>(hv));
-                            }
-                            if min {
-                                v
-                            } else {
-                                _mm256_sub_epi8(v, offset)
-                            }
-                        };
-                        // Unsigned weights multiply as they are; signed ones as
-                        // |w| * (x * sign(w)).
-                        let wu = if min { wv } else { _mm256_sign_epi8(wv, wv) };
-                        let factors = if halves {
-                            halves16(wf[kk].add(2 * b))
-                        } else {
-                            _mm256_setzero_si256()
-                        };
-                        let w_scale = _mm256_set1_ps(sd[kk][lane]);
-                        for r in 0..R {
-                            let xv = if R == 8 {
-                                _mm256_load_si256((*group.add(b)).qs[r].0.as_ptr() as *const __m256i)
-                            } else {
-                                _mm256_load_si256(xq.add(b))
-                            };
-                            let x = if min { xv } else { _mm256_sign_epi8(xv, wv) };
-                            let p = if halves {
-                                idot_scaled(wu, x, factors)
-                            } else {
-                                idot(wu, x)
-                            };
-                            let p = _mm256_cvtepi32_ps(p);
-                            // Several rows: weight scale times the row's splatted
-                            // scale (the product the generic code forms); one row:
-                            // already in `sd`.
-                            let dd = if R == 8 {
-                                _mm256_mul_ps(w_scale, _mm256_load_ps((*group.add(b)).d[r].as_ptr()))
-                            } else {
-                                w_scale
-                            };
-                            acc[kk][r] = _mm256_fmadd_ps(dd, p, acc[kk][r]);
-                        }
-                        if min {
-                            if R == 8 {
-                                let t = _mm256_mul_ps(
-                                    _mm256_set1_ps(sm[kk][lane]),
-                                    _mm256_loadu_ps(xs_t.add(b * m)),
-                                );
-                                summv[kk] = _mm256_add_ps(summv[kk], t);
-                            } else {
-                                summs[kk][0] += sm[kk][lane];
-                            }
-                        }
-                    }
-                }
+            for g in rows.start / GROUP..rows.end.div_ceil(GROUP) {
+                group::<L, H>(w, g, a, out, (rows.end - g * GROUP).min(GROUP));
             }
-            let mut y = [[0f32; R]; K];
-            for kk in 0..K {
-                if R == 8 {
-                    _mm256_storeu_ps(summs[kk].as_mut_ptr(), summv[kk]);
-                }
-                for r in 0..R {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[kk][r]);
-                    y[kk][r] = hsum8(&lanes) + summs[kk][r];
-                }
-            }
-            y
         }
 
         /// Float weights times unquantized activations: `out(i, k)` for the tile's
@@ -341,9 +119,9 @@ macro_rules! x86_path {
         const F16: u8 = 1;
         const BF16: u8 = 2;
 
-        /// Activation rows go four at a time past two weight rows (eight
-        /// accumulators: each weight vector loaded once serves four rows); the rest
-        /// one at a time past four weight rows.
+        /// Activation rows go `FLOAT_R` at a time past `FLOAT_K` weight rows (each
+        /// weight vector loaded once serves `FLOAT_R` rows, each activation vector
+        /// `FLOAT_K`); the rest one at a time past four weight rows.
         #[target_feature(enable = $features)]
         unsafe fn float_tile_of<const F: u8>(
             w: &QWeight,
@@ -352,25 +130,26 @@ macro_rules! x86_path {
             m: usize,
             out: Out,
         ) {
-            assert!(rows.end <= w.rows && x.len() == m * w.cols && w.cols % 8 == 0);
+            assert!(rows.end <= w.rows && x.len() == m * w.cols && w.cols % 16 == 0);
             let mut i = 0;
-            while i + 4 <= m {
+            while i + FLOAT_R <= m {
                 let mut k = rows.start;
-                while k + 2 <= rows.end {
-                    let y = float_micro::<F, 2, 4>(w, k, x, i);
+                while k + FLOAT_K <= rows.end {
+                    let y = float_micro::<F, FLOAT_K, FLOAT_R>(w, k, x, i);
                     for (kk, y) in y.iter().enumerate() {
                         for (r, &v) in y.iter().enumerate() {
                             out.set(i + r, k + kk, v);
                         }
                     }
-                    k += 2;
+                    k += FLOAT_K;
                 }
                 for k in k..rows.end {
-                    for (r, &v) in float_micro::<F, 1, 4>(w, k, x, i)[0].iter().enumerate() {
+                    let y = float_micro::<F, 1, FLOAT_R>(w, k, x, i);
+                    for (r, &v) in y[0].iter().enumerate() {
                         out.set(i + r, k, v);
                     }
                 }
-                i += 4;
+                i += FLOAT_R;
             }
             for i in i..m {
                 let mut k = rows.start;
@@ -387,47 +166,123 @@ macro_rules! x86_path {
             }
         }
 
-        /// Eight weights at `p` as f32 (exact for every float type).
-        #[target_feature(enable = $features)]
+        /// Float weight rows `k..k + K` and activation rows `i..i + R` as pointers,
+        /// bounds-checked here.
         #[inline]
-        unsafe fn load_floats<const F: u8>(p: *const u8) -> __m256 {
-            match F {
-                F32 => _mm256_loadu_ps(p as *const f32),
-                F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-                // A bf16 is the high half of an f32.
-                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-                    _mm_loadu_si128(p as *const __m128i),
-                ))),
-            }
-        }
-
-        /// Float weight rows `k..k + K` times activation rows `i..i + R`: value `j`
-        /// fused-multiply-added into lane `j % 8` (`generic::float_dot`).
-        #[target_feature(enable = $features)]
-        #[inline(never)]
-        unsafe fn float_micro<const F: u8, const K: usize, const R: usize>(
+        fn float_rows<const K: usize, const R: usize>(
             w: &QWeight,
             k: usize,
             x: &[f32],
             i: usize,
-        ) -> [[f32; R]; K] {
-            let cols = w.cols;
-            let esz = if F == F32 { 4 } else { 2 };
-            let rb = w.row_bytes();
+        ) -> ([*const u8; K], [*const f32; R]) {
             let mut wp = [std::ptr::null::<u8>(); K];
             for (kk, p) in wp.iter_mut().enumerate() {
-                *p = w.row_values(k + kk).as_ptr();
+                *p = w.float_row(k + kk).as_ptr();
             }
             let mut xp = [std::ptr::null::<f32>(); R];
             for (r, p) in xp.iter_mut().enumerate() {
-                *p = x[(i + r) * cols..][..cols].as_ptr();
+                *p = x[(i + r) * w.cols..][..w.cols].as_ptr();
             }
-            let mut acc = [[_mm256_setzero_ps(); R]; K];
-            for j in (0..cols).step_by(8) {
-                let at = j * esz;
+            (wp, xp)
+        }
+    };
+}
+
+/// AVX2 with FMA: each group in two halves of eight rows, 256-bit vectors.
+pub mod avx2 {
+    x86_path!("avx2,fma,f16c");
+
+    /// The group's two halves of eight rows: activation rows four at a time, then
+    /// one at a time.
+    ///
+    /// # Safety
+    /// As `tile`; `valid` (the group's rows that exist) at most `GROUP`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<const L: u8, const H: bool>(
+        w: &QWeight,
+        g: usize,
+        a: &Acts,
+        out: Out,
+        valid: usize,
+    ) {
+        for half in 0..2 {
+            let first = g * GROUP + 8 * half;
+            let rows = valid.saturating_sub(8 * half).min(8);
+            let put = |i: usize, y: __m256| {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+                for (rr, &v) in lanes.iter().enumerate().take(rows) {
+                    out.set(i, first + rr, v);
+                }
+            };
+            if rows == 0 {
+                break;
+            }
+            let mut i = 0;
+            while i + 4 <= a.m {
+                for (r, &y) in micro::<L, H, 4>(w, g, half, a, i).iter().enumerate() {
+                    put(i + r, y);
+                }
+                i += 4;
+            }
+            for i in i..a.m {
+                put(i, micro::<L, H, 1>(w, g, half, a, i)[0]);
+            }
+        }
+    }
+
+    /// `acc` plus the 4-value-lane integer dot of unsigned `a` and signed `b`: 16-bit
+    /// pairs (`maddubs`), then their sums (`madd`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn idot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)),
+        )
+    }
+
+    // Float weights: two weight rows past three activation rows (twelve
+    // accumulators of the sixteen registers).
+    const FLOAT_K: usize = 2;
+    const FLOAT_R: usize = 3;
+
+    /// Eight weights at `p` as f32 (exact for every float type).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_floats<const F: u8>(p: *const u8) -> __m256 {
+        match F {
+            F32 => _mm256_loadu_ps(p as *const f32),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            // A bf16 is the high half of an f32.
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p as *const __m128i),
+            ))),
+        }
+    }
+
+    /// Float weight rows `k..k + K` times activation rows `i..i + R`: value `j`
+    /// fused-multiply-added into lane `j % 16` (`generic::float_dots`), the sixteen
+    /// lanes as two vectors.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(never)]
+    unsafe fn float_micro<const F: u8, const K: usize, const R: usize>(
+        w: &QWeight,
+        k: usize,
+        x: &[f32],
+        i: usize,
+    ) -> [[f32; R]; K] {
+        let esz = if F == F32 { 4 } else { 2 };
+        let rb = w.float_row_bytes();
+        let (wp, xp) = float_rows::<K, R>(w, k, x, i);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; R]; K];
+        for j in (0..w.cols).step_by(16) {
+            #[allow(clippy::needless_range_loop)] // `half` also places the loads
+            for half in 0..2 {
+                let at = (j + 8 * half) * esz;
                 let mut wv = [_mm256_setzero_ps(); K];
                 for kk in 0..K {
-                    // Once per cache line: the same place K rows on (see `micro`).
+                    // Once per cache line: the same place K rows on.
                     if at % 64 == 0 {
                         let ahead = wp[kk].wrapping_add(at + K * rb);
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
@@ -435,36 +290,401 @@ macro_rules! x86_path {
                     wv[kk] = load_floats::<F>(wp[kk].add(at));
                 }
                 for r in 0..R {
-                    let xv = _mm256_loadu_ps(xp[r].add(j));
+                    let xv = _mm256_loadu_ps(xp[r].add(j + 8 * half));
                     for kk in 0..K {
-                        acc[kk][r] = _mm256_fmadd_ps(wv[kk], xv, acc[kk][r]);
+                        acc[kk][r][half] = _mm256_fmadd_ps(wv[kk], xv, acc[kk][r][half]);
                     }
                 }
             }
-            let mut y = [[0f32; R]; K];
-            for kk in 0..K {
-                for r in 0..R {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[kk][r]);
-                    y[kk][r] = hsum8(&lanes);
+        }
+        let mut y = [[0f32; R]; K];
+        for kk in 0..K {
+            for r in 0..R {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(
+                    lanes.as_mut_ptr(),
+                    _mm256_add_ps(acc[kk][r][0], acc[kk][r][1]),
+                );
+                y[kk][r] = hsum8(&lanes);
+            }
+        }
+        y
+    }
+
+    use crate::kernels::weights::{QK, QUAD_VEC};
+
+    /// Eight scales or minimums from `p` (f16 when `H`, else f32) as f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8<const H: bool>(p: *const u8) -> __m256 {
+        if H {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+
+    /// Half `half` (eight rows) of group `g` times activation rows `i..i + R`: per
+    /// activation row, the eight rows' results. The caller guarantees the rows
+    /// exist and the block counts agree. Never inlined: compiled on its own, its
+    /// fixed-size loops unroll and the accumulators stay in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(never)]
+    unsafe fn micro<const L: u8, const H: bool, const R: usize>(
+        w: &QWeight,
+        g: usize,
+        half: usize,
+        a: &Acts,
+        i: usize,
+    ) -> [__m256; R] {
+        let lay = layout(L);
+        let (min, hb, halves) = (lay.has_min(), lay.high_bits(), lay.has_halves());
+        // Quads per vector of high bits.
+        let per = 8 / hb.max(1);
+        let (lb, hbytes) = (lay.low_bytes(), lay.high_bytes());
+        let nb = w.nb;
+        let esz = if H { 2 } else { 4 };
+        // Bounds-checked once here; the loop indexes within them.
+        let view = w.group(g);
+        let (low, high, hv) = (view.low.as_ptr(), view.high.as_ptr(), view.halves.as_ptr());
+        let mut xq = [std::ptr::null::<u8>(); R];
+        let mut xs = [std::ptr::null::<crate::kernels::acts::BlockSums>(); R];
+        for r in 0..R {
+            xq[r] = a.row(i + r).as_ptr() as *const u8;
+            xs[r] = a.row_sums(i + r).as_ptr();
+        }
+        let nibble = _mm256_set1_epi8(0x0F);
+        let high_mask = _mm256_set1_epi8((((1u32 << hb) - 1) << 4) as i8);
+        let offset = lay.offset() as i32;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut summ = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let lo = low.add(b * lb + 32 * half);
+            // Four blocks on: the hardware alone leaves much of the memory
+            // bandwidth unused. (Past the group's end the address may not be
+            // valid; a prefetch never faults, and `wrapping_add` keeps the
+            // arithmetic defined.)
+            for line in (0..lb).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(lo.wrapping_add(4 * lb + line) as *const i8);
+            }
+            // The eight quads of the eight rows, unsigned (Q8: |w|), and for Q8
+            // the signed values whose signs the activations take.
+            let mut wq = [_mm256_setzero_si256(); 8];
+            let mut ws = [_mm256_setzero_si256(); 8];
+            if L == SIGNED8 {
+                for q in 0..8 {
+                    ws[q] = _mm256_loadu_si256(lo.add(q * QUAD_VEC) as *const __m256i);
+                    wq[q] = _mm256_sign_epi8(ws[q], ws[q]);
+                }
+            } else {
+                for v in 0..4 {
+                    let raw = _mm256_loadu_si256(lo.add(v * QUAD_VEC) as *const __m256i);
+                    wq[v] = _mm256_and_si256(raw, nibble);
+                    wq[v + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                }
+                if hb > 0 {
+                    let hi = high.add(b * hbytes + 32 * half);
+                    for (q, wq) in wq.iter_mut().enumerate() {
+                        let (vec, shift) = (q / per, hb * (q % per));
+                        let raw = _mm256_loadu_si256(hi.add(vec * QUAD_VEC) as *const __m256i);
+                        // The quad's high bits moved to bit 4 (and 5).
+                        let bits = if shift <= 4 {
+                            _mm256_sll_epi16(raw, _mm_cvtsi32_si128((4 - shift) as i32))
+                        } else {
+                            _mm256_srl_epi16(raw, _mm_cvtsi32_si128((shift - 4) as i32))
+                        };
+                        *wq = _mm256_or_si256(*wq, _mm256_and_si256(bits, high_mask));
+                    }
                 }
             }
-            y
+            let dw = load8::<H>(view.d.add((b * GROUP + 8 * half) * esz));
+            let mw = if min {
+                load8::<H>(view.m.add((b * GROUP + 8 * half) * esz))
+            } else {
+                _mm256_setzero_ps()
+            };
+            let (f0, f1) = if halves {
+                let p = hv.add(b * 2 * GROUP + 8 * half);
+                (
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)),
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(GROUP) as *const __m128i)),
+                )
+            } else {
+                (_mm256_setzero_si256(), _mm256_setzero_si256())
+            };
+            for r in 0..R {
+                let x = xq[r].add(b * QK);
+                let sums = &*xs[r].add(b);
+                let mut half = [_mm256_setzero_si256(); 2];
+                for q in 0..8 {
+                    let xb = _mm256_set1_epi32((x.add(4 * q) as *const i32).read_unaligned());
+                    let xv = if L == SIGNED8 {
+                        _mm256_sign_epi8(xb, ws[q])
+                    } else {
+                        xb
+                    };
+                    half[q / 4] = idot(half[q / 4], wq[q], xv);
+                }
+                let isum = if halves {
+                    let h0 = _mm256_sub_epi32(half[0], _mm256_set1_epi32(offset * sums.halves[0]));
+                    let h1 = _mm256_sub_epi32(half[1], _mm256_set1_epi32(offset * sums.halves[1]));
+                    _mm256_add_epi32(_mm256_mullo_epi32(h0, f0), _mm256_mullo_epi32(h1, f1))
+                } else {
+                    let s = _mm256_add_epi32(half[0], half[1]);
+                    if offset != 0 {
+                        _mm256_sub_epi32(s, _mm256_set1_epi32(offset * sums.sum))
+                    } else {
+                        s
+                    }
+                };
+                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(sums.d));
+                acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[r]);
+                if min {
+                    summ[r] = _mm256_add_ps(summ[r], _mm256_mul_ps(mw, _mm256_set1_ps(sums.s)));
+                }
+            }
         }
-    };
+        let mut y = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            y[r] = _mm256_add_ps(acc[r], summ[r]);
+        }
+        y
+    }
 }
 
-/// AVX2 with FMA.
-pub mod avx2 {
-    x86_path!("avx2,fma,f16c", |a, b| _mm256_madd_epi16(
-        _mm256_maddubs_epi16(a, b),
-        _mm256_set1_epi16(1)
-    ));
-}
-
-/// AVX-512 VNNI (with VL, on 256-bit vectors).
+/// AVX-512 with VNNI and BW: a group's sixteen rows in the lanes of 512-bit vectors.
 pub mod avx512 {
-    x86_path!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |a, b| {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
-    });
+    x86_path!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw");
+
+    // Float weights: four weight rows past six activation rows (24 accumulators of
+    // the 32 registers).
+    const FLOAT_K: usize = 4;
+    const FLOAT_R: usize = 6;
+
+    /// Sixteen weights at `p` as f32 (exact for every float type).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
+    #[inline]
+    unsafe fn load_floats<const F: u8>(p: *const u8) -> __m512 {
+        match F {
+            F32 => _mm512_loadu_ps(p as *const f32),
+            F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            // A bf16 is the high half of an f32.
+            _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(p as *const __m256i),
+            ))),
+        }
+    }
+
+    /// Float weight rows `k..k + K` times activation rows `i..i + R`: value `j`
+    /// fused-multiply-added into lane `j % 16` (`generic::float_dots`).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
+    #[inline(never)]
+    unsafe fn float_micro<const F: u8, const K: usize, const R: usize>(
+        w: &QWeight,
+        k: usize,
+        x: &[f32],
+        i: usize,
+    ) -> [[f32; R]; K] {
+        let esz = if F == F32 { 4 } else { 2 };
+        let rb = w.float_row_bytes();
+        let (wp, xp) = float_rows::<K, R>(w, k, x, i);
+        let mut acc = [[_mm512_setzero_ps(); R]; K];
+        for j in (0..w.cols).step_by(16) {
+            let at = j * esz;
+            let mut wv = [_mm512_setzero_ps(); K];
+            for kk in 0..K {
+                // Once per cache line: the same place K rows on.
+                if at % 64 == 0 {
+                    let ahead = wp[kk].wrapping_add(at + K * rb);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                }
+                wv[kk] = load_floats::<F>(wp[kk].add(at));
+            }
+            for r in 0..R {
+                let xv = _mm512_loadu_ps(xp[r].add(j));
+                for kk in 0..K {
+                    acc[kk][r] = _mm512_fmadd_ps(wv[kk], xv, acc[kk][r]);
+                }
+            }
+        }
+        let mut y = [[0f32; R]; K];
+        for kk in 0..K {
+            for r in 0..R {
+                // Lanes l and l + 8 first, as the generic code sums them.
+                let v = acc[kk][r];
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(
+                    lanes.as_mut_ptr(),
+                    _mm256_add_ps(_mm512_castps512_ps256(v), hi),
+                );
+                y[kk][r] = hsum8(&lanes);
+            }
+        }
+        y
+    }
+
+    use crate::kernels::weights::{QK, QUAD_VEC};
+
+    /// The group's rows: activation rows four at a time, then one at a time.
+    ///
+    /// # Safety
+    /// As `tile`; `valid` (the group's rows that exist) at most `GROUP`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
+    unsafe fn group<const L: u8, const H: bool>(
+        w: &QWeight,
+        g: usize,
+        a: &Acts,
+        out: Out,
+        valid: usize,
+    ) {
+        let put = |i: usize, y: __m512| {
+            let mut lanes = [0f32; GROUP];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), y);
+            for (rr, &v) in lanes.iter().enumerate().take(valid) {
+                out.set(i, g * GROUP + rr, v);
+            }
+        };
+        let mut i = 0;
+        while i + 4 <= a.m {
+            for (r, &y) in micro::<L, H, 4>(w, g, a, i).iter().enumerate() {
+                put(i + r, y);
+            }
+            i += 4;
+        }
+        for i in i..a.m {
+            put(i, micro::<L, H, 1>(w, g, a, i)[0]);
+        }
+    }
+
+    /// Sixteen scales or minimums from `p` (f16 when `H`, else f32) as f32.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
+    #[inline]
+    unsafe fn load16<const H: bool>(p: *const u8) -> __m512 {
+        if H {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
+        }
+    }
+
+    /// Group `g`'s sixteen weight rows times activation rows `i..i + R`: per
+    /// activation row, the rows' results (the steps of `avx2::micro`, sixteen lanes
+    /// wide; Q8_0's signs by mask, AVX-512 having no byte `sign`).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
+    #[inline(never)]
+    unsafe fn micro<const L: u8, const H: bool, const R: usize>(
+        w: &QWeight,
+        g: usize,
+        a: &Acts,
+        i: usize,
+    ) -> [__m512; R] {
+        let lay = layout(L);
+        let (min, hb, halves) = (lay.has_min(), lay.high_bits(), lay.has_halves());
+        // Quads per vector of high bits.
+        let per = 8 / hb.max(1);
+        let (lb, hbytes) = (lay.low_bytes(), lay.high_bytes());
+        let esz = if H { 2 } else { 4 };
+        // Bounds-checked once here; the loop indexes within them.
+        let view = w.group(g);
+        let (low, high, hv) = (view.low.as_ptr(), view.high.as_ptr(), view.halves.as_ptr());
+        let mut xq = [std::ptr::null::<u8>(); R];
+        let mut xs = [std::ptr::null::<crate::kernels::acts::BlockSums>(); R];
+        for r in 0..R {
+            xq[r] = a.row(i + r).as_ptr() as *const u8;
+            xs[r] = a.row_sums(i + r).as_ptr();
+        }
+        let nibble = _mm512_set1_epi8(0x0F);
+        let high_mask = _mm512_set1_epi8((((1u32 << hb) - 1) << 4) as i8);
+        let offset = lay.offset() as i32;
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut summ = [_mm512_setzero_ps(); R];
+        for b in 0..w.nb {
+            let lo = low.add(b * lb);
+            // Four blocks on (see `avx2::micro`).
+            for line in (0..lb).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(lo.wrapping_add(4 * lb + line) as *const i8);
+            }
+            let mut wq = [zero; 8];
+            let mut neg = [0u64; 8];
+            if L == SIGNED8 {
+                for q in 0..8 {
+                    let v = _mm512_loadu_si512(lo.add(q * QUAD_VEC) as *const _);
+                    wq[q] = _mm512_abs_epi8(v);
+                    neg[q] = _mm512_movepi8_mask(v);
+                }
+            } else {
+                for v in 0..4 {
+                    let raw = _mm512_loadu_si512(lo.add(v * QUAD_VEC) as *const _);
+                    wq[v] = _mm512_and_si512(raw, nibble);
+                    wq[v + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+                }
+                if hb > 0 {
+                    let hi = high.add(b * hbytes);
+                    for (q, wq) in wq.iter_mut().enumerate() {
+                        let (vec, shift) = (q / per, hb * (q % per));
+                        let raw = _mm512_loadu_si512(hi.add(vec * QUAD_VEC) as *const _);
+                        let bits = if shift <= 4 {
+                            _mm512_sll_epi16(raw, _mm_cvtsi32_si128((4 - shift) as i32))
+                        } else {
+                            _mm512_srl_epi16(raw, _mm_cvtsi32_si128((shift - 4) as i32))
+                        };
+                        *wq = _mm512_or_si512(*wq, _mm512_and_si512(bits, high_mask));
+                    }
+                }
+            }
+            let dw = load16::<H>(view.d.add(b * GROUP * esz));
+            let mw = if min {
+                load16::<H>(view.m.add(b * GROUP * esz))
+            } else {
+                _mm512_setzero_ps()
+            };
+            let (f0, f1) = if halves {
+                let p = hv.add(b * 2 * GROUP);
+                (
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)),
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(GROUP) as *const __m128i)),
+                )
+            } else {
+                (zero, zero)
+            };
+            for r in 0..R {
+                let x = xq[r].add(b * QK);
+                let sums = &*xs[r].add(b);
+                let mut half = [zero; 2];
+                for q in 0..8 {
+                    let xb = _mm512_set1_epi32((x.add(4 * q) as *const i32).read_unaligned());
+                    let xv = if L == SIGNED8 {
+                        _mm512_mask_sub_epi8(xb, neg[q], zero, xb)
+                    } else {
+                        xb
+                    };
+                    half[q / 4] = _mm512_dpbusd_epi32(half[q / 4], wq[q], xv);
+                }
+                let isum = if halves {
+                    let h0 = _mm512_sub_epi32(half[0], _mm512_set1_epi32(offset * sums.halves[0]));
+                    let h1 = _mm512_sub_epi32(half[1], _mm512_set1_epi32(offset * sums.halves[1]));
+                    _mm512_add_epi32(_mm512_mullo_epi32(h0, f0), _mm512_mullo_epi32(h1, f1))
+                } else {
+                    let s = _mm512_add_epi32(half[0], half[1]);
+                    if offset != 0 {
+                        _mm512_sub_epi32(s, _mm512_set1_epi32(offset * sums.sum))
+                    } else {
+                        s
+                    }
+                };
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(sums.d));
+                acc[r] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[r]);
+                if min {
+                    summ[r] = _mm512_add_ps(summ[r], _mm512_mul_ps(mw, _mm512_set1_ps(sums.s)));
+                }
+            }
+        }
+        let mut y = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            y[r] = _mm512_add_ps(acc[r], summ[r]);
+        }
+        y
+    }
 }
