@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -24,80 +24,26 @@ from granian.log import LogLevels
 from granian.server.embed import Server
 
 from .. import __version__
-from .._core import resolve_device
-from ..convert import Quant, missing_kernels_line
-from ..engine import (
-    DEFAULT_KV_CACHE_MB,
-    DEFAULT_MAX_BATCH_TOKENS,
-    DEFAULT_MAX_QUEUE,
-    DEFAULT_MAX_SEQUENCES,
-    Engine,
-)
-from ..models import resolve_model
+from ..convert import missing_kernels_line
+from ..engine import Engine
 from ..units import format_bytes
 from .app import create_app
 from .context import ServerConfig, ServerContext
+from .options import ServeOptions, open_engine
 from .ratelimit import Limits
 
 log = logging.getLogger("zse.server")
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    model: str | None = None
-    quant: Quant | None = None
-    allow_requantize: bool = False
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: tuple[str, ...] = ()
-    model_name: str | None = None
-    context_length: int | None = None
-    #: None: DEFAULT_KV_CACHE_MB on the CPU; on a GPU, ``gpu_memory_fraction`` of its
-    #: free memory less the weights.
-    kv_cache_mb: float | None = None
-    device: str = "auto"
-    gpu_memory_fraction: float = 0.9
-    max_sequences: int = DEFAULT_MAX_SEQUENCES
-    max_queue: int = DEFAULT_MAX_QUEUE
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
-    threads: int | None = None
-    log_level: str = "info"
-    grace_s: float = 30.0
-    #: Managed keys (`zse keys`); None: only ``api_keys``.
-    keys_db: str | None = None
-    #: Server-wide requests and tokens per minute.
-    rate_limit_rpm: int | None = None
-    rate_limit_tpm: int | None = None
-    cors_origins: tuple[str, ...] = ()
-    #: Jinja chat template text replacing the model's (or where it has none).
-    chat_template: str | None = None
-
-
-def serve(opts: ServeOptions) -> int:
-    """Runs the server until SIGINT/SIGTERM; returns the exit status (0)."""
+def serve(opts: ServeOptions, engine: Future[Engine] | None = None) -> int:
+    """Runs the server until SIGINT/SIGTERM; returns the exit status (0). `engine`:
+    the model already loading (`open_engine(opts)` on a thread of the caller's,
+    started before this module's imports), else it is opened here."""
     _configure_logging(opts.log_level)
-    if opts.threads is not None:
-        # candle sizes its thread pool from this when the engine first computes.
-        os.environ["RAYON_NUM_THREADS"] = str(opts.threads)
-    path = resolve_model(opts.model, quant=opts.quant, allow_requantize=opts.allow_requantize)
-    device = resolve_device(opts.device)
-    kv_cache_mb = opts.kv_cache_mb
-    if kv_cache_mb is None and device == "cpu":
-        kv_cache_mb = DEFAULT_KV_CACHE_MB
-    engine = Engine(
-        path,
-        context_length=opts.context_length,
-        max_sequences=opts.max_sequences,
-        max_queue=opts.max_queue,
-        kv_cache_mb=kv_cache_mb,
-        max_batch_tokens=opts.max_batch_tokens,
-        device=device,
-        gpu_memory_fraction=opts.gpu_memory_fraction,
-        chat_template=opts.chat_template,
-    )
+    loaded = engine.result() if engine is not None else open_engine(opts)
     try:
         # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.
-        name = opts.model_name or Path(opts.model or path).stem
+        name = opts.model_name or Path(opts.model or loaded.metadata["path"]).stem
         config = ServerConfig(
             model_name=name,
             api_keys=opts.api_keys,
@@ -105,11 +51,11 @@ def serve(opts: ServeOptions) -> int:
             rate_limit=Limits(opts.rate_limit_rpm, opts.rate_limit_tpm),
             cors_origins=opts.cors_origins,
         )
-        app = create_app(engine, config)
-        _banner(opts, engine, config)
+        app = create_app(loaded, config)
+        _banner(opts, loaded, config)
         asyncio.run(_run(app, app.state.ctx, opts))
     finally:
-        engine.close()
+        loaded.close()
     log.info("stopped")
     return 0
 

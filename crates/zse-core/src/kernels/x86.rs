@@ -526,7 +526,7 @@ pub mod avx512 {
 
     use crate::kernels::weights::{QK, QUAD_VEC};
 
-    /// The group's rows: activation rows four at a time, then one at a time.
+    /// The group's rows, for every activation row.
     ///
     /// # Safety
     /// As `tile`; `valid` (the group's rows that exist) at most `GROUP`.
@@ -545,7 +545,15 @@ pub mod avx512 {
                 out.set(i, g * GROUP + rr, v);
             }
         };
+        // Eight rows at a time where there are (32 registers hold the eight
+        // unpacked quads and eight rows' sums), then four, then one.
         let mut i = 0;
+        while i + 8 <= a.m {
+            for (r, &y) in micro::<L, H, 8>(w, g, a, i).iter().enumerate() {
+                put(i + r, y);
+            }
+            i += 8;
+        }
         while i + 4 <= a.m {
             for (r, &y) in micro::<L, H, 4>(w, g, a, i).iter().enumerate() {
                 put(i + r, y);
