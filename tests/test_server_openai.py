@@ -33,8 +33,11 @@ def client(server: ServerProcess) -> openai.OpenAI:
 def test_chat_completion_shape_and_tokens_match_the_engine(
     client: openai.OpenAI, engine: zse.Engine
 ) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12)
-    expected = engine.chat(QUESTION, temperature=0, max_tokens=12)
+    # EOS banned: the answer runs to the limit whatever the kernels' rounding.
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=12, logit_bias={str(EOS): -100}
+    )
+    expected = engine.chat(QUESTION, temperature=0, max_tokens=12, logit_bias={EOS: -100})
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     assert r.model == MODEL and r.created > 0
     [choice] = r.choices
@@ -61,7 +64,13 @@ def test_default_model_id_and_text_parts(client: openai.OpenAI) -> None:
 
 
 def test_streaming_concatenates_to_the_whole_answer(client: openai.OpenAI) -> None:
-    kw = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 16}
+    kw = {
+        "model": MODEL,
+        "messages": QUESTION,
+        "temperature": 0,
+        "max_tokens": 16,
+        "logit_bias": {str(EOS): -100},  # to the limit, whatever the kernels' rounding
+    }
     whole = client.chat.completions.create(**kw)
     chunks = list(
         client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
