@@ -24,8 +24,12 @@ pub struct QBlock(pub [i8; QK]);
 pub struct BlockSums {
     /// The scale, rounded through f16.
     pub d: f32,
-    /// The scale times the sum of the values, rounded through f16.
+    /// The scale times the sum of the values, rounded through f16 (llama.cpp's Q8_1
+    /// form: the correction for Q4_1 and Q5_1's minimums).
     pub s: f32,
+    /// The same product in f32 (the correction for Q4_K and Q5_K's minimums, which
+    /// llama.cpp takes from exact sums; through f16 it costs them visible quality).
+    pub s_exact: f32,
     /// The sum of the values.
     pub sum: i32,
     /// The sums of values 0..16 and 16..32.
@@ -85,9 +89,11 @@ fn quantize_row(row: &[f32], qs: &mut [QBlock], sums: &mut [BlockSums]) {
             halves[j / 16] += *q as i32;
         }
         let sum = halves[0] + halves[1];
+        let d16 = f16::from_f32(d).to_f32();
         *out = BlockSums {
-            d: f16::from_f32(d).to_f32(),
+            d: d16,
             s: f16::from_f32(d * sum as f32).to_f32(),
+            s_exact: d16 * sum as f32,
             sum,
             halves,
         };

@@ -5,8 +5,9 @@
 //! its 8-bit factor), converted to f32 (exactly: it stays under 2^24) and
 //! fused-multiply-added, scaled by `weight scale * activation scale`, into one f32
 //! accumulator, block after block; for weights with a minimum, `minimum *
-//! activation sum` added to a separate running sum, and the two sums added at the
-//! end. The vector paths take these exact steps for eight weight rows at a time, so
+//! activation sum` added to a separate running sum (the sum rounded through f16 where
+//! the minimums are f16, as llama.cpp's Q8_1; in f32 for Q4_K and Q5_K), and the two
+//! sums added at the end. The vector paths take these exact steps for eight weight rows at a time, so
 //! every path gives the same bits, and the order never depends on how many rows are
 //! multiplied at once.
 //!
@@ -40,7 +41,8 @@ pub fn dot(w: &QWeight, r: usize, a: &Acts, i: usize) -> f32 {
         }
         acc = (w.scale(r, b) * xs.d).mul_add(isum as f32, acc);
         if w.layout.has_min() {
-            summs += w.min(r, b) * xs.s;
+            // f16 minimums (Q4_1, Q5_1) take the f16 sum, f32 ones (K-quants) the f32.
+            summs += w.min(r, b) * if w.m.is_half() { xs.s } else { xs.s_exact };
         }
     }
     acc + summs

@@ -440,7 +440,8 @@ pub mod avx2 {
                 let dd = _mm256_mul_ps(dw, _mm256_set1_ps(sums.d));
                 acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[r]);
                 if min {
-                    summ[r] = _mm256_add_ps(summ[r], _mm256_mul_ps(mw, _mm256_set1_ps(sums.s)));
+                    let s = if H { sums.s } else { sums.s_exact };
+                    summ[r] = _mm256_add_ps(summ[r], _mm256_mul_ps(mw, _mm256_set1_ps(s)));
                 }
             }
         }
@@ -685,7 +686,8 @@ pub mod avx512 {
                 let dd = _mm512_mul_ps(dw, _mm512_set1_ps(sums.d));
                 acc[r] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[r]);
                 if min {
-                    summ[r] = _mm512_add_ps(summ[r], _mm512_mul_ps(mw, _mm512_set1_ps(sums.s)));
+                    let s = if H { sums.s } else { sums.s_exact };
+                    summ[r] = _mm512_add_ps(summ[r], _mm512_mul_ps(mw, _mm512_set1_ps(s)));
                 }
             }
         }
