@@ -7,9 +7,9 @@
 //! accumulator, block after block; for weights with a minimum, `minimum *
 //! activation sum` added to a separate running sum (the sum rounded through f16 where
 //! the minimums are f16, as llama.cpp's Q8_1; in f32 for Q4_K and Q5_K), and the two
-//! sums added at the end. The vector paths take these exact steps for eight weight rows at a time, so
-//! every path gives the same bits, and the order never depends on how many rows are
-//! multiplied at once.
+//! sums added at the end. The vector paths take these exact steps for a group of
+//! weight rows at once, so every path gives the same bits, and the order never
+//! depends on how many rows are multiplied at once.
 //!
 //! Float weights meet the activations unquantized: value `j` is fused-multiply-added
 //! into lane `j % 16`, in order; lanes `l` and `l + 8` are added, and those eight

@@ -3,8 +3,8 @@
 //! (F32, F16, BF16), chosen at run time among the paths this
 //! CPU supports, so one wheel is fast everywhere, and the steps around it.
 //!
-//! - `weights`: GGML blocks repacked at load (paired 4-bit blocks, a plane of high
-//!   bits, scales apart).
+//! - `weights`: GGML blocks repacked at load (rows interleaved in groups of sixteen,
+//!   4-bit planes and a plane of high bits, scales apart).
 //! - `acts`: activations quantized once per matmul to 8-bit blocks.
 //! - `generic`: the portable dot product, which defines the arithmetic.
 //! - `x86`: the AVX2 and AVX-512 VNNI micro-kernels.
@@ -12,7 +12,7 @@
 //! - `elementwise`: RMSNorm, the gated activations, RoPE.
 //!
 //! Weight rows are split across the threads of the one rayon pool in tiles; inside a
-//! tile each weight block is unpacked once and serves eight activation rows at a time
+//! tile each weight block is unpacked once and serves up to eight activation rows
 //! (a prefill chunk, or one row per sequence of a batched decode), so weights stream
 //! from memory once per step, not once per row. Every output element is one weight
 //! row times one activation row in a fixed order (see `generic`), so results do not

@@ -3,7 +3,7 @@
 //!
 //! Per block, the eight quads of the rows' integers are unpacked once (a mask or a
 //! shift of the nibble planes, an OR of the high bits where the layout has them) and
-//! serve up to four activation rows: for each, four of its values are broadcast and
+//! serve several activation rows (eight on AVX-512, four on AVX2): for each, four of its values are broadcast and
 //! multiplied into every row's integer sum at once, then the block's correction,
 //! conversion and one fused multiply-add finish the block for all the rows. That is
 //! llama.cpp's repacked GEMM, for every block type. AVX2 takes a group's sixteen
