@@ -1,15 +1,16 @@
 //! The portable dot products, and the definition of the arithmetic every path follows.
 //!
-//! One weight row times one activation row: per 32-value block the exact integer dot
-//! of the weights' integers and the activations' (for Q6_K, each half's dot times
-//! its 8-bit factor), converted to f32 (exactly: it stays under 2^24) and
+//! One weight row times one activation row: per 32-value block the exact integer dot of
+//! the weights' integers and the activations' (for Q2_K, Q3_K and Q6_K, each half's dot
+//! times its 8-bit factor), converted to f32 (exactly: it stays under 2^24) and
 //! fused-multiply-added, scaled by `weight scale * activation scale`, into one f32
-//! accumulator, block after block; for weights with a minimum, `minimum *
-//! activation sum` added to a separate running sum (the sum rounded through f16 where
-//! the minimums are f16, as llama.cpp's Q8_1; in f32 for Q4_K and Q5_K), and the two
-//! sums added at the end. The vector paths take these exact steps for a group of
-//! weight rows at once, so every path gives the same bits, and the order never
-//! depends on how many rows are multiplied at once.
+//! accumulator, block after block; for weights with a minimum, `minimum * activation
+//! sum` added to a separate running sum (the sum rounded through f16 where the minimums
+//! are f16, as llama.cpp's Q8_1; in f32 for Q4_K and Q5_K; for Q2_K, whose halves scale
+//! the minimum by factors of their own, the activations' scale times the halves' exact
+//! sums weighted by those factors), and the two sums added at the end. The vector paths
+//! take these exact steps for a group of weight rows at once, so every path gives the
+//! same bits, and the order never depends on how many rows are multiplied at once.
 //!
 //! Float weights meet the activations unquantized: value `j` is fused-multiply-added
 //! into lane `j % 16`, in order; lanes `l` and `l + 8` are added, and those eight
@@ -41,8 +42,15 @@ pub fn dot(w: &QWeight, r: usize, a: &Acts, i: usize) -> f32 {
         }
         acc = (w.scale(r, b) * xs.d).mul_add(isum as f32, acc);
         if w.layout.has_min() {
-            // f16 minimums (Q4_1, Q5_1) take the f16 sum, f32 ones (K-quants) the f32.
-            summs += w.min(r, b) * if w.m.is_half() { xs.s } else { xs.s_exact };
+            // f16 minimums (Q4_1, Q5_1) take the f16 sum, f32 ones (Q4_K, Q5_K) the
+            // f32; Q2_K's, a factor per half, the halves' exact sums weighted by
+            // their factors, times the activations' scale.
+            let s = match w.min_halves(r, b) {
+                Some(t) => xs.d * (t[0] as i32 * xs.halves[0] + t[1] as i32 * xs.halves[1]) as f32,
+                None if w.m.is_half() => xs.s,
+                None => xs.s_exact,
+            };
+            summs += w.min(r, b) * s;
         }
     }
     acc + summs

@@ -1,10 +1,10 @@
 //! ZSE's CPU arithmetic, all of its SIMD in this one tree: matrix multiplication for
-//! quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and float ones
-//! (F32, F16, BF16), chosen at run time among the paths this
-//! CPU supports, so one wheel is fast everywhere, and the steps around it.
+//! quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and
+//! float ones (F32, F16, BF16), chosen at run time among the paths this CPU supports,
+//! so one wheel is fast everywhere, and the steps around it.
 //!
 //! - `weights`: GGML blocks repacked at load (rows interleaved in groups of sixteen,
-//!   4-bit planes and a plane of high bits, scales apart).
+//!   planes of 2, 4 or 8 bits and a plane of high bits, scales apart).
 //! - `acts`: activations quantized once per matmul to 8-bit blocks.
 //! - `generic`: the portable dot product, which defines the arithmetic.
 //! - `x86`: the AVX2 and AVX-512 VNNI micro-kernels.
@@ -262,6 +262,8 @@ mod tests {
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
             GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,

@@ -2,9 +2,10 @@
 //!
 //! Every block type is brought to one form: blocks of 32 values, each value a small
 //! integer `q`, the block's weights `d * (q - offset)` (signed layouts) or `d * q + m`
-//! (layouts with a minimum). The kernels multiply the integers exactly and apply the
-//! scales per block, so one micro-kernel serves every type; a layout says only how
-//! to unpack a block's integers.
+//! (layouts with a minimum), the K-quants' 16-value sub-blocks as 8-bit factors of
+//! the two halves. The kernels multiply the integers exactly and apply the scales per
+//! block, so one micro-kernel serves every type; a layout says only how to unpack a
+//! block's integers.
 //!
 //! Rows go in groups of sixteen, interleaved, so that one 64-byte vector holds four
 //! consecutive values (a "quad") of each of sixteen rows: one instruction then
@@ -12,13 +13,16 @@
 //! (AVX2 takes the group as two halves of eight), and the scales of the rows are
 //! one vector. That is llama.cpp's repacked form (its `_8x8` GEMM); here every block
 //! type has it. Per group and block:
-//! - the low planes: Q8_0's values as eight 64-byte vectors (quad `g`, byte
-//!   `4 * row + t`); four-bit values as four vectors, quad `g` in the low nibbles of
-//!   vector `g % 4` for `g < 4`, in its high nibbles for the other four;
-//! - five- and six-bit layouts add a plane of high bits: `h` vectors of 64 bytes,
-//!   byte `4 * row + t` holding the high bits of value `t` of each quad, `h` bits per
-//!   quad (Q6_K's two bits: quads 0..4 in the first vector, 4..8 in the second);
-//! - the rows' scales (and minimums, and Q6_K's two half-block factors).
+//! - the low planes, `b` bits of each value in `b` vectors of 64 bytes: quad `g` in
+//!   vector `g % b`, byte `4 * row + t`, at bit `b * (g / b)` (Q8_0's whole bytes in
+//!   eight vectors; four bits in four, quads 0..4 in the low nibbles; Q2_K and Q3_K's
+//!   two bits in two);
+//! - three-, five- and six-bit layouts add a plane of high bits: `h` vectors of 64
+//!   bytes, byte `4 * row + t` holding the high bits of value `t` of each quad, `h`
+//!   bits per quad (Q6_K's two bits: quads 0..4 in the first vector, 4..8 in the
+//!   second);
+//! - the rows' scales (and minimums, and the K-quants' 8-bit half-block factors:
+//!   Q2_K's scale and minimum factors, Q3_K and Q6_K's scale factors).
 //!
 //! Float weights (F32, F16, BF16) keep GGML's rows as they are; the kernels multiply
 //! them by unquantized activations (`generic::float_dots`).
@@ -26,9 +30,11 @@
 //! Scales stay f16 where GGML had them in f16 (the bytes streamed per token stay
 //! close to GGML's). Q4_K and Q5_K's 6-bit scales and minimums times the
 //! super-block's f16 factors are exact in f32 (not in f16), so they are kept in f32
-//! and nothing is lost. Q6_K scales each 16 values with its own 8-bit factor: the
-//! block keeps the super-block's f16 scale, and the two 8-bit factors of its halves
-//! multiply the halves' integer sums, as llama.cpp's kernels do.
+//! and nothing is lost. Q2_K, Q3_K and Q6_K scale each 16 values with their own
+//! small factor: the block keeps the super-block's f16 scale (and Q2_K's minimum), and
+//! the two 8-bit factors of its halves multiply the halves' integer sums, as
+//! llama.cpp's kernels do. Q2_K and Q3_K so take four bits per weight with their
+//! factors and per-block scales (GGML's 2.6 and 3.4), and unpack as the other layouts.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -49,6 +55,11 @@ pub enum Layout {
     Q5Offset,
     /// 5-bit, `w = d * q + m` (Q5_1, and Q5_K per 32-value sub-block).
     Q5Min,
+    /// 2-bit, `w = d * s * q + m * t` with 4-bit factors `s` and `t` per 16 values
+    /// (Q2_K; `m` is minus its `dmin`).
+    Q2Halves,
+    /// 3-bit, `w = d * s * (q - 4)` with a 6-bit signed factor `s` per 16 values (Q3_K).
+    Q3Halves,
     /// 6-bit, `w = d * s * (q - 32)` with an 8-bit factor `s` per 16 values (Q6_K).
     Q6Halves,
     /// 8-bit signed, `w = d * q` (Q8_0).
@@ -67,6 +78,8 @@ impl Layout {
             GgmlDType::Q4_1 | GgmlDType::Q4K => Layout::Q4Min,
             GgmlDType::Q5_0 => Layout::Q5Offset,
             GgmlDType::Q5_1 | GgmlDType::Q5K => Layout::Q5Min,
+            GgmlDType::Q2K => Layout::Q2Halves,
+            GgmlDType::Q3K => Layout::Q3Halves,
             GgmlDType::Q6K => Layout::Q6Halves,
             GgmlDType::Q8_0 => Layout::Q8,
             GgmlDType::F32 => Layout::F32,
@@ -76,10 +89,19 @@ impl Layout {
         })
     }
 
-    /// High bits per value above the 4-bit plane (none for Q8, whose bytes are whole).
+    /// Bits per value in the low planes (also the number of their vectors).
+    pub const fn low_bits(self) -> usize {
+        match self {
+            Layout::Q8 => 8,
+            Layout::Q2Halves | Layout::Q3Halves => 2,
+            _ => 4,
+        }
+    }
+
+    /// High bits per value above the low planes (none for Q8, whose bytes are whole).
     pub const fn high_bits(self) -> usize {
         match self {
-            Layout::Q5Offset | Layout::Q5Min => 1,
+            Layout::Q3Halves | Layout::Q5Offset | Layout::Q5Min => 1,
             Layout::Q6Halves => 2,
             _ => 0,
         }
@@ -88,6 +110,7 @@ impl Layout {
     /// What the stored integers are offset by (`w = d * (q - offset)`).
     pub const fn offset(self) -> i8 {
         match self {
+            Layout::Q3Halves => 4,
             Layout::Q4Offset => 8,
             Layout::Q5Offset => 16,
             Layout::Q6Halves => 32,
@@ -97,12 +120,28 @@ impl Layout {
 
     /// Whether blocks have a minimum (unsigned values, `w = d * q + m`).
     pub const fn has_min(self) -> bool {
-        matches!(self, Layout::Q4Min | Layout::Q5Min)
+        matches!(self, Layout::Q4Min | Layout::Q5Min | Layout::Q2Halves)
     }
 
     /// Whether each half block has an 8-bit factor of its own.
     pub const fn has_halves(self) -> bool {
-        matches!(self, Layout::Q6Halves)
+        matches!(self, Layout::Q2Halves | Layout::Q3Halves | Layout::Q6Halves)
+    }
+
+    /// Whether each half block's minimum is the block's `m` times an 8-bit factor of
+    /// its own (Q2_K).
+    pub const fn has_min_halves(self) -> bool {
+        matches!(self, Layout::Q2Halves)
+    }
+
+    /// Bytes of half-block factors per group of rows and block: the rows' first
+    /// factors, their second ones, then (Q2_K) the same for the minimums.
+    pub const fn factor_bytes(self) -> usize {
+        match (self.has_halves(), self.has_min_halves()) {
+            (_, true) => 4 * GROUP,
+            (true, false) => 2 * GROUP,
+            _ => 0,
+        }
     }
 
     /// Whether the weights are floats (no blocks, no scales).
@@ -130,10 +169,7 @@ impl Layout {
 
     /// Bytes of the low planes per group of rows and block.
     pub const fn low_bytes(self) -> usize {
-        match self {
-            Layout::Q8 => 8 * QUAD_VEC,
-            _ => 4 * QUAD_VEC,
-        }
+        self.low_bits() * QUAD_VEC
     }
 
     /// Bytes of the high-bit plane per group of rows and block.
@@ -217,8 +253,8 @@ pub struct QWeight {
     pub d: Scales,
     /// The minimums (layouts with a minimum; empty otherwise).
     pub m: Scales,
-    /// The half blocks' 8-bit factors: per group and block, the rows' first
-    /// factors, then their second ones (`Q6Halves`; empty otherwise).
+    /// The half blocks' 8-bit factors, `Layout::factor_bytes` per group and block
+    /// (empty for layouts without them).
     halves: Vec<i8>,
 }
 
@@ -239,12 +275,13 @@ pub struct GroupView<'a> {
 }
 
 /// One GGML block, unpacked: its values as unsigned integers (before the layout's
-/// offset), its scale and minimum, and its halves' factors.
+/// offset), its scale and minimum, and its halves' factors of each.
 struct Unpacked {
     q: [u8; QK],
     d: f32,
     m: f32,
     halves: [i8; 2],
+    min_halves: [i8; 2],
 }
 
 impl QWeight {
@@ -346,14 +383,7 @@ impl QWeight {
             qh: vec![0u8; cells * layout.high_bytes()],
             d: Scales::Single(Vec::new()),
             m: Scales::Single(Vec::new()),
-            halves: vec![
-                0i8;
-                if layout.has_halves() {
-                    cells * 2 * GROUP
-                } else {
-                    0
-                }
-            ],
+            halves: vec![0i8; cells * layout.factor_bytes()],
         };
         let mut d = vec![0f32; cells * GROUP];
         let mut m = vec![0f32; if layout.has_min() { cells * GROUP } else { 0 }];
@@ -376,6 +406,11 @@ impl QWeight {
                         let at = w.halves_at(r, b);
                         w.halves[at] = u.halves[0];
                         w.halves[at + GROUP] = u.halves[1];
+                    }
+                    if layout.has_min_halves() {
+                        let at = w.halves_at(r, b) + 2 * GROUP;
+                        w.halves[at] = u.min_halves[0];
+                        w.halves[at + GROUP] = u.min_halves[1];
                     }
                 }
             }
@@ -401,23 +436,21 @@ impl QWeight {
     }
 
     /// Where row `r`'s first half factor of block `b` lies (the second is
-    /// `GROUP` on).
+    /// `GROUP` on, the minimums' `2 * GROUP`).
     #[inline]
     fn halves_at(&self, r: usize, b: usize) -> usize {
-        self.cell(r, b) * 2 * GROUP + r % GROUP
+        self.cell(r, b) * self.layout.factor_bytes() + r % GROUP
     }
 
     /// Where value `j` of row `r`'s block `b` lies: its byte in the low planes and
-    /// the shift of its four bits there, and its byte in the high planes and the
+    /// the shift of its low bits there, and its byte in the high planes and the
     /// shift of its high bits there.
     #[inline]
     fn place(&self, r: usize, b: usize, j: usize) -> (usize, usize, usize, usize) {
         let (quad, lane) = (j / 4, 4 * (r % GROUP) + j % 4);
         let cell = self.cell(r, b);
-        let (low, shift) = match self.layout {
-            Layout::Q8 => (quad * QUAD_VEC + lane, 0),
-            _ => ((quad % 4) * QUAD_VEC + lane, 4 * (quad / 4)),
-        };
+        let lb = self.layout.low_bits();
+        let (low, shift) = ((quad % lb) * QUAD_VEC + lane, lb * (quad / lb));
         let h = self.layout.high_bits().max(1);
         let per = 8 / h;
         let high = cell * self.layout.high_bytes() + (quad / per) * QUAD_VEC + lane;
@@ -432,7 +465,7 @@ impl QWeight {
     /// Writes block `b` of row `r` from its unsigned integers, quad by quad (the
     /// four values of a quad are adjacent bytes in every plane).
     fn put(&mut self, r: usize, b: usize, q: &[u8; QK]) {
-        let h = self.layout.high_bits();
+        let (lb, h) = (self.layout.low_bits(), self.layout.high_bits());
         for (quad, vals) in q.chunks_exact(4).enumerate() {
             let (low, shift, high, hshift) = self.place(r, b, 4 * quad);
             let lows = &mut self.qs[low..low + 4];
@@ -441,11 +474,11 @@ impl QWeight {
                 continue;
             }
             for (p, &v) in lows.iter_mut().zip(vals) {
-                *p |= (v & 0x0F) << shift;
+                *p |= (v & ((1 << lb) - 1)) << shift;
             }
             if h > 0 {
                 for (p, &v) in self.qh[high..high + 4].iter_mut().zip(vals) {
-                    *p |= ((v >> 4) & ((1 << h) - 1)) << hshift;
+                    *p |= ((v >> lb) & ((1 << h) - 1)) << hshift;
                 }
             }
         }
@@ -455,15 +488,15 @@ impl QWeight {
     /// element order, already offset.
     #[inline]
     pub fn block(&self, r: usize, b: usize) -> [i8; QK] {
-        let h = self.layout.high_bits();
+        let (lb, h) = (self.layout.low_bits(), self.layout.high_bits());
         std::array::from_fn(|j| {
             let (low, shift, high, hshift) = self.place(r, b, j);
             if self.layout == Layout::Q8 {
                 return self.qs[low] as i8;
             }
-            let mut v = (self.qs[low] >> shift) & 0x0F;
+            let mut v = (self.qs[low] >> shift) & ((1 << lb) - 1);
             if h > 0 {
-                v |= ((self.qh[high] >> hshift) & ((1 << h) - 1)) << 4;
+                v |= ((self.qh[high] >> hshift) & ((1 << h) - 1)) << lb;
             }
             v as i8 - self.layout.offset()
         })
@@ -490,6 +523,15 @@ impl QWeight {
         } else {
             [1, 1]
         }
+    }
+
+    /// The 8-bit factors of block `b`'s halves' minimums (layouts with them).
+    #[inline]
+    pub fn min_halves(&self, r: usize, b: usize) -> Option<[i8; 2]> {
+        self.layout.has_min_halves().then(|| {
+            let at = self.halves_at(r, b) + 2 * GROUP;
+            [self.halves[at], self.halves[at + GROUP]]
+        })
     }
 
     /// Row `r` as floats (the embedding lookup of a tied output head).
@@ -519,10 +561,14 @@ impl QWeight {
             let q = self.block(r, b);
             let d = self.scale(r, b);
             let halves = self.halves(r, b);
+            let min_halves = self.min_halves(r, b);
             for (j, (y, &v)) in chunk.iter_mut().zip(&q).enumerate() {
                 // As GGML's dequantization: the scale (times the half's factor, an
-                // exact product), times the value, then the minimum.
-                *y = if self.layout.has_min() {
+                // exact product), times the value, then the minimum (Q2_K's: its
+                // factor times the negated `dmin`, an exact product too).
+                *y = if let Some(t) = min_halves {
+                    d * halves[j / 16] as f32 * v as f32 + self.min(r, b) * t[j / 16] as f32
+                } else if self.layout.has_min() {
                     v as f32 * d + self.min(r, b)
                 } else if self.layout.has_halves() {
                     d * halves[j / 16] as f32 * v as f32
@@ -559,10 +605,7 @@ impl QWeight {
                 true => self.m.span(cells.start * GROUP, nb * GROUP),
                 false => std::ptr::null(),
             },
-            halves: match lay.has_halves() {
-                true => &self.halves[cells.start * 2 * GROUP..cells.end * 2 * GROUP],
-                false => &[],
-            },
+            halves: &self.halves[cells.start * lay.factor_bytes()..cells.end * lay.factor_bytes()],
         }
     }
 
@@ -579,6 +622,7 @@ fn unpack(dtype: GgmlDType, blk: &[u8], j: usize) -> Unpacked {
         d: f16_at(blk, 0),
         m: 0.0,
         halves: [1, 1],
+        min_halves: [0, 0],
     };
     // Values 0..16 of the 32-value blocks are the low nibbles of 16 bytes at `qs`,
     // 16..32 the high ones.
@@ -631,6 +675,37 @@ fn unpack(dtype: GgmlDType, blk: &[u8], j: usize) -> Unpacked {
                 }
             }
         }
+        GgmlDType::Q2K => {
+            // 16 bytes of 4-bit scale (low) and minimum (high) factors, one per 16
+            // values, 64 bytes of 2-bit values, then d and dmin. In each half of 128
+            // values, sub-block k (0..4) is bit pair k of its 32 bytes.
+            let qs = &blk[16 + 32 * (j / 4)..][..32];
+            let shift = 2 * (j % 4);
+            for (l, v) in u.q.iter_mut().enumerate() {
+                *v = (qs[l] >> shift) & 3;
+            }
+            let sc = [blk[2 * j], blk[2 * j + 1]];
+            u.halves = sc.map(|s| (s & 0x0F) as i8);
+            u.min_halves = sc.map(|s| (s >> 4) as i8);
+            u.d = f16_at(blk, 80);
+            u.m = -f16_at(blk, 82);
+        }
+        GgmlDType::Q3K => {
+            // 32 bytes of high bits (bit j of byte l for sub-block j), 64 bytes of
+            // low bit pairs laid out as Q2_K's, 12 bytes of 6-bit factors, then d.
+            // GGML's values are `low - 4` where the high bit is clear, else `low`:
+            // `(low | high << 2) - 4`.
+            let (hm, qs) = (&blk[..32], &blk[32 + 32 * (j / 4)..][..32]);
+            let shift = 2 * (j % 4);
+            for (l, v) in u.q.iter_mut().enumerate() {
+                *v = ((qs[l] >> shift) & 3) | (((hm[l] >> j) & 1) << 2);
+            }
+            u.halves = [
+                q3k_factor(2 * j, &blk[96..108]),
+                q3k_factor(2 * j + 1, &blk[96..108]),
+            ];
+            u.d = f16_at(blk, 108);
+        }
         _ => {
             // Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 8-bit factors,
             // then d. In each half of 128 values, sub-block k (0..4) is the low
@@ -653,6 +728,14 @@ fn unpack(dtype: GgmlDType, blk: &[u8], j: usize) -> Unpacked {
 #[inline]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Factor `s` (0..16) of a Q3_K block from its 12 packed bytes: four low bits in
+/// the nibbles of bytes 0..8, two high bits in bytes 8..12, offset by 32.
+fn q3k_factor(s: usize, q: &[u8]) -> i8 {
+    let low = if s < 8 { q[s] & 0x0F } else { q[s - 8] >> 4 };
+    let high = (q[8 + s % 4] >> (2 * (s / 4))) & 3;
+    (low | (high << 4)) as i8 - 32
 }
 
 /// Scale and minimum of Q4_K/Q5_K sub-block `j` from the 12 packed bytes.
@@ -690,6 +773,8 @@ mod tests {
             (GgmlDType::Q8_0, 64),
             (GgmlDType::Q4K, 512),
             (GgmlDType::Q5K, 512),
+            (GgmlDType::Q2K, 512),
+            (GgmlDType::Q3K, 512),
             (GgmlDType::Q6K, 768),
             (GgmlDType::F32, 48),
             (GgmlDType::F16, 48),
@@ -740,10 +825,17 @@ mod tests {
     #[test]
     fn wrong_sizes_and_types_are_refused() {
         assert!(QWeight::from_ggml(GgmlDType::Q4_1, 2, 64, &[0; 79]).is_err());
-        assert!(QWeight::from_ggml(GgmlDType::Q2K, 1, 256, &[0; 84]).is_err());
+        assert!(QWeight::from_ggml(GgmlDType::Q2K, 1, 256, &[0; 83]).is_err());
+        assert!(QWeight::from_ggml(GgmlDType::Q8_1, 1, 32, &[0; 36]).is_err());
         assert!(QWeight::from_ggml(GgmlDType::Q6K, 1, 256, &[0; 209]).is_err());
         assert!(QWeight::from_ggml(GgmlDType::F16, 2, 24, &[0; 96]).is_err());
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
             assert!(!QWeight::handles(dtype, 96) && QWeight::handles(dtype, 768));
         }
     }

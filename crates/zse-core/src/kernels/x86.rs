@@ -2,14 +2,15 @@
 //! time, each row in its own lane, with the accumulators in registers.
 //!
 //! Per block, the eight quads of the rows' integers are unpacked once (a mask or a
-//! shift of the nibble planes, an OR of the high bits where the layout has them) and
-//! serve several activation rows (eight on AVX-512, four on AVX2): for each, four of its values are broadcast and
-//! multiplied into every row's integer sum at once, then the block's correction,
-//! conversion and one fused multiply-add finish the block for all the rows. That is
-//! llama.cpp's repacked GEMM, for every block type. AVX2 takes a group's sixteen
-//! rows as two halves in 256-bit vectors; AVX-512 all sixteen in 512-bit ones.
+//! shift of the 2- or 4-bit planes, an OR of the high bits where the layout has them)
+//! and serve several activation rows (eight on AVX-512, four on AVX2): for each, four
+//! of its values are broadcast and multiplied into every row's integer sum at once,
+//! then the block's correction, conversion and one fused multiply-add finish the block
+//! for all the rows. That is llama.cpp's repacked GEMM, for every block type. AVX2
+//! takes a group's sixteen rows as two halves in 256-bit vectors; AVX-512 all sixteen
+//! in 512-bit ones.
 //!
-//! Weights multiply unsigned: four- to six-bit integers as stored (`q - offset`
+//! Weights multiply unsigned: two- to six-bit integers as stored (`q - offset`
 //! becomes `q * x - offset * sum(x)`, with the activations' exact block sums), Q8_0's
 //! signed ones as `|w| * (x * sign(w))`. The two paths differ only in the integer
 //! dot of 4-value lanes: AVX2 multiplies to 16-bit pairs and adds those (`maddubs` +
@@ -46,6 +47,8 @@ macro_rules! x86_path {
                 (Layout::Q5Offset, true) => tile_of::<Q5_OFFSET, true>(w, rows, a, out),
                 (Layout::Q5Min, true) => tile_of::<Q5_MIN, true>(w, rows, a, out),
                 (Layout::Q5Min, false) => tile_of::<Q5_MIN, false>(w, rows, a, out),
+                (Layout::Q2Halves, true) => tile_of::<Q2_HALVES, true>(w, rows, a, out),
+                (Layout::Q3Halves, true) => tile_of::<Q3_HALVES, true>(w, rows, a, out),
                 (Layout::Q6Halves, true) => tile_of::<Q6_HALVES, true>(w, rows, a, out),
                 (Layout::Q8, true) => tile_of::<SIGNED8, true>(w, rows, a, out),
                 _ => return false,
@@ -61,6 +64,8 @@ macro_rules! x86_path {
         const Q5_MIN: u8 = 3;
         const Q6_HALVES: u8 = 4;
         const SIGNED8: u8 = 5;
+        const Q2_HALVES: u8 = 6;
+        const Q3_HALVES: u8 = 7;
 
         const fn layout(l: u8) -> Layout {
             match l {
@@ -69,6 +74,8 @@ macro_rules! x86_path {
                 Q5_OFFSET => Layout::Q5Offset,
                 Q5_MIN => Layout::Q5Min,
                 Q6_HALVES => Layout::Q6Halves,
+                Q2_HALVES => Layout::Q2Halves,
+                Q3_HALVES => Layout::Q3Halves,
                 _ => Layout::Q8,
             }
         }
@@ -339,6 +346,7 @@ pub mod avx2 {
     ) -> [__m256; R] {
         let lay = layout(L);
         let (min, hb, halves) = (lay.has_min(), lay.high_bits(), lay.has_halves());
+        let (lbits, min_halves, fb) = (lay.low_bits(), lay.has_min_halves(), lay.factor_bytes());
         // Quads per vector of high bits.
         let per = 8 / hb.max(1);
         let (lb, hbytes) = (lay.low_bytes(), lay.high_bytes());
@@ -354,7 +362,8 @@ pub mod avx2 {
             xs[r] = a.row_sums(i + r).as_ptr();
         }
         let nibble = _mm256_set1_epi8(0x0F);
-        let high_mask = _mm256_set1_epi8((((1u32 << hb) - 1) << 4) as i8);
+        let crumb = _mm256_set1_epi8(0x03);
+        let high_mask = _mm256_set1_epi8((((1u32 << hb) - 1) << lbits) as i8);
         let offset = lay.offset() as i32;
         let mut acc = [_mm256_setzero_ps(); R];
         let mut summ = [_mm256_setzero_ps(); R];
@@ -376,25 +385,33 @@ pub mod avx2 {
                     ws[q] = _mm256_loadu_si256(lo.add(q * QUAD_VEC) as *const __m256i);
                     wq[q] = _mm256_sign_epi8(ws[q], ws[q]);
                 }
+            } else if lbits == 2 {
+                for v in 0..2 {
+                    let raw = _mm256_loadu_si256(lo.add(v * QUAD_VEC) as *const __m256i);
+                    wq[v] = _mm256_and_si256(raw, crumb);
+                    wq[v + 2] = _mm256_and_si256(_mm256_srli_epi16::<2>(raw), crumb);
+                    wq[v + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), crumb);
+                    wq[v + 6] = _mm256_and_si256(_mm256_srli_epi16::<6>(raw), crumb);
+                }
             } else {
                 for v in 0..4 {
                     let raw = _mm256_loadu_si256(lo.add(v * QUAD_VEC) as *const __m256i);
                     wq[v] = _mm256_and_si256(raw, nibble);
                     wq[v + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
                 }
-                if hb > 0 {
-                    let hi = high.add(b * hbytes + 32 * half);
-                    for (q, wq) in wq.iter_mut().enumerate() {
-                        let (vec, shift) = (q / per, hb * (q % per));
-                        let raw = _mm256_loadu_si256(hi.add(vec * QUAD_VEC) as *const __m256i);
-                        // The quad's high bits moved to bit 4 (and 5).
-                        let bits = if shift <= 4 {
-                            _mm256_sll_epi16(raw, _mm_cvtsi32_si128((4 - shift) as i32))
-                        } else {
-                            _mm256_srl_epi16(raw, _mm_cvtsi32_si128((shift - 4) as i32))
-                        };
-                        *wq = _mm256_or_si256(*wq, _mm256_and_si256(bits, high_mask));
-                    }
+            }
+            if hb > 0 {
+                let hi = high.add(b * hbytes + 32 * half);
+                for (q, wq) in wq.iter_mut().enumerate() {
+                    let (vec, shift) = (q / per, hb * (q % per));
+                    let raw = _mm256_loadu_si256(hi.add(vec * QUAD_VEC) as *const __m256i);
+                    // The quad's high bits moved above its low ones.
+                    let bits = if shift <= lbits {
+                        _mm256_sll_epi16(raw, _mm_cvtsi32_si128((lbits - shift) as i32))
+                    } else {
+                        _mm256_srl_epi16(raw, _mm_cvtsi32_si128((shift - lbits) as i32))
+                    };
+                    *wq = _mm256_or_si256(*wq, _mm256_and_si256(bits, high_mask));
                 }
             }
             let dw = load8::<H>(view.d.add((b * GROUP + 8 * half) * esz));
@@ -403,15 +420,13 @@ pub mod avx2 {
             } else {
                 _mm256_setzero_ps()
             };
-            let (f0, f1) = if halves {
-                let p = hv.add(b * 2 * GROUP + 8 * half);
-                (
-                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)),
-                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(GROUP) as *const __m128i)),
-                )
-            } else {
-                (_mm256_setzero_si256(), _mm256_setzero_si256())
-            };
+            // The halves' factors, and (Q2_K) their minimums' factors.
+            let mut f = [_mm256_setzero_si256(); 4];
+            for (k, f) in f.iter_mut().enumerate().take(fb / GROUP) {
+                let p = hv.add(b * fb + k * GROUP + 8 * half);
+                *f = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            }
+            let [f0, f1, t0, t1] = f;
             for r in 0..R {
                 let x = xq[r].add(b * QK);
                 let sums = &*xs[r].add(b);
@@ -440,8 +455,16 @@ pub mod avx2 {
                 let dd = _mm256_mul_ps(dw, _mm256_set1_ps(sums.d));
                 acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[r]);
                 if min {
-                    let s = if H { sums.s } else { sums.s_exact };
-                    summ[r] = _mm256_add_ps(summ[r], _mm256_mul_ps(mw, _mm256_set1_ps(s)));
+                    let s = if min_halves {
+                        let t = _mm256_add_epi32(
+                            _mm256_mullo_epi32(t0, _mm256_set1_epi32(sums.halves[0])),
+                            _mm256_mullo_epi32(t1, _mm256_set1_epi32(sums.halves[1])),
+                        );
+                        _mm256_mul_ps(_mm256_set1_ps(sums.d), _mm256_cvtepi32_ps(t))
+                    } else {
+                        _mm256_set1_ps(if H { sums.s } else { sums.s_exact })
+                    };
+                    summ[r] = _mm256_add_ps(summ[r], _mm256_mul_ps(mw, s));
                 }
             }
         }
@@ -590,6 +613,7 @@ pub mod avx512 {
     ) -> [__m512; R] {
         let lay = layout(L);
         let (min, hb, halves) = (lay.has_min(), lay.high_bits(), lay.has_halves());
+        let (lbits, min_halves, fb) = (lay.low_bits(), lay.has_min_halves(), lay.factor_bytes());
         // Quads per vector of high bits.
         let per = 8 / hb.max(1);
         let (lb, hbytes) = (lay.low_bytes(), lay.high_bytes());
@@ -604,7 +628,8 @@ pub mod avx512 {
             xs[r] = a.row_sums(i + r).as_ptr();
         }
         let nibble = _mm512_set1_epi8(0x0F);
-        let high_mask = _mm512_set1_epi8((((1u32 << hb) - 1) << 4) as i8);
+        let crumb = _mm512_set1_epi8(0x03);
+        let high_mask = _mm512_set1_epi8((((1u32 << hb) - 1) << lbits) as i8);
         let offset = lay.offset() as i32;
         let zero = _mm512_setzero_si512();
         let mut acc = [_mm512_setzero_ps(); R];
@@ -623,24 +648,32 @@ pub mod avx512 {
                     wq[q] = _mm512_abs_epi8(v);
                     neg[q] = _mm512_movepi8_mask(v);
                 }
+            } else if lbits == 2 {
+                for v in 0..2 {
+                    let raw = _mm512_loadu_si512(lo.add(v * QUAD_VEC) as *const _);
+                    wq[v] = _mm512_and_si512(raw, crumb);
+                    wq[v + 2] = _mm512_and_si512(_mm512_srli_epi16::<2>(raw), crumb);
+                    wq[v + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), crumb);
+                    wq[v + 6] = _mm512_and_si512(_mm512_srli_epi16::<6>(raw), crumb);
+                }
             } else {
                 for v in 0..4 {
                     let raw = _mm512_loadu_si512(lo.add(v * QUAD_VEC) as *const _);
                     wq[v] = _mm512_and_si512(raw, nibble);
                     wq[v + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
                 }
-                if hb > 0 {
-                    let hi = high.add(b * hbytes);
-                    for (q, wq) in wq.iter_mut().enumerate() {
-                        let (vec, shift) = (q / per, hb * (q % per));
-                        let raw = _mm512_loadu_si512(hi.add(vec * QUAD_VEC) as *const _);
-                        let bits = if shift <= 4 {
-                            _mm512_sll_epi16(raw, _mm_cvtsi32_si128((4 - shift) as i32))
-                        } else {
-                            _mm512_srl_epi16(raw, _mm_cvtsi32_si128((shift - 4) as i32))
-                        };
-                        *wq = _mm512_or_si512(*wq, _mm512_and_si512(bits, high_mask));
-                    }
+            }
+            if hb > 0 {
+                let hi = high.add(b * hbytes);
+                for (q, wq) in wq.iter_mut().enumerate() {
+                    let (vec, shift) = (q / per, hb * (q % per));
+                    let raw = _mm512_loadu_si512(hi.add(vec * QUAD_VEC) as *const _);
+                    let bits = if shift <= lbits {
+                        _mm512_sll_epi16(raw, _mm_cvtsi32_si128((lbits - shift) as i32))
+                    } else {
+                        _mm512_srl_epi16(raw, _mm_cvtsi32_si128((shift - lbits) as i32))
+                    };
+                    *wq = _mm512_or_si512(*wq, _mm512_and_si512(bits, high_mask));
                 }
             }
             let dw = load16::<H>(view.d.add(b * GROUP * esz));
@@ -649,15 +682,13 @@ pub mod avx512 {
             } else {
                 _mm512_setzero_ps()
             };
-            let (f0, f1) = if halves {
-                let p = hv.add(b * 2 * GROUP);
-                (
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)),
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(GROUP) as *const __m128i)),
-                )
-            } else {
-                (zero, zero)
-            };
+            // The halves' factors, and (Q2_K) their minimums' factors.
+            let mut f = [zero; 4];
+            for (k, f) in f.iter_mut().enumerate().take(fb / GROUP) {
+                let p = hv.add(b * fb + k * GROUP);
+                *f = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+            }
+            let [f0, f1, t0, t1] = f;
             for r in 0..R {
                 let x = xq[r].add(b * QK);
                 let sums = &*xs[r].add(b);
@@ -686,8 +717,16 @@ pub mod avx512 {
                 let dd = _mm512_mul_ps(dw, _mm512_set1_ps(sums.d));
                 acc[r] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[r]);
                 if min {
-                    let s = if H { sums.s } else { sums.s_exact };
-                    summ[r] = _mm512_add_ps(summ[r], _mm512_mul_ps(mw, _mm512_set1_ps(s)));
+                    let s = if min_halves {
+                        let t = _mm512_add_epi32(
+                            _mm512_mullo_epi32(t0, _mm512_set1_epi32(sums.halves[0])),
+                            _mm512_mullo_epi32(t1, _mm512_set1_epi32(sums.halves[1])),
+                        );
+                        _mm512_mul_ps(_mm512_set1_ps(sums.d), _mm512_cvtepi32_ps(t))
+                    } else {
+                        _mm512_set1_ps(if H { sums.s } else { sums.s_exact })
+                    };
+                    summ[r] = _mm512_add_ps(summ[r], _mm512_mul_ps(mw, s));
                 }
             }
         }
