@@ -1,6 +1,7 @@
 //! Text in and out of the model: tokenizer, chat template, incremental
 //! detokenization and stop-string matching.
 
+mod bpe_json;
 pub mod detok;
 pub mod stop;
 pub mod template;

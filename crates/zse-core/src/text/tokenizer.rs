@@ -10,9 +10,13 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner = json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        // BPE documents (every GGUF vocabulary) the fast way; others as the crate reads.
+        let inner = match super::bpe_json::read(json) {
+            Some(read) => read.map_err(Error::Tokenizer)?,
+            None => json
+                .parse::<tokenizers::Tokenizer>()
+                .map_err(|e| Error::Tokenizer(e.to_string()))?,
+        };
         Ok(Self {
             inner,
             prompt_bos: None,
