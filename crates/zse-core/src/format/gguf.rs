@@ -119,14 +119,15 @@ impl GgufFile {
             info.shape.clone(),
             device,
         )?;
-        self.release(info);
+        self.release(info, 0..info.len);
         Ok(t)
     }
 
-    /// Drops a copied tensor's pages of the file from this process's memory, so that
-    /// loading never holds the whole file and the whole model at once (the peak
-    /// resident size would be twice the model's). A failure only costs memory.
-    fn release(&self, info: &TensorInfo) {
+    /// Drops the pages of bytes `range` of a tensor's data from this process's memory
+    /// once they have been copied, so that loading never holds the whole file and the
+    /// whole model at once (the peak resident size would be twice the model's). A
+    /// failure only costs memory.
+    pub fn release(&self, info: &TensorInfo, range: std::ops::Range<usize>) {
         // Dropped pages of an anonymous map would come back as zeros.
         if !self.file_backed {
             return;
@@ -138,12 +139,12 @@ impl GgufFile {
         let _ = unsafe {
             self.map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
-                info.start,
-                info.len,
+                info.start + range.start,
+                range.len().min(info.len.saturating_sub(range.start)),
             )
         };
         #[cfg(not(unix))]
-        let _ = info;
+        let _ = (info, range);
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -12,7 +12,7 @@ use super::gguf::{value_as_u64, GgufFile};
 use crate::error::{Error, Result};
 use crate::kernels::weights::QWeight;
 use crate::model::ModelConfig;
-use crate::model::TensorSource;
+use crate::model::{RawTensor, TensorSource};
 
 /// The metadata keys ZSE adds to a GGUF container.
 pub mod keys {
@@ -200,5 +200,16 @@ impl TensorSource for ZseTensors<'_> {
             return Ok(None);
         }
         self.file.gguf.qtensor(name, self.device).map(Some)
+    }
+
+    fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
+        let gguf = &self.file.gguf;
+        let info = gguf.tensor_info(name)?;
+        Some(RawTensor {
+            dtype: info.dtype,
+            shape: &info.shape,
+            bytes: gguf.tensor_bytes(info),
+            release: Box::new(move |range| gguf.release(info, range)),
+        })
     }
 }

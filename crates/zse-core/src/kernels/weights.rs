@@ -258,6 +258,9 @@ pub struct QWeight {
     halves: Vec<i8>,
 }
 
+/// Bytes of GGML data repacked between calls of `from_ggml_releasing`'s `done`.
+const RELEASE_BYTES: usize = 256 << 10;
+
 /// Rows per group: the lanes of a 512-bit vector of 32-bit sums (AVX-512 takes a
 /// group at once, AVX2 its two halves of eight).
 pub const GROUP: usize = 16;
@@ -341,6 +344,18 @@ impl QWeight {
 
     /// Repacks GGML blocks of `dtype` holding `rows x cols` values.
     pub fn from_ggml(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        Self::from_ggml_releasing(dtype, rows, cols, data, &mut |_| {})
+    }
+
+    /// As `from_ggml`, calling `done` with each range of `data` once it is read, in
+    /// order, a few hundred KiB at a time (a loader drops those pages of its file map).
+    pub fn from_ggml_releasing(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+        done: &mut dyn FnMut(std::ops::Range<usize>),
+    ) -> Result<Self> {
         let layout = match Layout::of(dtype) {
             Some(layout) if Self::handles(dtype, cols) => layout,
             _ => {
@@ -359,13 +374,18 @@ impl QWeight {
         let nb = cols / QK;
         let groups = rows.div_ceil(GROUP);
         if layout.is_float() {
+            let mut qs = Vec::with_capacity(data.len());
+            for (i, chunk) in data.chunks(RELEASE_BYTES).enumerate() {
+                qs.extend_from_slice(chunk);
+                done(i * RELEASE_BYTES..i * RELEASE_BYTES + chunk.len());
+            }
             return Ok(QWeight {
                 layout,
                 rows,
                 cols,
                 nb,
                 groups,
-                qs: data.to_vec(),
+                qs,
                 qh: Vec::new(),
                 d: Scales::Single(Vec::new()),
                 m: Scales::Single(Vec::new()),
@@ -390,7 +410,11 @@ impl QWeight {
         let src_row = data.len() / rows.max(1);
         let per_src = dtype.type_size();
         let blocks_per_src = dtype.block_size() / QK;
+        let rows_per_release = (RELEASE_BYTES / src_row.max(1)).max(1);
         for r in 0..rows {
+            if r > 0 && r % rows_per_release == 0 {
+                done((r - rows_per_release) * src_row..r * src_row);
+            }
             let src = &data[r * src_row..(r + 1) * src_row];
             for (s, blk) in src.chunks_exact(per_src).enumerate() {
                 for j in 0..blocks_per_src {
@@ -415,6 +439,8 @@ impl QWeight {
                 }
             }
         }
+        let last = rows.saturating_sub(1) / rows_per_release * rows_per_release;
+        done(last * src_row..rows * src_row);
         // Scales exact in f16 stay f16: every type's but the sub-block products of
         // Q4_K and Q5_K.
         let half = !matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K);
@@ -792,6 +818,33 @@ mod tests {
                 w.dequantize_row(r, &mut got);
                 assert_eq!(&got, row, "{dtype:?} row {r}");
             }
+        }
+    }
+
+    #[test]
+    fn releasing_reports_every_byte_once_in_order() {
+        // Rows of 1536 Q8_0 values (1632 bytes): releases every 160 rows, and a
+        // last part; float rows by byte chunks.
+        for (dtype, rows, cols) in [
+            (GgmlDType::Q8_0, 700, 1536),
+            (GgmlDType::Q4K, 3, 256),
+            (GgmlDType::F16, 300, 576),
+        ] {
+            let q = quantized(dtype, rows, cols);
+            let data = q.data().unwrap();
+            let mut seen = Vec::new();
+            let w = QWeight::from_ggml_releasing(dtype, rows, cols, &data, &mut |r| seen.push(r))
+                .unwrap();
+            assert_eq!(seen.first().map(|r| r.start), Some(0), "{dtype:?}");
+            assert_eq!(seen.last().map(|r| r.end), Some(data.len()), "{dtype:?}");
+            assert!(seen.windows(2).all(|p| p[0].end == p[1].start), "{dtype:?}");
+            assert!(seen.len() > 1 || data.len() <= RELEASE_BYTES, "{dtype:?}");
+            let same = QWeight::from_ggml(dtype, rows, cols, &data).unwrap();
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            w.dequantize_row(rows - 1, &mut a);
+            same.dequantize_row(rows - 1, &mut b);
+            assert_eq!(a, b, "{dtype:?}");
+            assert!(w.qs == same.qs && w.qh == same.qh, "{dtype:?}");
         }
     }
 

@@ -30,7 +30,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::{ModelConfig, RopeStyle};
 pub use ops::{Backend, Ops, Step};
-pub use weights::TensorSource;
+pub use weights::{RawTensor, TensorSource};
 
 use crate::error::{Error, Result};
 use crate::kv::KvPool;

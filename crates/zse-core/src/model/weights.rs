@@ -2,19 +2,37 @@
 //! with their shapes checked (`Loader`), a weight matrix as its backend multiplies it
 //! (`Weight`), and projections of one input run as one matmul (`Projections`).
 
+use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::ops::cpu::with_f32;
-use super::ops::Ops;
+use super::ops::{Backend, Ops};
 use crate::error::{Error, Result};
 use crate::kernels::{KernelPath, QWeight};
 
 /// Where the model reads its tensors from (a `.zse` file, or a test's memory).
 pub trait TensorSource {
     fn load(&self, name: &str) -> Result<Option<QTensor>>;
+
+    /// The tensor's GGML bytes where the source holds them in memory (a map of the
+    /// file), so that the kernels repack a matrix straight from them; None where it
+    /// does not (then `load`).
+    fn raw(&self, _name: &str) -> Option<RawTensor<'_>> {
+        None
+    }
+}
+
+/// A tensor's bytes as its source maps them.
+pub struct RawTensor<'a> {
+    pub dtype: GgmlDType,
+    /// `[out, in]` for a matrix, as `load` gives it.
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+    /// Called with each range of `bytes` once read (the file map drops those pages).
+    pub release: Box<dyn Fn(Range<usize>) + 'a>,
 }
 
 /// Reads an architecture's tensors from a source, each checked against the shape
@@ -44,9 +62,20 @@ impl Loader<'_> {
         Ok(t)
     }
 
-    /// The matrix `{name}.weight`, `[out, in]`.
+    /// The matrix `{name}.weight`, `[out, in]`. Where the kernels run it and the
+    /// source maps its bytes, it is repacked from the map as the rows are read, their
+    /// pages dropped as it goes: never the file's copy, a candle copy and the repacked
+    /// matrix at once (for Gemma 3's 262k-token embedding, 137 MiB each).
     pub fn matrix(&self, name: &str, out: usize, inp: usize) -> Result<Weight> {
-        let t = self.tensor(&format!("{name}.weight"), &[out, inp])?;
+        let name = format!("{name}.weight");
+        if let (Backend::Kernels(path), Some(raw)) = (self.ops.backend(), self.src.raw(&name)) {
+            if raw.shape == [out, inp] && QWeight::handles(raw.dtype, inp) {
+                let mut release = |range| (raw.release)(range);
+                let w = QWeight::from_ggml_releasing(raw.dtype, out, inp, raw.bytes, &mut release)?;
+                return Ok(Weight::Kernel(w, path));
+            }
+        }
+        let t = self.tensor(&name, &[out, inp])?;
         self.ops.weight(Arc::new(t))
     }
 
