@@ -96,18 +96,6 @@ impl Engine {
         let mut limits = resolve_limits(&file.config, &opts, context_length)?;
         context_length = context_length.min(limits.kv_capacity_tokens());
         let prompt_bos = file.bos_token_id.filter(|_| file.add_bos_token);
-        let tokenizer =
-            Arc::new(Tokenizer::from_json(&file.tokenizer_json)?.with_prompt_bos(prompt_bos));
-        if tokenizer.vocab_size() > file.config.vocab_size {
-            return Err(Error::invalid_file(
-                path.display(),
-                format!(
-                    "tokenizer has {} tokens but the model only {}",
-                    tokenizer.vocab_size(),
-                    file.config.vocab_size
-                ),
-            ));
-        }
         let chat_template = opts.chat_template.clone().or(file.chat_template.clone());
         let template = chat_template
             .as_deref()
@@ -118,14 +106,34 @@ impl Engine {
             device: &opts.device,
         };
         let backend = Backend::select(&opts.device, opts.cpu_kernels.as_deref())?;
-        let model = Model::load(
-            &file.config,
-            &tensors,
-            context_length,
-            opts.kv_dtype,
-            &opts.device,
-            backend,
-        )?;
+        // The tokenizer is built on a thread of its own while the weights load: a
+        // large vocabulary (Gemma 3's 262k tokens) takes about as long as the weights.
+        let (tokenizer, model) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| Tokenizer::from_json(&file.tokenizer_json));
+            let model = Model::load(
+                &file.config,
+                &tensors,
+                context_length,
+                opts.kv_dtype,
+                &opts.device,
+                backend,
+            );
+            let tokenizer = tokenizer.join().unwrap_or_else(|_| {
+                Err(Error::Tokenizer("the tokenizer's reader panicked".into()))
+            });
+            Ok::<_, Error>((tokenizer?, model?))
+        })?;
+        let tokenizer = Arc::new(tokenizer.with_prompt_bos(prompt_bos));
+        if tokenizer.vocab_size() > file.config.vocab_size {
+            return Err(Error::invalid_file(
+                path.display(),
+                format!(
+                    "tokenizer has {} tokens but the model only {}",
+                    tokenizer.vocab_size(),
+                    file.config.vocab_size
+                ),
+            ));
+        }
         split_kv(&mut limits, &model.layer_windows(), context_length);
         let info = ModelInfo {
             name: file.name.clone(),
