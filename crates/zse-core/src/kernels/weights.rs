@@ -278,7 +278,8 @@ pub struct GroupView<'a> {
 }
 
 /// One GGML block, unpacked: its values as unsigned integers (before the layout's
-/// offset), its scale and minimum, and its halves' factors of each.
+/// offset), its scale and minimum, and its halves' factors of the scale and of the
+/// minimum.
 struct Unpacked {
     q: [u8; QK],
     d: f32,
