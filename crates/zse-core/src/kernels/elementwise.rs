@@ -69,23 +69,34 @@ pub fn swiglu(path: KernelPath, gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// `out[i] = gelu(gate[i]) * up[i]` (GELU's tanh form), in llama.cpp's CPU arithmetic:
 /// 0 below -10, the gate itself above 10, and between them GELU of the gate rounded
-/// to f16, computed in f32 and rounded to f16 again (llama.cpp reads it from a table
-/// of every f16 value).
+/// to f16, computed in f32 and rounded to f16 again, read (as llama.cpp reads it) from
+/// a table of every f16 value's: a lookup instead of a `tanhf` per value, the same bits.
 pub fn geglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(
         gate.len() == out.len() && up.len() == out.len(),
         "geglu lengths"
     );
+    let table = gelu_table();
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = if g <= -10.0 {
             0.0
         } else if g >= 10.0 {
             g * u
         } else {
-            let x = half::f16::from_f32(g).to_f32();
-            half::f16::from_f32(gelu(x)).to_f32() * u
+            let gelu = table[usize::from(half::f16::from_f32(g).to_bits())];
+            half::f16::from_bits(gelu).to_f32() * u
         };
     }
+}
+
+/// GELU of every f16 value, rounded to f16 (as bits), built on first use.
+fn gelu_table() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| half::f16::from_f32(gelu(half::f16::from_bits(bits).to_f32())).to_bits())
+            .collect()
+    })
 }
 
 /// GELU's tanh form, as llama.cpp computes it in f32.
@@ -233,6 +244,17 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gelu_table_holds_gelu_of_each_f16_rounded_to_f16() {
+        let table = gelu_table();
+        assert_eq!(table.len(), 1 << 16);
+        for x in [-9.5f32, -1.0, -0.001, 0.0, 0.25, 1.0, 2.5, 9.75] {
+            let bits = half::f16::from_f32(x).to_bits();
+            let want = half::f16::from_f32(gelu(half::f16::from_f32(x).to_f32()));
+            assert_eq!(table[usize::from(bits)], want.to_bits(), "{x}");
+        }
+    }
 
     #[test]
     fn geglu_is_gelu_of_the_f16_gate_in_f16_times_up() {
