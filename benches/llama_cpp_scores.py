@@ -2,8 +2,8 @@
 libraries), in a process of its own; prints one JSON line.
 
 Called by quality.py with the interpreter of llama-cpp-python's own virtual
-environment: MODEL_GGUF SEQUENCES_JSON, where SEQUENCES_JSON is a list of
-`{"ids": [...], "want": [[token, ...] per position]}`; prints, per sequence and
+environment: MODEL_GGUF, with a JSON list of `{"ids": [...], "want": [[token, ...] per
+position]}` on standard input (it can outgrow a command line); prints, per sequence and
 position, the log-probabilities of the tokens wanted there (llama.cpp's default F16
 KV cache, as the reference files were made).
 """
@@ -18,8 +18,8 @@ from llama_cpp import Llama
 
 
 def main() -> None:
-    model, sequences_json = sys.argv[1:3]
-    sequences = json.loads(sequences_json)
+    model = sys.argv[1]
+    sequences = json.load(sys.stdin)
     llm = Llama(model_path=model, n_ctx=2048, logits_all=True, verbose=False)
     out = []
     for seq in sequences:

@@ -81,7 +81,8 @@ def zse_scores(gguf: Path, refs: list[Reference]) -> tuple[float, float]:
 def llama_scores(python: str, gguf: Path, refs: list[Reference]) -> tuple[float, float] | None:
     sequences = [{"ids": ids, "want": [[t for t, _ in pos] for pos in ref]} for ids, ref in refs]
     r = subprocess.run(
-        [python, str(HERE / "llama_cpp_scores.py"), str(gguf), json.dumps(sequences)],
+        [python, str(HERE / "llama_cpp_scores.py"), str(gguf)],
+        input=json.dumps(sequences),
         capture_output=True,
         text=True,
     )
