@@ -123,7 +123,7 @@ impl KernelPath {
 }
 
 /// Weight rows per task: small enough to spread over threads, large enough that a
-/// task's scheduling cost is noise, and a multiple of the micro-kernels' four rows.
+/// task's scheduling cost is noise, and one group of the kernels' interleaved rows.
 const ROWS_PER_TASK: usize = 16;
 
 /// Where a tile writes its results: element (activation row `i`, weight row `k`) of

@@ -31,7 +31,7 @@ macro_rules! x86_path {
         use crate::kernels::Out;
 
         /// `out(i, k)` = weight row `k` times activation row `i`, for the tile's
-        /// weight rows (whole groups of eight but at the matrix's end) and every
+        /// weight rows (whole groups of sixteen but at the matrix's end) and every
         /// activation row. False (nothing written) for a layout and scale precision
         /// that loading never produces.
         ///

@@ -1,5 +1,6 @@
-//! Weights as a model holds them: where they are read from (`TensorSource`), loading
-//! with their shapes checked (`Loader`), a weight matrix as its backend multiplies it
+//! Weights as a model holds them: where they are read from (`TensorSource`, and
+//! `RawTensor` where the source maps a tensor's bytes), loading with their shapes
+//! checked (`Loader`), a weight matrix as its backend multiplies it
 //! (`Weight`), and projections of one input run as one matmul (`Projections`).
 
 use std::ops::Range;
