@@ -128,7 +128,7 @@ macro_rules! x86_path {
 
         /// Activation rows go `FLOAT_R` at a time past `FLOAT_K` weight rows (each
         /// weight vector loaded once serves `FLOAT_R` rows, each activation vector
-        /// `FLOAT_K`); the rest one at a time past four weight rows.
+        /// `FLOAT_K`); the rest one at a time past one weight row at a time.
         #[target_feature(enable = $features)]
         unsafe fn float_tile_of<const F: u8>(
             w: &QWeight,
@@ -158,16 +158,11 @@ macro_rules! x86_path {
                 }
                 i += FLOAT_R;
             }
+            // One weight row at a time: a single sequential stream, which the
+            // hardware prefetcher follows. Interleaving four rows' streams (1 KiB
+            // apart for SmolLM2) halved single-stream F16 decode on AMD EPYC.
             for i in i..m {
-                let mut k = rows.start;
-                while k + 4 <= rows.end {
-                    let y = float_micro::<F, 4, 1>(w, k, x, i);
-                    for (kk, y) in y.iter().enumerate() {
-                        out.set(i, k + kk, y[0]);
-                    }
-                    k += 4;
-                }
-                for k in k..rows.end {
+                for k in rows.clone() {
                     out.set(i, k, float_micro::<F, 1, 1>(w, k, x, i)[0][0]);
                 }
             }
