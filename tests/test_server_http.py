@@ -162,8 +162,6 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
         ("tool_choice", {"type": "function", "function": {"name": "f"}}, "tool_choice"),
         ("functions", [TOOL["function"]], "functions"),
         ("function_call", "auto", "function_call"),
-        ("response_format", {"type": "json_object"}, "response_format.type"),
-        ("response_format", {"type": "json_schema", "json_schema": {}}, "response_format.type"),
     ],
 )
 def test_fields_not_implemented_yet_are_400_not_ignored(

@@ -106,6 +106,7 @@ def _sampling(
     ignore_eos: bool = False,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    response_format: Mapping[str, Any] | type | None = None,
 ) -> _Request:
     """Checks argument types, and the integers that must be non-negative to cross into
     the engine; the engine itself checks the ranges of the sampling parameters."""
@@ -141,7 +142,29 @@ def _sampling(
     _check_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
     if logprobs or top_logprobs:
         kw["logprobs"] = top_logprobs
+    if response_format is not None:
+        kw["response_format"] = _response_format_json(response_format)
     return _Request(kw, bool(logprobs or top_logprobs))
+
+
+def _response_format_json(response_format: Mapping[str, Any] | type) -> str:
+    """OpenAI's ``response_format`` object as JSON for the engine, which checks and
+    compiles it. A pydantic model class stands for its JSON schema (as the OpenAI
+    SDK's ``parse`` sends it)."""
+    schema_of = getattr(response_format, "model_json_schema", None)
+    if isinstance(response_format, type) and callable(schema_of):
+        name = response_format.__name__
+        spec = {"name": name, "schema": schema_of(), "strict": True}
+        return json.dumps({"type": "json_schema", "json_schema": spec})
+    if not isinstance(response_format, Mapping):
+        raise ValueError(
+            "invalid value for 'response_format': must be an object such as "
+            "{'type': 'json_object'}, or a pydantic model class"
+        )
+    try:
+        return json.dumps(response_format)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid value for 'response_format': {e}") from None
 
 
 @dataclass

@@ -58,6 +58,11 @@ pub enum Error {
     #[error("cancelled: {0}")]
     Cancelled(String),
 
+    /// The grammar engine failed on a sequence it had accepted: a bug, never the
+    /// caller's fault (a grammar the caller got wrong is `InvalidArgument`).
+    #[error("the output grammar failed: {0}")]
+    Grammar(String),
+
     /// A failure inside the tensor library: a bug, never the caller's fault.
     #[error("tensor computation failed: {0}")]
     Compute(String),

@@ -7,6 +7,7 @@
 //! - [`sample`]: logits processing and token choice;
 //! - [`sched`]: the scheduler (token budget, chunked prefill, admission, preemption);
 //! - [`text`]: tokenizer, chat template, detokenization, stop strings;
+//! - [`grammar`]: constrained decoding (structured outputs);
 //! - [`engine`]: the engine thread that ties them together;
 //! - [`device`]: CPU or GPU, and a GPU's memory.
 
@@ -14,6 +15,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod grammar;
 pub mod kernels;
 pub mod kv;
 pub mod model;

@@ -15,6 +15,7 @@ use pyo3::{create_exception, PyErr};
 use zse_core::device::{parse_device, resolve_device_name};
 use zse_core::engine::{Event, EventSink, RequestId};
 use zse_core::format::{self, ConvertOptions, Quant, ZseFile, CONVERTER_REVISION};
+use zse_core::grammar::Grammar;
 use zse_core::{EngineOptions, Error, GenerationRequest, SamplingParams};
 
 mod notify;
@@ -83,7 +84,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Io { .. } => PyOSError::new_err(msg),
         Error::EngineStopped(_) => EngineStoppedError::new_err(msg),
         Error::Overloaded { .. } => EngineOverloadedError::new_err(msg),
-        Error::Cancelled(_) | Error::Compute(_) => ZseError::new_err(msg),
+        Error::Cancelled(_) | Error::Compute(_) | Error::Grammar(_) => ZseError::new_err(msg),
     }
 }
 
@@ -361,7 +362,8 @@ impl Engine {
     #[pyo3(signature = (
         prompt_ids, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
         presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, max_tokens=None,
-        stop=None, stop_token_ids=None, ignore_eos=false, logprobs=None, n=1, notify=None
+        stop=None, stop_token_ids=None, ignore_eos=false, logprobs=None, n=1, notify=None,
+        response_format=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
@@ -383,7 +385,17 @@ impl Engine {
         logprobs: Option<usize>,
         n: usize,
         notify: Option<Py<PyAny>>,
+        response_format: Option<&str>,
     ) -> PyResult<Vec<RequestStream>> {
+        let grammar = match response_format {
+            Some(text) => {
+                let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                    PyValueError::new_err(format!("invalid value for 'response_format': {e}"))
+                })?;
+                Grammar::from_response_format(&v).map_err(to_py)?
+            }
+            None => None,
+        };
         let req = GenerationRequest {
             prompt: prompt_ids,
             sampling: SamplingParams {
@@ -402,6 +414,7 @@ impl Engine {
             stop_token_ids: stop_token_ids.unwrap_or_default(),
             ignore_eos,
             logprobs,
+            grammar,
         };
         if n == 0 {
             return Err(PyValueError::new_err(

@@ -1,14 +1,14 @@
 """Request and response bodies, mirroring OpenAI's. Unknown request fields are
 ignored (clients send many); every known one is range-checked here, so a bad value
 is a 400 naming the parameter before any work starts. Fields that would change what
-the model must produce and that ZSE does not implement yet (tools, function calls,
-structured output) are refused with a 400 naming them, never silently ignored."""
+the model must produce and that ZSE does not implement yet (tools, function calls)
+are refused with a 400 naming them, never silently ignored."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -54,15 +54,36 @@ def _not_supported(what: str) -> ValueError:
     return ValueError(f"{what} is not supported yet")
 
 
-class ResponseFormat(_Request):
-    type: str
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # `schema` is a method of pydantic models: the field takes another name.
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, v: str) -> str:
-        if v != "text":
-            raise _not_supported(f"response_format of type {v!r} (structured output)")
-        return v
+
+class ResponseFormat(_Request):
+    """Structured output: the engine holds every choice to the grammar (Rust
+    `zse_core::grammar`); a schema it cannot compile is a 400 naming
+    `response_format`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def engine_format(self) -> dict[str, Any] | None:
+        """The object `zse.Engine` takes (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        assert self.json_schema is not None  # checked above
+        return {"type": "json_schema", "json_schema": {"schema": self.json_schema.json_schema}}
 
 
 class _Sampling(_Request):
@@ -132,6 +153,8 @@ class _Sampling(_Request):
         if top_logprobs is not None:
             kw["logprobs"] = True
             kw["top_logprobs"] = top_logprobs
+        if self.response_format is not None:
+            kw["response_format"] = self.response_format.engine_format()
         return kw
 
 

@@ -27,6 +27,7 @@ use crate::device::{device_name, gpu_memory, GpuMemory};
 use crate::error::{Error, Result};
 use crate::format::zse::ZseTensors;
 use crate::format::ZseFile;
+use crate::grammar::{Constraint, Grammars};
 use crate::model::{Backend, Model};
 use crate::sample::MAX_TOP_LOGPROBS;
 use crate::sched::{Scheduler, SchedulerConfig, WindowConfig};
@@ -39,8 +40,14 @@ use limits::{gpu_kv_budget, resolve_limits, split_kv};
 use worker::{fault_token, Worker};
 
 enum Command {
-    /// One request with `n` choices: ids and sinks, one per choice.
-    Submit(Vec<RequestId>, Box<GenerationRequest>, Vec<EventSink>),
+    /// One request with `n` choices: ids and sinks, one per choice, and its
+    /// compiled grammar (each choice gets its own copy).
+    Submit(
+        Vec<RequestId>,
+        Box<GenerationRequest>,
+        Vec<EventSink>,
+        Option<Constraint>,
+    ),
     Cancel(RequestId),
     Score(Vec<u32>, usize, Sender<Result<PositionLogprobs>>),
 }
@@ -50,6 +57,7 @@ pub struct Engine {
     device: Device,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
+    grammars: Grammars,
     stats: Arc<EngineStats>,
     cmd: Mutex<Option<Sender<Command>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -185,11 +193,17 @@ impl Engine {
             .name("zse-engine".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| Error::EngineStopped(e.to_string()))?;
+        let grammars = Grammars::new(
+            tokenizer.clone(),
+            info.config.vocab_size,
+            info.eos_token_ids.first().copied(),
+        );
         Ok(Self {
             info,
             device: opts.device.clone(),
             tokenizer,
             template,
+            grammars,
             stats,
             cmd: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -272,6 +286,10 @@ impl Engine {
             return Err(Error::invalid_argument("n", "must be at least 1"));
         }
         self.validate(&req)?;
+        // Compiled here, so that a schema the engine cannot use fails the call.
+        let constraint = (req.grammar.as_ref())
+            .map(|g| self.grammars.compile(g))
+            .transpose()?;
         let max_waiting = self.info.limits.max_waiting;
         self.stats
             .waiting
@@ -283,7 +301,12 @@ impl Engine {
             .next_id
             .fetch_add(sinks.len() as u64, Ordering::Relaxed);
         let ids: Vec<RequestId> = (first..first + sinks.len() as u64).collect();
-        if let Err(e) = self.send(Command::Submit(ids.clone(), Box::new(req), sinks)) {
+        if let Err(e) = self.send(Command::Submit(
+            ids.clone(),
+            Box::new(req),
+            sinks,
+            constraint,
+        )) {
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(e);
         }

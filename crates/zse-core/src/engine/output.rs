@@ -20,7 +20,12 @@ pub(super) fn advance(
     logits: &mut [f32],
 ) -> Result<Advance> {
     let req = &mut entry.data;
-    let s = req.sampler.sample(logits, req.logprobs);
+    let allowed = req.constraint.as_mut().map(|c| c.allowed()).transpose()?;
+    let s = req.sampler.sample_masked(logits, req.logprobs, |l| {
+        if let Some(a) = &allowed {
+            a.apply(l)
+        }
+    });
     let token = s.token;
     req.generated += 1;
     let mut ev = Event {
@@ -36,6 +41,12 @@ pub(super) fn advance(
     }
     let is_stop_token =
         !req.ignore_eos && (eos.contains(&token) || req.stop_token_ids.contains(&token));
+    // A grammar that is complete ends the output with this token: nothing but
+    // end-of-sequence could follow.
+    let grammar_done = match &mut req.constraint {
+        Some(c) if !is_stop_token => c.commit(token)?,
+        _ => false,
+    };
     let mut reason = None;
     if is_stop_token {
         reason = Some(FinishReason::Stop);
@@ -50,10 +61,14 @@ pub(super) fn advance(
         }
     }
     let context_full = req.prompt_len + req.generated >= model.max_positions();
+    if reason.is_none() && grammar_done {
+        reason = Some(FinishReason::Stop);
+    }
     if reason.is_none() && (req.generated >= req.max_tokens || context_full) {
         reason = Some(FinishReason::Length);
     }
-    if reason.is_some() && (is_stop_token || reason == Some(FinishReason::Length)) {
+    let ended_by_token = is_stop_token || grammar_done;
+    if reason.is_some() && (ended_by_token || reason == Some(FinishReason::Length)) {
         // Ended by a token or a limit: release the text still held back (an
         // incomplete character, a possible stop-string prefix), unless it
         // completes a stop string after all.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::format::{convert, ConvertOptions};
+use crate::grammar::Grammar;
 use crate::sample::SamplingParams;
 
 /// The engine on the tiny model, converted into a `.zse` file of its own that is
@@ -163,4 +164,154 @@ fn n_choices_share_the_prompt_and_end_on_their_own() {
         other => panic!("the cancelled choice ended with {other:?}"),
     }
     assert_eq!(e.stats().kv_blocks_used.load(Ordering::Relaxed), 0);
+}
+
+/// A schema with the shapes structured outputs meet most: an enum, a bounded
+/// integer, a bounded string, an optional field and a short list.
+fn order_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["pickup", "delivery"]},
+            "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+            "name": {"type": "string", "maxLength": 12},
+            "note": {"type": "string", "maxLength": 8},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3}
+        },
+        "required": ["kind", "qty", "name", "tags"],
+        "additionalProperties": false
+    })
+}
+
+/// Checks `text` against `order_schema` by hand (no validator crate in the engine).
+fn check_order(text: &str) {
+    let v: serde_json::Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    let o = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {text}"));
+    let allowed = ["kind", "qty", "name", "note", "tags"];
+    assert!(o.keys().all(|k| allowed.contains(&k.as_str())), "{text}");
+    assert!(
+        matches!(o["kind"].as_str(), Some("pickup" | "delivery")),
+        "{text}"
+    );
+    assert!(matches!(o["qty"].as_i64(), Some(1..=9)), "{text}");
+    assert!(
+        o["name"].as_str().is_some_and(|s| s.chars().count() <= 12),
+        "{text}"
+    );
+    if let Some(note) = o.get("note") {
+        assert!(
+            note.as_str().is_some_and(|s| s.chars().count() <= 8),
+            "{text}"
+        );
+    }
+    let tags = o["tags"].as_array().unwrap_or_else(|| panic!("{text}"));
+    assert!(tags.len() <= 3, "{text}");
+    assert!(tags
+        .iter()
+        .all(|t| t.as_str().is_some_and(|s| s.chars().count() <= 6)));
+}
+
+fn constrained(prompt: &[u32], seed: u64, grammar: Grammar) -> GenerationRequest {
+    GenerationRequest {
+        max_tokens: Some(400),
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..Default::default()
+        },
+        grammar: Some(grammar),
+        ..GenerationRequest::new(prompt.to_vec())
+    }
+}
+
+#[test]
+fn a_grammar_holds_every_choice_of_a_random_model_to_its_schema() {
+    let e = engine(None);
+    let tok = e.tokenizer();
+    for seed in 0..3 {
+        let (sinks, rxs): (Vec<_>, Vec<_>) = (0..4).map(|_| EventSink::channel(None)).unzip();
+        let req = constrained(&PROMPT, seed, Grammar::JsonSchema(order_schema()));
+        e.submit_n(req, sinks).unwrap();
+        for rx in &rxs {
+            let (tokens, reason, _) = collect(rx);
+            assert_eq!(reason, FinishReason::Stop);
+            check_order(&tok.decode(&tokens, true).unwrap());
+        }
+    }
+    // Any JSON object, for `json_object`.
+    let (sink, rx) = EventSink::channel(None);
+    e.submit(constrained(&PROMPT, 7, Grammar::JsonObject), sink)
+        .unwrap();
+    let (tokens, reason, _) = collect(&rx);
+    let text = tok.decode(&tokens, true).unwrap();
+    assert_eq!(reason, FinishReason::Stop, "{text}");
+    assert!(
+        serde_json::from_str::<serde_json::Map<_, _>>(&text).is_ok(),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_constrained_sequence_is_the_same_alone_and_beside_fifteen_others() {
+    let e = engine(None);
+    let schema = || Grammar::JsonSchema(order_schema());
+    let (sink, rx) = EventSink::channel(None);
+    e.submit(constrained(&PROMPT, 11, schema()), sink).unwrap();
+    let alone = collect(&rx);
+    let mut others = Vec::new();
+    for i in 0..15u32 {
+        let (sink, rx) = EventSink::channel(None);
+        // Half free text, half under the same grammar with other seeds.
+        let req = if i % 2 == 0 {
+            request(&[3 + i, 40 + i, 7], 30)
+        } else {
+            constrained(&[9, 8 + i], 100 + i as u64, schema())
+        };
+        e.submit(req, sink).unwrap();
+        others.push(rx);
+    }
+    let (sink, rx) = EventSink::channel(None);
+    e.submit(constrained(&PROMPT, 11, schema()), sink).unwrap();
+    assert_eq!(collect(&rx), alone);
+    for (i, rx) in others.iter().enumerate() {
+        let (tokens, reason, _) = collect(rx);
+        if i % 2 == 0 {
+            assert_eq!(reason, FinishReason::Length);
+        } else {
+            assert_eq!(reason, FinishReason::Stop);
+            check_order(&e.tokenizer().decode(&tokens, true).unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_schema_the_engine_cannot_use_is_refused_naming_response_format() {
+    let e = engine(None);
+    let bad = [
+        serde_json::json!({"type": "string", "pattern": "(?<=a)b"}),
+        serde_json::json!({"type": "integer", "minimum": 5, "maximum": 1}),
+        serde_json::json!({"$ref": "https://example.com/schema.json"}),
+        // SmolLM2's vocabulary (the tiny model's) has no token for byte 0xF1.
+        serde_json::json!({"enum": ["a\u{4AE3F}"]}),
+        serde_json::json!({"type": "object", "properties": {"\u{4AE3F}": {"type": "null"}}}),
+    ];
+    for schema in bad {
+        let (sink, _rx) = EventSink::channel(None);
+        let err = e
+            .submit(
+                constrained(&PROMPT, 0, Grammar::JsonSchema(schema.clone())),
+                sink,
+            )
+            .expect_err(&schema.to_string());
+        assert!(
+            matches!(&err, Error::InvalidArgument { param, .. } if param == "response_format"),
+            "{schema}: {err}"
+        );
+    }
+    // Nothing was queued, and the engine goes on serving.
+    assert_eq!(e.stats().waiting.load(Ordering::Relaxed), 0);
+    assert_eq!(generate(&e, &PROMPT, 4).1, FinishReason::Length);
 }

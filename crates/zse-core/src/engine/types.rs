@@ -7,6 +7,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use candle_core::{DType, Device};
 
 use crate::format::zse::Provenance;
+use crate::grammar::Grammar;
 use crate::model::ModelConfig;
 use crate::sample::SamplingParams;
 
@@ -77,6 +78,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// None: no log-probabilities; Some(n): the chosen token's and n alternatives.
     pub logprobs: Option<usize>,
+    /// None: free text; else every choice's output is held to this grammar.
+    pub grammar: Option<Grammar>,
 }
 
 impl GenerationRequest {
@@ -89,6 +92,7 @@ impl GenerationRequest {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            grammar: None,
         }
     }
 }

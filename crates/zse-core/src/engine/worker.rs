@@ -11,6 +11,7 @@ use super::output::{advance, Advance, End};
 use super::types::*;
 use super::Command;
 use crate::error::{Error, Result};
+use crate::grammar::Constraint;
 use crate::kv::{BlockTable, KvPool};
 use crate::model::{BatchItem, Logits, Model};
 use crate::sample::{log_softmax, top_n, Sampler};
@@ -23,6 +24,7 @@ pub(super) struct Fork {
     id: RequestId,
     sink: EventSink,
     sampler: Sampler,
+    constraint: Option<Constraint>,
 }
 
 /// What the engine keeps per sequence besides its cache state (`sched::SeqState`).
@@ -30,6 +32,8 @@ pub(super) struct Request {
     pub(super) id: RequestId,
     pub(super) sink: EventSink,
     pub(super) sampler: Sampler,
+    /// The grammar its output is held to, where it has one.
+    pub(super) constraint: Option<Constraint>,
     /// Admitted at least once (it no longer counts as waiting, even if preempted).
     pub(super) started: bool,
     pub(super) prompt_len: usize,
@@ -50,6 +54,7 @@ impl Request {
             id: fork.id,
             sink: fork.sink,
             sampler: fork.sampler,
+            constraint: fork.constraint,
             started: true,
             prompt_len: self.prompt_len,
             generated: 0,
@@ -150,7 +155,9 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(ids, req, sinks) => self.enqueue(ids, *req, sinks),
+            Command::Submit(ids, req, sinks, constraint) => {
+                self.enqueue(ids, *req, sinks, constraint)
+            }
             Command::Cancel(id) => self.cancel(id),
             Command::Score(tokens, top, reply) => {
                 // On the pool like a step; `&mut` because the worker is Send, not Sync.
@@ -164,7 +171,13 @@ impl Worker {
         }
     }
 
-    fn enqueue(&mut self, ids: Vec<RequestId>, req: GenerationRequest, sinks: Vec<EventSink>) {
+    fn enqueue(
+        &mut self,
+        ids: Vec<RequestId>,
+        req: GenerationRequest,
+        sinks: Vec<EventSink>,
+        constraint: Option<Constraint>,
+    ) {
         let max_room = self.model.max_positions() - req.prompt.len();
         let max_tokens = req.max_tokens.unwrap_or(max_room).min(max_room);
         let sampler = |i: usize| {
@@ -181,12 +194,14 @@ impl Worker {
                 id,
                 sink,
                 sampler: sampler(i),
+                constraint: constraint.as_ref().map(Constraint::fork),
             })
             .collect();
         let request = Request {
             id,
             sink,
             sampler: sampler(0),
+            constraint,
             started: false,
             prompt_len: req.prompt.len(),
             generated: 0,
@@ -221,6 +236,7 @@ impl Worker {
                 let next = req.forks.remove(0);
                 let old = std::mem::replace(&mut req.sink, next.sink);
                 req.sampler = next.sampler;
+                req.constraint = next.constraint;
                 req.id = next.id;
                 old.send(Event {
                     finish: Some((FinishReason::Cancelled, req.usage())),

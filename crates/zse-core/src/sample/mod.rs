@@ -161,8 +161,20 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place). `logprobs`: None for
     /// no log-probabilities, Some(n) for the chosen token's and n alternatives.
     pub fn sample(&mut self, logits: &mut [f32], logprobs: Option<usize>) -> Sampled {
+        self.sample_masked(logits, logprobs, |_| {})
+    }
+
+    /// `sample`, with `mask` applied to the processed logits just before the pick
+    /// (a grammar's); reported log-probabilities are the model's, as without it.
+    pub fn sample_masked(
+        &mut self,
+        logits: &mut [f32],
+        logprobs: Option<usize>,
+        mask: impl FnOnce(&mut [f32]),
+    ) -> Sampled {
         let reported = logprobs.map(|n| (log_softmax(logits), n));
         self.process(logits);
+        mask(logits);
         let token = if self.params.temperature == 0.0 {
             argmax(logits)
         } else {

@@ -101,4 +101,20 @@ impl Tokenizer {
             .get(&id)
             .is_some_and(|t| t.special)
     }
+
+    /// What each token stands for, in `tokenizer.json`'s own terms: the decoder,
+    /// the added tokens and the model's vocabulary (no merges). The grammar engine
+    /// reads the bytes of every token from it.
+    pub fn vocab_document(&self) -> serde_json::Value {
+        let added: Vec<serde_json::Value> = (self.inner.get_added_tokens_decoder().iter())
+            .map(
+                |(id, t)| serde_json::json!({"id": id, "content": t.content, "special": t.special}),
+            )
+            .collect();
+        serde_json::json!({
+            "decoder": self.inner.get_decoder(),
+            "added_tokens": added,
+            "model": {"vocab": self.inner.get_vocab(false)},
+        })
+    }
 }
