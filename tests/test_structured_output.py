@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -16,16 +17,22 @@ import pytest
 import zse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from serving import ServerProcess
 
 
 class Item(BaseModel):
+    # Closed objects, as OpenAI's strict mode makes them (JSON Schema's default lets a
+    # model add keys without end).
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(min_length=1, max_length=16)
     qty: int = Field(ge=1, le=12)
 
 
 class Order(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     customer: str = Field(max_length=24)
     kind: Literal["pickup", "delivery"]
     note: str | None = Field(default=None, max_length=16)
@@ -281,3 +288,21 @@ def test_a_grammar_does_not_outlive_its_request(tiny_engine: zse.Engine) -> None
     assert free.usage.completion_tokens == 20
     again = tiny_engine.generate("x", temperature=0, max_tokens=20, ignore_eos=True)
     assert again.text == free.text
+
+
+def test_a_byte_fallback_vocabulary_is_constrained_too(gemma3: Path) -> None:
+    # Gemma 3's SentencePiece vocabulary (262k tokens, bytes as <0xNN>), where
+    # SmolLM2's is byte-level BPE: both kinds of token bytes reach the grammar.
+    schema = Order.model_json_schema()
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": schema}}
+    with zse.Engine(gemma3) as engine:
+        for seed in range(3):
+            done = engine.generate(
+                "An order as JSON:",
+                response_format=fmt,
+                temperature=1.0,
+                seed=seed,
+                max_tokens=400,
+            )
+            assert done.finish_reason == "stop", done.text
+            Order.model_validate_json(done.text)
