@@ -482,11 +482,33 @@ class Engine:
         return self._native.detokenize(list(token_ids), skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Sequence[Message], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        return self._native.apply_chat_template(_messages_json(messages), add_generation_prompt)
+        """The prompt text for ``messages``; ``chat_template_kwargs`` are more variables
+        for the template (e.g. ``{"enable_thinking": False}``), as transformers' keyword
+        arguments are; they never replace ``messages``, ``bos_token`` and the like."""
+        kwargs = None
+        if chat_template_kwargs is not None:
+            if not isinstance(chat_template_kwargs, Mapping):
+                raise ValueError("invalid value for 'chat_template_kwargs': must be a mapping")
+            try:
+                kwargs = json.dumps(dict(chat_template_kwargs))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"invalid value for 'chat_template_kwargs': {e}") from None
+        return self._native.apply_chat_template(
+            _messages_json(messages), add_generation_prompt, kwargs
+        )
 
-    def prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+    def prompt_ids(
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
         """The token ids the engine is fed for ``prompt``: raw text is tokenized as it
         is, chat messages go through the model's chat template first; either starts
         with BOS where the model asks for it (never twice)."""
@@ -494,7 +516,8 @@ class Engine:
             if not prompt:
                 raise ValueError("invalid value for 'prompt': must not be empty")
             return self.tokenize(prompt, add_bos=True)
-        return self.tokenize(self.apply_chat_template(prompt), add_bos=True)
+        text = self.apply_chat_template(prompt, chat_template_kwargs=chat_template_kwargs)
+        return self.tokenize(text, add_bos=True)
 
     def _token_logprob(
         self, token_id: int, logprob: float, top: list[tuple[int, float]]
@@ -509,9 +532,18 @@ class Engine:
 
     # Generation -------------------------------------------------------------------
 
-    def _submit(self, prompt: str | Sequence[Message], sampling: dict[str, Any]) -> TextStream:
+    def _prompt_and_request(
+        self, prompt: str | Sequence[Message], sampling: dict[str, Any]
+    ) -> tuple[list[int], _Request]:
+        """The prompt's ids (``chat_template_kwargs`` go to the template) and the
+        checked generation arguments."""
+        template_kwargs = sampling.pop("chat_template_kwargs", None)
         request = _sampling(**sampling)
-        [native] = self._native.submit(self.prompt_ids(prompt), **request.kwargs)
+        return self.prompt_ids(prompt, chat_template_kwargs=template_kwargs), request
+
+    def _submit(self, prompt: str | Sequence[Message], sampling: dict[str, Any]) -> TextStream:
+        ids, request = self._prompt_and_request(prompt, sampling)
+        [native] = self._native.submit(ids, **request.kwargs)
         return TextStream(native, _Collector(self, request.want_logprobs))
 
     def stream(self, prompt: str | Sequence[Message], **sampling: Any) -> TextStream:
@@ -532,8 +564,8 @@ class Engine:
 
     def astream(self, prompt: str | Sequence[Message], **sampling: Any) -> AsyncTextStream:
         """Async iterator of text deltas (call inside a running event loop)."""
-        request = _sampling(**sampling)
-        [stream] = _submit_async(AsyncTextStream, self, request, self.prompt_ids(prompt), 1)
+        ids, request = self._prompt_and_request(prompt, sampling)
+        [stream] = _submit_async(AsyncTextStream, self, request, ids, 1)
         return stream
 
     def astream_deltas(self, prompt_ids: Sequence[int], **sampling: Any) -> AsyncDeltaStream:

@@ -346,16 +346,30 @@ impl Engine {
         self.inner.tokenizer().id_to_token(id)
     }
 
-    /// Renders `messages` (a JSON list of OpenAI-shaped messages) with the chat template.
+    /// Renders `messages` (a JSON list of OpenAI-shaped messages) with the chat
+    /// template; `kwargs_json`, a JSON object, gives the template more variables.
+    #[pyo3(signature = (messages_json, add_generation_prompt, kwargs_json=None))]
     fn apply_chat_template(
         &self,
         messages_json: &str,
         add_generation_prompt: bool,
+        kwargs_json: Option<&str>,
     ) -> PyResult<String> {
         let v: serde_json::Value = serde_json::from_str(messages_json).map_err(json_err)?;
         let msgs = zse_core::text::ChatMessage::parse_list(&v).map_err(to_py)?;
+        let extra = match kwargs_json {
+            None => serde_json::Map::new(),
+            Some(text) => match serde_json::from_str(text).map_err(json_err)? {
+                serde_json::Value::Object(m) => m,
+                _ => {
+                    return Err(PyValueError::new_err(
+                        "invalid value for 'chat_template_kwargs': must be an object",
+                    ))
+                }
+            },
+        };
         self.inner
-            .apply_chat_template(&msgs, add_generation_prompt)
+            .apply_chat_template(&msgs, add_generation_prompt, &extra)
             .map_err(to_py)
     }
 

@@ -58,7 +58,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: C
         for m in body.messages
     ]
     try:
-        prompt = ctx.engine.prompt_ids(messages)
+        prompt = ctx.engine.prompt_ids(messages, chat_template_kwargs=body.chat_template_kwargs)
     except ValueError as e:  # the chat template refused the conversation
         raise from_engine(e, "messages") from None
     gen = Generation.start(ctx, [prompt], body.engine_sampling(), body.n, "messages", request)

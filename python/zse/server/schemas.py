@@ -169,6 +169,9 @@ class ChatCompletionRequest(_Sampling):
     functions: list[Any] | None = None
     tool_choice: Any = None
     function_call: Any = None
+    # More variables for the chat template (vLLM's and SGLang's extension), e.g.
+    # {"enable_thinking": false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("tools", "functions")
     @classmethod

@@ -228,11 +228,13 @@ impl Engine {
         &self.stats
     }
 
-    /// The prompt text for a chat, from the model's chat template.
+    /// The prompt text for a chat, from the model's chat template; `extra` are more
+    /// variables for it (`chat_template_kwargs`).
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         let t = self.template.as_ref().ok_or_else(|| {
             Error::Template(
@@ -253,6 +255,7 @@ impl Engine {
             add_generation_prompt,
             self.info.bos_token.as_deref().unwrap_or(""),
             &eos,
+            extra,
         )
     }
 

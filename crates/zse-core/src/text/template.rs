@@ -110,12 +110,16 @@ impl ChatTemplate {
         Ok(Self { env })
     }
 
+    /// The prompt for `messages`. `extra` are more variables for the template (the
+    /// request's `chat_template_kwargs`, e.g. `enable_thinking`); they never replace
+    /// the four the engine sets.
     pub fn render(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         bos_token: &str,
         eos_token: &str,
+        extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         let tmpl = self
             .env
@@ -126,6 +130,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token,
             eos_token => eos_token,
+            ..Value::from_serialize(extra)
         })
         .map_err(|e| Error::Template(e.to_string()))
     }
@@ -134,6 +139,9 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static NONE: std::sync::LazyLock<serde_json::Map<String, serde_json::Value>> =
+        std::sync::LazyLock::new(serde_json::Map::new);
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -145,11 +153,11 @@ mod tests {
             content: "Hi".into(),
         }];
         assert_eq!(
-            t.render(&msgs, true, "", "").unwrap(),
+            t.render(&msgs, true, "", "", &NONE).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            t.render(&msgs, false, "", "").unwrap(),
+            t.render(&msgs, false, "", "", &NONE).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n"
         );
     }
@@ -161,13 +169,35 @@ mod tests {
             role: "user".into(),
             content: "  hi ".into(),
         }];
-        assert_eq!(t.render(&msgs, false, "", "").unwrap(), "HI");
+        assert_eq!(t.render(&msgs, false, "", "", &NONE).unwrap(), "HI");
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").unwrap();
         assert!(t
-            .render(&msgs, false, "", "")
+            .render(&msgs, false, "", "", &NONE)
             .unwrap_err()
             .to_string()
             .contains("roles must alternate"));
+    }
+
+    #[test]
+    fn extra_variables_reach_the_template_but_never_replace_the_engines() {
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% if enable_thinking is defined and not enable_thinking %}\
+             <think></think>{% endif %}{{ messages[0]['content'] }}{{ tag | default('') }}",
+        )
+        .unwrap();
+        let msgs = vec![ChatMessage {
+            role: "user".into(),
+            content: "Hi".into(),
+        }];
+        let extra = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        assert_eq!(t.render(&msgs, true, "<s>", "", &NONE).unwrap(), "<s>Hi");
+        let off = extra(serde_json::json!({"enable_thinking": false, "tag": "!"}));
+        assert_eq!(
+            t.render(&msgs, true, "<s>", "", &off).unwrap(),
+            "<s><think></think>Hi!"
+        );
+        let clash = extra(serde_json::json!({"bos_token": "X", "messages": []}));
+        assert_eq!(t.render(&msgs, true, "<s>", "", &clash).unwrap(), "<s>Hi");
     }
 
     #[test]
