@@ -382,6 +382,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
+        py: Python<'_>,
         prompt_ids: Vec<u32>,
         temperature: f32,
         top_p: f32,
@@ -445,7 +446,11 @@ impl Engine {
             sinks.push(sink);
             receivers.push(rx);
         }
-        let ids = self.inner.submit_n(req, sinks).map_err(to_py)?;
+        // Without the GIL: the first request with a grammar builds the vocabulary's
+        // token trie (about a second for Gemma 3's 262k tokens).
+        let ids = py
+            .detach(|| self.inner.submit_n(req, sinks))
+            .map_err(to_py)?;
         Ok(ids
             .into_iter()
             .zip(receivers)

@@ -8,6 +8,7 @@
 
 mod vocab;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
@@ -137,20 +138,25 @@ impl Grammars {
                 ));
             }
         }
-        let parser = factory
-            .create_parser(grammar.to_llguidance()?)
-            .map_err(|e| Error::invalid_argument(PARAM, format!("cannot be compiled: {e}")))?;
-        let mut matcher = Matcher::new(Ok(parser));
-        if let Some(e) = matcher.get_error() {
-            return Err(Error::invalid_argument(
-                PARAM,
-                format!("cannot be compiled: {e}"),
-            ));
-        }
-        // A grammar that admits nothing at all fails here, not at the first step.
-        matcher
-            .compute_mask()
-            .map_err(|e| Error::invalid_argument(PARAM, format!("admits no output: {e}")))?;
+        let top = grammar.to_llguidance()?;
+        // The caller's schema drives the compiler: a panic in it is a schema it
+        // cannot take, never a crash of the caller's thread.
+        let compiled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let parser = factory
+                .create_parser(top)
+                .map_err(|e| format!("cannot be compiled: {e}"))?;
+            let mut matcher = Matcher::new(Ok(parser));
+            if let Some(e) = matcher.get_error() {
+                return Err(format!("cannot be compiled: {e}"));
+            }
+            // A grammar that admits nothing at all fails here, not at the first step.
+            matcher
+                .compute_mask()
+                .map_err(|e| format!("admits no output: {e}"))?;
+            Ok(matcher)
+        }))
+        .unwrap_or_else(|_| Err("cannot be compiled: the grammar engine failed on it".into()));
+        let matcher = compiled.map_err(|e| Error::invalid_argument(PARAM, e))?;
         Ok(Constraint {
             matcher: Box::new(matcher),
         })
