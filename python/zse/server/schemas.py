@@ -77,13 +77,10 @@ class ResponseFormat(_Request):
         return self
 
     def engine_format(self) -> dict[str, Any] | None:
-        """The object `zse.Engine` takes (None for plain text)."""
+        """The object `zse.Engine` takes, OpenAI's own shape (None for plain text)."""
         if self.type == "text":
             return None
-        if self.type == "json_object":
-            return {"type": "json_object"}
-        assert self.json_schema is not None  # checked above
-        return {"type": "json_schema", "json_schema": {"schema": self.json_schema.json_schema}}
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class _Sampling(_Request):

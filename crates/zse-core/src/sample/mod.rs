@@ -231,10 +231,10 @@ impl Sampler {
         if k == n && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // Nothing is cut: draw in vocabulary order, with no sort (sorting 49k
             // logits per token halved decode at 8 streams).
-            let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+            let weights: Vec<f64> = logits.iter().map(|&l| weight(l)).collect();
+            let total: f64 = weights.iter().sum();
             let mut r = self.rng.random::<f64>() * total;
-            for (i, &l) in logits.iter().enumerate() {
-                let w = weight(l);
+            for (i, &w) in weights.iter().enumerate() {
                 if r < w {
                     return i as u32;
                 }
@@ -242,16 +242,15 @@ impl Sampler {
             }
             return argmax(logits);
         }
-        // Candidates by rank, sorted only as far as the cut can reach: the top
-        // `want` of them, more while top-p's mass or min-p's floor is not reached.
-        let total: f64 = if k == n {
-            logits.iter().map(|&l| weight(l)).sum()
-        } else {
-            top_n(logits, k).iter().map(|&(_, l)| weight(l)).sum()
-        };
-        let mut want = k.min(FIRST_CANDIDATES);
+        // Candidates by rank, sorted only as far as the cut can reach. With top-k,
+        // its k (probabilities among them); else the first few, more while top-p's
+        // mass or min-p's floor is not among them (probabilities among all).
+        let total_all = (k == n).then(|| logits.iter().map(|&l| weight(l)).sum::<f64>());
+        let mut want = if k < n { k } else { k.min(FIRST_CANDIDATES) };
         loop {
             let cand = top_n(logits, want);
+            let total =
+                total_all.unwrap_or_else(|| cand.iter().map(|&(_, l)| weight(l)).sum::<f64>());
             let probs: Vec<f64> = cand.iter().map(|&(_, l)| weight(l) / total).collect();
             // top-p: the smallest prefix whose mass reaches top_p (at least one token).
             let mut keep = None;
