@@ -29,6 +29,12 @@ pub enum Grammar {
     JsonObject,
     /// JSON valid against this JSON Schema (OpenAI's `json_schema`).
     JsonSchema(Value),
+    /// A llguidance Lark grammar (ZSE's `{"type": "lark", "lark": ..., "param": ...}`,
+    /// for `zse.Engine`): what tool calls in a template's own markup and thoughts
+    /// before an answer need, text around JSON (`%json {schema}` embeds one).
+    /// `param` is the request field it was made from, which its errors name
+    /// (`tools` for a call grammar; default `response_format`).
+    Lark { grammar: String, param: String },
 }
 
 impl Grammar {
@@ -48,6 +54,20 @@ impl Grammar {
                     None => Err(bad("'json_schema.schema' is required")),
                 }
             }
+            Some("lark") => {
+                let param = match v.get("param") {
+                    None => PARAM,
+                    Some(Value::String(p)) => p.as_str(),
+                    Some(_) => return Err(bad("'param' must be a string")),
+                };
+                match v.get("lark") {
+                    Some(Value::String(g)) => Ok(Some(Grammar::Lark {
+                        grammar: g.clone(),
+                        param: param.to_string(),
+                    })),
+                    _ => Err(bad("type 'lark' needs a 'lark' grammar string")),
+                }
+            }
             Some(other) => Err(bad(&format!(
                 "unknown type {other:?} (expected 'text', 'json_object' or 'json_schema')"
             ))),
@@ -55,10 +75,21 @@ impl Grammar {
         }
     }
 
+    /// The request field this grammar's errors name.
+    pub fn param(&self) -> &str {
+        match self {
+            Grammar::Lark { param, .. } => param,
+            _ => PARAM,
+        }
+    }
+
     fn to_llguidance(&self) -> Result<TopLevelGrammar> {
         let mut schema = match self {
             Grammar::JsonObject => serde_json::json!({"type": "object"}),
             Grammar::JsonSchema(s) => s.clone(),
+            Grammar::Lark { grammar, .. } => {
+                return Ok(TopLevelGrammar::from_lark(grammar.clone()))
+            }
         };
         let Some(fields) = schema.as_object_mut() else {
             return Err(Error::invalid_argument(
@@ -156,7 +187,7 @@ impl Grammars {
             Ok(matcher)
         }))
         .unwrap_or_else(|_| Err("cannot be compiled: the grammar engine failed on it".into()));
-        let matcher = compiled.map_err(|e| Error::invalid_argument(PARAM, e))?;
+        let matcher = compiled.map_err(|e| Error::invalid_argument(grammar.param(), e))?;
         Ok(Constraint {
             matcher: Box::new(matcher),
         })
@@ -252,6 +283,19 @@ mod tests {
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         let spec = json!({"type": "json_schema", "json_schema": {"name": "a", "schema": schema}});
         assert_eq!(parse(spec).unwrap(), Some(Grammar::JsonSchema(schema)));
+        assert_eq!(
+            parse(json!({"type": "lark", "lark": "start: \"a\""})).unwrap(),
+            Some(Grammar::Lark {
+                grammar: "start: \"a\"".into(),
+                param: PARAM.into()
+            })
+        );
+        assert_eq!(
+            parse(json!({"type": "lark", "lark": "start: \"a\"", "param": "tools"}))
+                .unwrap()
+                .map(|g| g.param().to_string()),
+            Some("tools".into())
+        );
         for (bad, says) in [
             (json!({}), "needs a 'type'"),
             (json!({"type": "yaml"}), "unknown type \"yaml\""),
@@ -267,6 +311,7 @@ mod tests {
                 json!({"type": "json_schema", "json_schema": {"schema": true}}),
                 "must be an object",
             ),
+            (json!({"type": "lark"}), "needs a 'lark' grammar"),
         ] {
             let err = parse(bad.clone()).expect_err(&bad.to_string()).to_string();
             assert!(

@@ -3,6 +3,7 @@
 
 mod bpe_json;
 pub mod detok;
+mod pyjson;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
