@@ -17,7 +17,7 @@ def test_a_bug_is_a_500_without_its_detail(
     def broken(*args: object, **kwargs: object) -> list[int]:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(engine, "prompt_ids", broken)
+    monkeypatch.setattr(engine, "plan_chat", broken)
     client = TestClient(
         create_app(engine, ServerConfig(model_name="m")), raise_server_exceptions=False
     )

@@ -155,22 +155,23 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "param"),
+    ("field", "value", "param", "says"),
     [
-        ("tools", [TOOL], "tools"),
-        ("tool_choice", "required", "tool_choice"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}, "tool_choice"),
-        ("functions", [TOOL["function"]], "functions"),
-        ("function_call", "auto", "function_call"),
+        # OpenAI's deprecated form of tools: refused, never ignored.
+        ("functions", [TOOL["function"]], "functions", "not supported; use tools"),
+        ("function_call", "auto", "function_call", "not supported; use tool_choice"),
+        # A call asked for with no tools to call.
+        ("tool_choice", "required", "tool_choice", "no tools"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}, "tool_choice", "no tools"),
     ],
 )
-def test_fields_not_implemented_yet_are_400_not_ignored(
-    server: ServerProcess, field: str, value: object, param: str
+def test_tool_fields_that_cannot_be_served_are_400_not_ignored(
+    server: ServerProcess, field: str, value: object, param: str, says: str
 ) -> None:
     err = error_of(
         httpx.post(server.url("/v1/chat/completions"), json=chat_body(**{field: value})), 400
     )
-    assert err["param"] == param and "not supported yet" in err["message"]
+    assert err["param"] == param and says in err["message"], err
 
 
 def test_fields_that_ask_for_nothing_new_are_accepted(server: ServerProcess) -> None:

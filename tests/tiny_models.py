@@ -14,7 +14,7 @@ Needs numpy and gguf only (it also runs in the peer's environment, without zse).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +140,16 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int, embed_range: float) ->
     return _values(seed, shape, float(np.sqrt(6.0 / fan_in)))
 
 
+#: llama.cpp's type of a token written as text in replies (`llama_token_type`).
+USER_DEFINED = 4
+
+
 def _copy_tokenizer(
-    writer: GGUFWriter, source: Path, chat_template: bool, add_bos: bool | None
+    writer: GGUFWriter,
+    source: Path,
+    chat_template: bool,
+    add_bos: bool | None,
+    user_tokens: Mapping[int, str],
 ) -> None:
     reader = GGUFReader(source)
     if add_bos is not None:
@@ -153,6 +161,10 @@ def _copy_tokenizer(
         if not key.startswith("tokenizer.") or skipped:
             continue
         value = f.contents()
+        if key == "tokenizer.ggml.tokens":
+            value = [user_tokens.get(i, t) for i, t in enumerate(value)]
+        elif key == "tokenizer.ggml.token_type":
+            value = [USER_DEFINED if i in user_tokens else t for i, t in enumerate(value)]
         kind = f.types[0]
         if kind == GGUFValueType.ARRAY:
             writer.add_array(key, value)
@@ -174,10 +186,13 @@ def write(
     chat_template: bool = True,
     add_bos: bool | None = None,
     ffn: int = FFN,
+    user_tokens: Mapping[int, str] | None = None,
 ) -> str:
     """Writes model `name` to `path` (without the chat template where asked: a base
     model's file; with `tokenizer.ggml.add_bos_token` set where `add_bos` says; with
-    another feed-forward width where `ffn` says); returns the file's sha256."""
+    another feed-forward width where `ffn` says; with the tokens `user_tokens` names
+    respelled as user-defined ones, one token each as Qwen3's `<think>` is); returns
+    the file's sha256."""
     m = MODELS[name]
     a = m.arch
     w = GGUFWriter(str(path), a)
@@ -199,7 +214,7 @@ def write(
             w.add_float32(f"{a}.{key}", value)
         else:
             w.add_uint32(f"{a}.{key}", value)
-    _copy_tokenizer(w, tokenizer_source, chat_template, add_bos)
+    _copy_tokenizer(w, tokenizer_source, chat_template, add_bos, user_tokens or {})
     vocab = len(GGUFReader(tokenizer_source).fields["tokenizer.ggml.tokens"].data)
     tensors: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (vocab, HIDDEN),

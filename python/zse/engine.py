@@ -11,11 +11,12 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from . import _core
+from .chat import ChatPlan, ToolCall
 from .models import pull
 
 Message = Mapping[str, Any]
@@ -59,11 +60,36 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Completion:
     text: str
+    """Everything generated, markup and thought included."""
     finish_reason: str
-    """``stop`` (EOS, stop token or stop string), ``length`` or ``cancelled``."""
+    """``stop`` (EOS, stop token or stop string), ``length``, ``cancelled`` or, for
+    a chat whose reply called tools, ``tool_calls``."""
     usage: Usage
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    content: str | None = None
+    """A chat's answer: ``text`` without the thought and the tool calls."""
+    reasoning_content: str | None = None
+    """A chat's thought (``<think>...</think>``), for models that think."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def _reply(completion: Completion, plan: ChatPlan | None) -> Completion:
+    """A chat's completion with its text split into answer, thought and calls."""
+    if plan is None:
+        return replace(completion, content=completion.text)
+    parser = plan.parser()
+    parser.feed(completion.text)
+    parser.finish()
+    calls = parser.tool_calls
+    finish = completion.finish_reason
+    return replace(
+        completion,
+        content=parser.content if parser.content or not calls else None,
+        reasoning_content=parser.reasoning if plan.thinking != "no" else None,
+        tool_calls=calls,
+        finish_reason="tool_calls" if calls and finish == "stop" else finish,
+    )
 
 
 @dataclass
@@ -143,36 +169,38 @@ def _sampling(
     if logprobs or top_logprobs:
         kw["logprobs"] = top_logprobs
     if response_format is not None:
-        kw["response_format"] = _response_format_json(response_format)
+        try:
+            kw["response_format"] = json.dumps(_response_format(response_format))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid value for 'response_format': {e}") from None
     return _Request(kw, bool(logprobs or top_logprobs))
 
 
-def _response_format_json(response_format: Mapping[str, Any] | type) -> str:
-    """OpenAI's ``response_format`` object as JSON for the engine, which checks and
-    compiles it. A pydantic model class stands for its JSON schema (as the OpenAI
-    SDK's ``parse`` sends it)."""
+def _response_format(response_format: Mapping[str, Any] | type) -> dict[str, Any]:
+    """OpenAI's ``response_format`` object, for the engine to check and compile. A
+    pydantic model class stands for its JSON schema (as the OpenAI SDK's ``parse``
+    sends it). Besides OpenAI's types, ``{"type": "lark", "lark": ...}`` takes an
+    llguidance Lark grammar."""
     schema_of = getattr(response_format, "model_json_schema", None)
     if isinstance(response_format, type) and callable(schema_of):
         name = response_format.__name__
         spec = {"name": name, "schema": schema_of(), "strict": True}
-        return json.dumps({"type": "json_schema", "json_schema": spec})
+        return {"type": "json_schema", "json_schema": spec}
     if not isinstance(response_format, Mapping):
         raise ValueError(
             "invalid value for 'response_format': must be an object such as "
             "{'type': 'json_object'}, or a pydantic model class"
         )
-    try:
-        return json.dumps(response_format)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid value for 'response_format': {e}") from None
+    return dict(response_format)
 
 
 @dataclass
 class _Collector:
-    """Accumulates chunks into a `Completion`."""
+    """Accumulates chunks into a `Completion` (a chat's split by its plan)."""
 
     engine: Engine
     want_logprobs: bool
+    plan: ChatPlan | None = None
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -186,13 +214,14 @@ class _Collector:
         if self.want_logprobs:
             self.logprobs.extend(self.engine._token_logprob(*lp) for lp in chunk.logprobs)
         if chunk.finish_reason is not None:
-            self.completion = Completion(
+            whole = Completion(
                 text="".join(self.text),
                 finish_reason=chunk.finish_reason,
                 usage=Usage(chunk.prompt_tokens, chunk.completion_tokens),
                 token_ids=self.token_ids,
                 logprobs=self.logprobs if self.want_logprobs else None,
             )
+            self.completion = _reply(whole, self.plan)
         return chunk.text
 
 
@@ -532,22 +561,70 @@ class Engine:
 
     # Generation -------------------------------------------------------------------
 
+    def plan_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        response_format: Mapping[str, Any] | type | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> ChatPlan:
+        """What a chat request runs as: its prompt, the grammar its reply is held to
+        (tool calls that must happen, a response format after any thought) and,
+        through ``plan.parser()``, how its reply's text splits into ``content``,
+        ``reasoning_content`` and ``tool_calls`` (see `zse.chat`)."""
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError("invalid value for 'messages': must be a list of messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping):
+                raise ValueError(f"invalid value for 'messages[{i}]': must be an object")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise ValueError("invalid value for 'chat_template_kwargs': must be a mapping")
+        fmt = None if response_format is None else _response_format(response_format)
+        return ChatPlan.make(
+            self,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=bool(parallel_tool_calls),
+            response_format=fmt,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+
     def _prompt_and_request(
         self, prompt: str | Sequence[Message], sampling: dict[str, Any]
-    ) -> tuple[list[int], _Request]:
-        """The prompt's ids (``chat_template_kwargs`` go to the template) and the
-        checked generation arguments."""
-        template_kwargs = sampling.pop("chat_template_kwargs", None)
-        request = _sampling(**sampling)
-        return self.prompt_ids(prompt, chat_template_kwargs=template_kwargs), request
+    ) -> tuple[list[int], _Request, ChatPlan | None]:
+        """The prompt's ids, the checked generation arguments and, for a chat, its
+        plan (tools, ``chat_template_kwargs`` and the response format go there)."""
+        if isinstance(prompt, str):
+            return self.prompt_ids(prompt), _sampling(**sampling), None
+        chat = {
+            k: sampling.pop(k)
+            for k in (
+                "tools",
+                "tool_choice",
+                "parallel_tool_calls",
+                "response_format",
+                "chat_template_kwargs",
+            )
+            if k in sampling
+        }
+        plan = self.plan_chat(prompt, **chat)
+        request = _sampling(**sampling, response_format=plan.response_format)
+        return plan.prompt_ids, request, plan
 
     def _submit(self, prompt: str | Sequence[Message], sampling: dict[str, Any]) -> TextStream:
-        ids, request = self._prompt_and_request(prompt, sampling)
+        ids, request, plan = self._prompt_and_request(prompt, sampling)
         [native] = self._native.submit(ids, **request.kwargs)
-        return TextStream(native, _Collector(self, request.want_logprobs))
+        return TextStream(native, _Collector(self, request.want_logprobs, plan))
 
     def stream(self, prompt: str | Sequence[Message], **sampling: Any) -> TextStream:
-        """Text deltas as they are generated; ``prompt`` is raw text or chat messages."""
+        """Text deltas as they are generated; ``prompt`` is raw text or chat messages.
+        The deltas are the raw text, tool-call markup and thought included
+        (``engine.plan_chat(...).parser()`` splits them as they come); the stream's
+        ``completion`` is split as `chat`'s is."""
         return self._submit(prompt, sampling)
 
     def generate(self, prompt: str, **sampling: Any) -> Completion:
@@ -557,15 +634,20 @@ class Engine:
         return _drain(self._submit(prompt, sampling))
 
     def chat(self, messages: Sequence[Message], **sampling: Any) -> Completion:
-        """Answers a chat: messages are ``{"role": ..., "content": ...}`` dicts."""
+        """Answers a chat: messages are OpenAI's dicts (``role``, ``content``, and
+        ``tool_calls`` / ``tool_call_id``). Besides the sampling keywords: ``tools``,
+        ``tool_choice``, ``parallel_tool_calls`` (as OpenAI's), ``response_format``
+        and ``chat_template_kwargs``. The reply's ``content``, ``tool_calls`` and
+        ``reasoning_content`` are split out of its ``text``."""
         if isinstance(messages, str):
             raise ValueError("invalid value for 'messages': must be a list of messages")
         return _drain(self._submit(messages, sampling))
 
     def astream(self, prompt: str | Sequence[Message], **sampling: Any) -> AsyncTextStream:
         """Async iterator of text deltas (call inside a running event loop)."""
-        ids, request = self._prompt_and_request(prompt, sampling)
+        ids, request, plan = self._prompt_and_request(prompt, sampling)
         [stream] = _submit_async(AsyncTextStream, self, request, ids, 1)
+        stream._collector.plan = plan  # its completion splits as chat()'s does
         return stream
 
     def astream_deltas(self, prompt_ids: Sequence[int], **sampling: Any) -> AsyncDeltaStream:

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..chat import ChatPlan, ReplyDelta, ReplyParser
 from ..engine import TokenLogprob
 from .context import Ctx, ServerContext
 from .errors import ERROR_RESPONSES, APIError, from_engine, invalid
@@ -27,6 +28,8 @@ from .schemas import (
     LegacyLogprobs,
     TextCompletion,
     TokenLogprobInfo,
+    ToolCallFunction,
+    ToolCallInfo,
     TopLogprobInfo,
     UsageInfo,
 )
@@ -53,18 +56,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: C
             param="messages",
             code="too_many_messages",
         )
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
+    sampling = body.engine_sampling()
     try:
-        prompt = ctx.engine.prompt_ids(messages, chat_template_kwargs=body.chat_template_kwargs)
-    except ValueError as e:  # the chat template refused the conversation
+        plan = ctx.engine.plan_chat(
+            [m.engine_message() for m in body.messages],
+            tools=body.tools,
+            tool_choice=body.tool_choice,
+            parallel_tool_calls=body.parallel_tool_calls,
+            response_format=sampling.pop("response_format", None),
+            chat_template_kwargs=body.chat_template_kwargs,
+        )
+    except ValueError as e:  # a tool field, or the chat template refused the conversation
         raise from_engine(e, "messages") from None
-    gen = Generation.start(ctx, [prompt], body.engine_sampling(), body.n, "messages", request)
+    sampling["response_format"] = plan.response_format
+    gen = Generation.start(ctx, [plan.prompt_ids], sampling, body.n, "messages", request)
     reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", model)
     if body.stream:
-        return _sse(_chat_events(gen, reply, body.include_usage))
+        return _sse(_chat_events(gen, reply, plan, body.include_usage))
     choices = await _collect(gen, request)
     if choices is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -75,16 +83,37 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: C
         choices=[
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content="".join(c.text)),
+                message=_message(plan, "".join(c.text)),
                 logprobs=ChoiceLogprobs(content=[_chat_logprob(t) for t in c.logprobs])
                 if body.logprobs
                 else None,
-                finish_reason=c.finish_reason or "stop",
+                finish_reason=_chat_finish(c.finish_reason or "stop", plan.family is not None),
             )
             for i, c in enumerate(choices)
         ],
         usage=_usage(gen),
     )
+
+
+def _message(plan: ChatPlan, text: str) -> AssistantMessage:
+    """A whole reply as the assistant's message: thought, answer and calls apart."""
+    parser = plan.parser()
+    parser.feed(text)
+    parser.finish()
+    calls = [
+        ToolCallInfo(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+        for c in parser.tool_calls
+    ]
+    return AssistantMessage(
+        content=parser.content if parser.content or not calls else None,
+        reasoning_content=parser.reasoning if plan.thinking != "no" else None,
+        tool_calls=calls or None,
+    )
+
+
+def _chat_finish(reason: str, called: bool) -> str:
+    """OpenAI's ``tool_calls`` for a reply that ended by calling tools."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 @router.post(
@@ -247,8 +276,12 @@ async def _events(
         yield DONE
 
 
-def _chat_events(gen: Generation, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+def _chat_events(
+    gen: Generation, reply: _Reply, plan: ChatPlan, include_usage: bool
+) -> AsyncIterator[str]:
     head = reply.head("chat.completion.chunk")
+    parsers: list[ReplyParser] = [plan.parser() for _ in gen.streams]
+    called = [False] * len(gen.streams)
 
     def frame(i: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
@@ -258,14 +291,42 @@ def _chat_events(gen: Generation, reply: _Reply, include_usage: bool) -> AsyncIt
         return frame(i, {"role": "assistant", "content": ""})
 
     def chunk(i: int, d: Any) -> dict[str, Any] | None:
-        if not d.text and d.finish_reason is None and not d.logprobs:
-            return None  # a token still held back (a possible stop string)
-        extra: dict[str, Any] = {"finish_reason": d.finish_reason}
+        part = parsers[i].feed(d.text)
+        if d.finish_reason is not None:
+            part.add(parsers[i].finish())
+        called[i] = called[i] or bool(part.tool_calls)
+        if not part and d.finish_reason is None and not d.logprobs:
+            return None  # text still held back (a possible stop string or marker)
+        extra: dict[str, Any] = {"finish_reason": None}
+        if d.finish_reason is not None:
+            extra["finish_reason"] = _chat_finish(d.finish_reason, called[i])
         if d.logprobs:
             extra["logprobs"] = {"content": [_chat_logprob(t).model_dump() for t in d.logprobs]}
-        return frame(i, {"content": d.text} if d.text else {}, **extra)
+        return frame(i, _delta(part), **extra)
 
     return _events(gen, first, chunk, head if include_usage else None)
+
+
+def _delta(part: ReplyDelta) -> dict[str, Any]:
+    """A stream chunk's ``delta``: a call's first piece has its id, type and name,
+    later ones pieces of its arguments."""
+    delta: dict[str, Any] = {}
+    if part.reasoning:
+        delta["reasoning_content"] = part.reasoning
+    if part.content:
+        delta["content"] = part.content
+    if part.tool_calls:
+        calls = []
+        for c in part.tool_calls:
+            call: dict[str, Any] = {"index": c.index}
+            if c.id is not None:
+                call.update(id=c.id, type="function")
+                call["function"] = {"name": c.name, "arguments": c.arguments}
+            else:
+                call["function"] = {"arguments": c.arguments}
+            calls.append(call)
+        delta["tool_calls"] = calls
+    return delta
 
 
 def _completion_events(

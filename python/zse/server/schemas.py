@@ -1,8 +1,9 @@
 """Request and response bodies, mirroring OpenAI's. Unknown request fields are
 ignored (clients send many); every known one is range-checked here, so a bad value
 is a 400 naming the parameter before any work starts. Fields that would change what
-the model must produce and that ZSE does not implement yet (tools, function calls)
-are refused with a 400 naming them, never silently ignored."""
+the model must produce and that ZSE does not implement (the deprecated
+``functions``/``function_call``) are refused with a 400 naming them, never silently
+ignored."""
 
 from __future__ import annotations
 
@@ -24,10 +25,31 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallInfo(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallInfo] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and (self.tool_call_id is None or self.content is None):
+            raise ValueError("a tool message needs tool_call_id and content")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -49,9 +71,19 @@ class ChatMessage(_Request):
             return self.content
         return "".join(part["text"] for part in self.content)
 
-
-def _not_supported(what: str) -> ValueError:
-    return ValueError(f"{what} is not supported yet")
+    def engine_message(self) -> dict[str, Any]:
+        """The message as `zse.Engine` takes it (``developer`` is ``system``)."""
+        m: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            m["name"] = self.name
+        return m
 
 
 class JsonSchemaFormat(_Request):
@@ -161,27 +193,29 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Tool and function calling: an empty list of tools, or "none", asks for nothing.
-    tools: list[Any] | None = None
+    # Tool calling (checked by `zse.chat.tools`, whose errors are 400s too).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    # OpenAI's deprecated form of tools: an empty list or "none" asks for nothing.
     functions: list[Any] | None = None
-    tool_choice: Any = None
     function_call: Any = None
     # More variables for the chat template (vLLM's and SGLang's extension), e.g.
     # {"enable_thinking": false} for Qwen3.
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+    def _no_functions(cls, v: list[Any] | None) -> list[Any] | None:
         if v:
-            raise _not_supported(f"{info.field_name} (tool calling)")
+            raise ValueError("functions (deprecated) is not supported; use tools")
         return v
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+    def _no_function_call(cls, v: Any) -> Any:
         if v is not None and v != "none":
-            raise _not_supported(f"{info.field_name} other than 'none' (tool calling)")
+            raise ValueError("function_call (deprecated) is not supported; use tool_choice")
         return v
 
     @field_validator("top_logprobs")
@@ -257,7 +291,10 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    #: The thought of a model that thinks (vLLM's and DeepSeek's field).
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallInfo] | None = None
 
 
 class ChatChoice(BaseModel):
