@@ -12,12 +12,13 @@ from . import completions, errors, info
 from .context import ServerConfig, ServerContext
 from .metrics import Metrics
 from .middleware import Auth, BodyLimit, StatusCounter
-from .ratelimit import RateLimiter
+from .ratelimit import Limiter, RateLimiter
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+def create_app(engine: Engine, config: ServerConfig, limiter: Limiter | None = None) -> FastAPI:
     """The OpenAI-compatible API over ``engine``. The caller owns the engine (and
-    closes it after the server stops)."""
+    closes it after the server stops). ``limiter`` counts the rate limits (default:
+    this process's own; `zse.ray` shares one between replicas)."""
     app = FastAPI(
         title="ZSE",
         version=__version__,
@@ -27,7 +28,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         engine=engine,
         config=config,
         metrics=Metrics(engine),
-        limiter=RateLimiter(config.rate_limit),
+        limiter=limiter or RateLimiter(config.rate_limit),
         keys=KeyStore(config.keys_db) if config.keys_db else None,
     )
     app.state.ctx = ctx

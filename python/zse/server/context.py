@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,7 +15,8 @@ from ..engine import AsyncDeltaStream, Engine
 from ..keys import KeyStore
 from .errors import APIError
 from .metrics import Metrics
-from .ratelimit import Limits, RateLimiter
+from .options import ServeOptions
+from .ratelimit import Limiter, Limits
 
 #: Request bodies beyond this get 413 (a long chat is a few hundred KiB).
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
@@ -37,6 +39,19 @@ class ServerConfig:
     rate_limit: Limits = field(default_factory=Limits)
     #: Origins allowed to call the API from a browser; none by default (CORS off).
     cors_origins: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, opts: ServeOptions, engine: Engine) -> ServerConfig:
+        """What `zse serve` options ask of the API for ``engine``'s model."""
+        # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.
+        name = opts.model_name or Path(opts.model or engine.metadata["path"]).stem
+        return cls(
+            model_name=name,
+            api_keys=opts.api_keys,
+            keys_db=opts.keys_db,
+            rate_limit=Limits(opts.rate_limit_rpm, opts.rate_limit_tpm),
+            cors_origins=opts.cors_origins,
+        )
 
 
 class InFlight:
@@ -74,7 +89,7 @@ class ServerContext:
     engine: Engine
     config: ServerConfig
     metrics: Metrics
-    limiter: RateLimiter
+    limiter: Limiter
     keys: KeyStore | None = None
     inflight: InFlight = field(default_factory=InFlight)
     started_at: float = field(default_factory=time.time)

@@ -13,7 +13,7 @@ from typing import Any
 from ..keys import KeyStore
 from .errors import APIError, unauthorized
 from .metrics import Metrics
-from .ratelimit import Limits, RateLimiter, retry_after_header
+from .ratelimit import Limiter, Limits, retry_after_header
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -63,7 +63,7 @@ class Auth:
         app: ASGIApp,
         keys: Sequence[str],
         store: KeyStore | None,
-        limiter: RateLimiter,
+        limiter: Limiter,
     ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
@@ -85,7 +85,7 @@ class Auth:
         if scope["path"] not in LIMITED_PATHS:
             await self.app(scope, receive, send)
             return
-        decision = self.limiter.admit(account.key_id, account.limits)
+        decision = await self.limiter.check(account.key_id, account.limits)
         if not decision.allowed:
             headers = {
                 **decision.headers,

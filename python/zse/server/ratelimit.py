@@ -10,6 +10,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 WINDOW_S = 60.0
 
@@ -63,6 +64,15 @@ def _reset(seconds: float) -> str:
     return f"{max(seconds, 0.0):.3f}s"
 
 
+class Limiter(Protocol):
+    """What the server counts requests and tokens with: `RateLimiter` in this
+    process, or one shared by every replica (`zse.ray`)."""
+
+    async def check(self, key_id: str | None, limits: Limits) -> Decision: ...
+
+    def record_tokens(self, key_id: str | None, tokens: int) -> None: ...
+
+
 class RateLimiter:
     def __init__(self, server: Limits) -> None:
         self.server = server
@@ -101,6 +111,10 @@ class RateLimiter:
             left = int(headers["x-ratelimit-remaining-requests"]) - 1
             headers["x-ratelimit-remaining-requests"] = str(max(left, 0))
         return Decision(True, headers)
+
+    async def check(self, key_id: str | None, limits: Limits) -> Decision:
+        """`admit`, as the server's middleware awaits it (`Limiter`)."""
+        return self.admit(key_id, limits)
 
     def record_tokens(self, key_id: str | None, tokens: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 from granian.constants import Interfaces
@@ -30,7 +29,6 @@ from ..units import format_bytes
 from .app import create_app
 from .context import ServerConfig, ServerContext
 from .options import ServeOptions, open_engine
-from .ratelimit import Limits
 
 log = logging.getLogger("zse.server")
 
@@ -42,15 +40,7 @@ def serve(opts: ServeOptions, engine: Future[Engine] | None = None) -> int:
     _configure_logging(opts.log_level)
     loaded = engine.result() if engine is not None else open_engine(opts)
     try:
-        # The id clients send: the file's (or source's) name, e.g. SmolLM2-135M-Instruct.
-        name = opts.model_name or Path(opts.model or loaded.metadata["path"]).stem
-        config = ServerConfig(
-            model_name=name,
-            api_keys=opts.api_keys,
-            keys_db=opts.keys_db,
-            rate_limit=Limits(opts.rate_limit_rpm, opts.rate_limit_tpm),
-            cors_origins=opts.cors_origins,
-        )
+        config = ServerConfig.from_options(opts, loaded)
         app = create_app(loaded, config)
         _banner(opts, loaded, config)
         asyncio.run(_run(app, app.state.ctx, opts))
