@@ -8,8 +8,9 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from . import _core
 from .convert import Quant, RequantizeWarning, convert, inspect, missing_kernels_line
@@ -23,6 +24,9 @@ from .engine import (
 from .keys import default_path as default_keys_path
 from .models import DEFAULT_MODEL_NAME, PYPI_MODELS, pull, resolve_model
 from .units import format_bytes
+
+if TYPE_CHECKING:
+    from .server.options import ServeOptions
 
 QUANT_CHOICES = list(get_args(Quant))
 
@@ -122,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin or ()),
         chat_template=args.chat_template,
     )
+    if args.ray:
+        return _serve_on_ray(opts, args)
     # The model loads on a thread (releasing the GIL) while the server's modules
     # import here: a third of a second off the time to the first token.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -129,6 +135,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server.run import serve
 
         return serve(opts, engine)
+
+
+def _serve_on_ray(opts: ServeOptions, args: argparse.Namespace) -> int:
+    try:
+        from .ray import serve_on_ray
+    except ImportError as e:
+        print(f"error: --ray needs Ray Serve: pip install 'zse[ray]' ({e})", file=sys.stderr)
+        return 2
+    # Fetched or converted once, here, before the replicas load it.
+    path = resolve_model(opts.model, quant=opts.quant, allow_requantize=opts.allow_requantize)
+    name = opts.model_name or (Path(opts.model).stem if opts.model else None)
+    opts = replace(opts, model=str(path), model_name=name, quant=None)
+    return serve_on_ray(
+        opts,
+        args.replicas,
+        address=args.ray_address,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+    )
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -331,6 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ORIGIN",
         help="allow browsers on this origin to call the API (repeatable; default: none)",
+    )
+    r = s.add_argument_group("replicas on Ray Serve (pip install 'zse[ray]')")
+    r.add_argument("--ray", action="store_true", help="serve --replicas engines on a Ray cluster")
+    r.add_argument("--replicas", type=_positive, default=2, help="engines (default 2)")
+    r.add_argument(
+        "--ray-address",
+        help="the Ray cluster to join (default: $RAY_ADDRESS, one running on this machine, "
+        "else a new local one)",
+    )
+    r.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        help="CPUs each replica reserves (default: --threads, else 1)",
+    )
+    r.add_argument(
+        "--gpus-per-replica", type=float, default=0, help="GPUs each replica reserves (default 0)"
     )
     s.set_defaults(func=cmd_serve)
 
