@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,13 @@ def wait_until_reading(child: pexpect.spawn) -> None:
     raise AssertionError("the chat never waited for input after its prompt")
 
 
+def _as_from_a_shell() -> None:
+    """The chat's signals as a shell at a terminal starts it: Ctrl-C delivered. A
+    test run started in the background (``cmd &`` in a script) ignores SIGINT, and a
+    child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interactive_chat(default_model: Path, engine: zse.Engine) -> None:
     child = pexpect.spawn(
         sys.executable,
@@ -43,6 +51,7 @@ def test_interactive_chat(default_model: Path, engine: zse.Engine) -> None:
         encoding="utf-8",
         timeout=60,
         env={"PYTHONUNBUFFERED": "1", "TERM": "dumb"},
+        preexec_fn=_as_from_a_shell,
     )
     try:
         child.expect("/exit")

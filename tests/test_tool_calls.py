@@ -175,17 +175,18 @@ def _template(tmp_path_factory: pytest.TempPathFactory, name: str) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module", params=["smollm2", "tiny-hermes"])
+@pytest.fixture(scope="module", params=["smollm2", "tiny-hermes", "tiny-mistral", "tiny-llama3"])
 def client(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[openai.OpenAI]:
     """SmolLM2, whose template has no tools (the generic format), and the tiny
-    random Qwen3 with a Hermes template (noise: only the grammar makes calls)."""
+    random Qwen3 with each family's template (noise: only the grammar makes calls)."""
     if request.param == "smollm2":
         args: list[str] = []
         model = request.getfixturevalue("default_model")
     else:
-        args = ["--chat-template", _template(tmp_path_factory, "HERMES")]
+        family = request.param.removeprefix("tiny-").upper()
+        args = ["--chat-template", _template(tmp_path_factory, family)]
         model = request.getfixturevalue("qwen3_markers")
     with ServerProcess(model, *args) as server:
         yield openai.OpenAI(base_url=server.api_base, api_key="unused", max_retries=0)
