@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize
 
 HIDDEN, LAYERS, FFN, HEADS, KV_HEADS = 64, 2, 128, 4, 2
 
@@ -112,16 +113,42 @@ MODELS = {
 }
 
 
-def _values(seed: int, shape: tuple[int, ...], scale: float) -> np.ndarray:
-    """Uniform values in [-scale, scale) from a 64-bit mix of (seed, index)."""
-    n = int(np.prod(shape))
+def _bits(seed: int, n: int) -> np.ndarray:
+    """`n` 64-bit mixes of (seed, index)."""
     with np.errstate(over="ignore"):
         z = np.arange(n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        return z ^ (z >> np.uint64(31))
+
+
+def _values(seed: int, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    """Uniform values in [-scale, scale) from a 64-bit mix of (seed, index)."""
+    z = _bits(seed, int(np.prod(shape)))
     unit = (z >> np.uint64(40)).astype(np.float64) / float(1 << 24)  # [0, 1)
     return ((2.0 * unit - 1.0) * scale).astype(np.float32).reshape(shape)
+
+
+#: The IQ4 block types (which candle cannot hold): values and bytes per block, and
+#: the largest |level x sub-block scale| a value's f16 block scale multiplies.
+IQ4_TYPES = {
+    "IQ4_NL": (GGMLQuantizationType.IQ4_NL, 32, 18, 127),
+    "IQ4_XS": (GGMLQuantizationType.IQ4_XS, 256, 136, 127 * 32),
+}
+
+
+def _iq4_blocks(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Random IQ4 blocks for a `[out, in]` matrix (every index and sub-block scale
+    possible), each block's f16 scale such that its values stay within the F32
+    weights' range; GGML's bytes, `[out, in / block * bytes per block]`."""
+    _, block, size, reach = IQ4_TYPES[kind]
+    rows, cols = shape
+    n = rows * cols // block
+    raw = (_bits(seed, n * size) & np.uint64(0xFF)).astype(np.uint8).reshape(n, size)
+    limit = np.sqrt(6.0 / cols) / reach
+    d = (limit * (0.25 + raw[:, 2].astype(np.float64) / 340.0)).astype(np.float16)
+    raw[:, :2] = d.view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, cols // block * size)
 
 
 def _tensor(name: str, shape: tuple[int, ...], seed: int, embed_range: float) -> np.ndarray:
@@ -187,12 +214,17 @@ def write(
     add_bos: bool | None = None,
     ffn: int = FFN,
     user_tokens: Mapping[int, str] | None = None,
+    iq4: str | None = None,
+    dequantized: bool = False,
 ) -> str:
     """Writes model `name` to `path` (without the chat template where asked: a base
     model's file; with `tokenizer.ggml.add_bos_token` set where `add_bos` says; with
     another feed-forward width where `ffn` says; with the tokens `user_tokens` names
-    respelled as user-defined ones, one token each as Qwen3's `<think>` is); returns
-    the file's sha256."""
+    respelled as user-defined ones, one token each as Qwen3's `<think>` is; with the
+    layers' matrices as random IQ4 blocks where `iq4` names the type, IQ4_XS falling
+    back to IQ4_NL where a row is not whole super-blocks, as llama-quantize does, or
+    with the same blocks' values as GGML dequantizes them, in F32, where `dequantized`
+    is also set); returns the file's sha256."""
     m = MODELS[name]
     a = m.arch
     w = GGUFWriter(str(path), a)
@@ -225,7 +257,18 @@ def write(
     for i in range(LAYERS):
         tensors.update({f"blk.{i}.{k}": s for k, s in m.layer_tensors(m.head_dim, ffn).items()})
     for seed, (tname, shape) in enumerate(tensors.items(), start=1):
-        w.add_tensor(tname, _tensor(tname, shape, seed, m.embed_range))
+        kind = iq4 if tname.startswith("blk.") and len(shape) == 2 else None
+        if kind == "IQ4_XS" and shape[1] % IQ4_TYPES[kind][1]:
+            kind = "IQ4_NL"
+        if kind is None:
+            w.add_tensor(tname, _tensor(tname, shape, seed, m.embed_range))
+            continue
+        qtype = IQ4_TYPES[kind][0]
+        blocks = _iq4_blocks(kind, shape, seed)
+        if dequantized:
+            w.add_tensor(tname, dequantize(blocks, qtype).astype(np.float32))
+        else:
+            w.add_tensor(tname, blocks, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

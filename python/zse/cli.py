@@ -82,14 +82,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print("tensors:" + " " * (width - 5) + "type   source  kernel  count")
+    print("tensors:" + " " * (width - 5) + "type    source  kernel  count")
     missing: dict[str, int] = {}
     for t in info["tensor_types"]:
         source = t["source_dtype"] or "?"
         kernel = {True: "zse", False: "candle", None: ""}[t["kernel"]]
         if t["kernel"] is False:
             missing[t["dtype"]] = missing.get(t["dtype"], 0) + t["count"]
-        print(f"  {t['kind']:<{width}}  {t['dtype']:<5}  {source:<6}  {kernel:<6}  x{t['count']}")
+        print(f"  {t['kind']:<{width}}  {t['dtype']:<6}  {source:<6}  {kernel:<6}  x{t['count']}")
     line = missing_kernels_line(missing)
     if line:
         print(f"WARNING: {line}")

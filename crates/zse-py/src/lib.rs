@@ -546,7 +546,7 @@ fn convert(
         "output": r.output, "tensors": r.tensors, "bytes": r.bytes,
         "quantization": r.quantization, "source_sha256": r.source_sha256,
         "requantized": r.requantized.iter().map(|q| serde_json::json!({
-            "name": q.name, "from": format!("{:?}", q.from), "to": format!("{:?}", q.to),
+            "name": q.name, "from": q.from.to_string(), "to": q.to.to_string(),
         })).collect::<Vec<_>>(),
     })
     .to_string())

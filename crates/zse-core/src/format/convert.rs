@@ -4,14 +4,16 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
+use super::block_type::BlockType;
 use super::gguf::GgufFile;
 use super::gguf_config::config_from_gguf;
 use super::gguf_tokenizer::{adds_bos_token, tokenizer_json_from_gguf};
+use super::gguf_write::{self, TensorData};
 use super::hf::HfDir;
 use super::zse::{keys, FORMAT_VERSION};
 use crate::error::{Error, Result};
@@ -78,16 +80,23 @@ impl Quant {
 
     /// The block type a tensor gets. Vectors (norms, biases) always stay F32; a
     /// matrix whose rows do not divide into blocks falls back to F16.
-    fn target(self, name: &str, shape: &[usize], stored: GgmlDType) -> GgmlDType {
+    fn target(self, name: &str, shape: &[usize], stored: impl Into<BlockType>) -> BlockType {
+        let stored = stored.into();
+        self.candle_target(name, shape, stored)
+            .map_or(stored, BlockType::from)
+    }
+
+    /// `target`, where it is a type candle holds (None: keep the stored one).
+    fn candle_target(self, name: &str, shape: &[usize], stored: BlockType) -> Option<GgmlDType> {
         if shape.len() < 2 {
-            return GgmlDType::F32;
+            return Some(GgmlDType::F32);
         }
         let row = shape[shape.len() - 1];
         let fits = |t: GgmlDType| row.is_multiple_of(t.block_size());
         let or_f16 = |t: GgmlDType| if fits(t) { t } else { GgmlDType::F16 };
         let embedding = name == "token_embd.weight" || name == "output.weight";
-        match self {
-            Quant::Keep => stored,
+        Some(match self {
+            Quant::Keep => return stored.candle(),
             Quant::Blocks(t) if embedding && t != GgmlDType::Q8_0 => or_f16(GgmlDType::Q8_0),
             Quant::Blocks(t) => or_f16(t),
             Quant::Fp16 => GgmlDType::F16,
@@ -95,13 +104,8 @@ impl Quant {
             Quant::Int4 if embedding => or_f16(GgmlDType::Q8_0),
             Quant::Int4 if fits(GgmlDType::Q4K) => GgmlDType::Q4K,
             Quant::Int4 => or_f16(GgmlDType::Q4_1),
-        }
+        })
     }
-}
-
-/// Whether a block type rounds weights (as opposed to holding floats).
-fn is_quantized(t: GgmlDType) -> bool {
-    !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
 /// What `zse convert` is asked to do besides the paths.
@@ -120,8 +124,8 @@ pub struct ConvertOptions {
 #[derive(Debug, Clone)]
 pub struct Requantized {
     pub name: String,
-    pub from: GgmlDType,
-    pub to: GgmlDType,
+    pub from: BlockType,
+    pub to: BlockType,
 }
 
 /// What a conversion produced.
@@ -137,7 +141,65 @@ pub struct ConvertReport {
 }
 
 /// Loads one tensor, by GGUF name, as the source stores it.
-type TensorLoader = Box<dyn Fn(&str) -> Result<QTensor>>;
+type TensorLoader = Box<dyn Fn(&str) -> Result<Stored>>;
+
+/// A tensor as the source stores it: in a type candle holds, or (a GGUF file's IQ4
+/// tensors) as its type and bytes, which are copied as they are.
+enum Stored {
+    Candle(QTensor),
+    Bytes {
+        dtype: BlockType,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    },
+}
+
+impl Stored {
+    fn dtype(&self) -> BlockType {
+        match self {
+            Stored::Candle(t) => t.dtype().into(),
+            Stored::Bytes { dtype, .. } => *dtype,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Stored::Candle(t) => t.shape().dims(),
+            Stored::Bytes { shape, .. } => shape,
+        }
+    }
+
+    /// The values as f32, as GGML dequantizes them.
+    fn dequantize(&self) -> Result<Tensor> {
+        match self {
+            Stored::Candle(t) => Ok(t.dequantize(&Device::Cpu)?),
+            Stored::Bytes {
+                dtype,
+                shape,
+                bytes,
+            } => {
+                let values = crate::kernels::weights::dequantize(*dtype, shape, bytes)?;
+                Ok(Tensor::from_vec(values, shape.clone(), &Device::Cpu)?)
+            }
+        }
+    }
+
+    fn data<'a>(&'a self, name: &'a str) -> Result<TensorData<'a>> {
+        match self {
+            Stored::Candle(t) => TensorData::of_qtensor(name, t),
+            Stored::Bytes {
+                dtype,
+                shape,
+                bytes,
+            } => Ok(TensorData {
+                name,
+                dtype: *dtype,
+                shape,
+                bytes: std::borrow::Cow::Borrowed(bytes),
+            }),
+        }
+    }
+}
 
 /// Everything read from a source model, in GGUF conventions.
 struct Source {
@@ -155,7 +217,7 @@ struct Source {
     tensors: Vec<(String, Vec<usize>)>,
     /// The GGML block type each tensor is stored in, where the source has them
     /// (GGUF); `None` for a HF directory's float weights.
-    stored_types: Vec<Option<GgmlDType>>,
+    stored_types: Vec<Option<BlockType>>,
     /// The scheme when none is asked for.
     default_quant: Quant,
     loader: TensorLoader,
@@ -218,7 +280,14 @@ fn gguf_source(path: &Path) -> Result<Source> {
         stored_types,
         default_quant: Quant::Keep,
         hashed_files: vec![path.to_path_buf()],
-        loader: Box::new(move |n| g.qtensor(n, &Device::Cpu)),
+        loader: Box::new(move |n| match g.tensor_info(n) {
+            Some(info) if info.dtype.candle().is_none() => Ok(Stored::Bytes {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                bytes: g.tensor_bytes(info).to_vec(),
+            }),
+            _ => g.qtensor(n, &Device::Cpu).map(Stored::Candle),
+        }),
         extra_tensors: Vec::new(),
     })
 }
@@ -270,7 +339,7 @@ fn hf_source(dir: &Path) -> Result<Source> {
         tensors,
         default_quant: Quant::Int4,
         hashed_files: hf.files.clone(),
-        loader: Box::new(move |n| hf.load(n)),
+        loader: Box::new(move |n| hf.load(n).map(Stored::Candle)),
         extra_tensors,
     })
 }
@@ -295,7 +364,7 @@ fn sha256_of(files: &[PathBuf]) -> Result<String> {
 /// asked for another.
 fn requantizations(
     tensors: &[(String, Vec<usize>)],
-    stored_types: &[Option<GgmlDType>],
+    stored_types: &[Option<BlockType>],
     quant: Quant,
 ) -> Vec<Requantized> {
     tensors
@@ -304,7 +373,7 @@ fn requantizations(
         .filter_map(|((name, shape), stored)| {
             let from = (*stored)?;
             let to = quant.target(name, shape, from);
-            (is_quantized(from) && is_quantized(to) && to != from).then(|| Requantized {
+            (from.is_quantized() && to.is_quantized() && to != from).then(|| Requantized {
                 name: name.clone(),
                 from,
                 to,
@@ -346,7 +415,7 @@ pub fn convert(
         return Err(Error::invalid_argument(
             "quant",
             format!(
-                "'{}' would quantize {} already quantized tensor(s) again ({} {:?} -> {:?}{}), \
+                "'{}' would quantize {} already quantized tensor(s) again ({} {} -> {}{}), \
                  which loses precision; keep the file's block types (quant 'keep', the \
                  default for GGUF files) or allow it explicitly (--allow-requantize)",
                 quant.name(),
@@ -359,24 +428,28 @@ pub fn convert(
         ));
     }
     let total = source.tensors.len();
-    let mut tensors: Vec<(String, QTensor)> =
-        Vec::with_capacity(total + source.extra_tensors.len());
+    let mut tensors: Vec<(String, Stored)> = Vec::with_capacity(total + source.extra_tensors.len());
     // Each tensor's type in the source, recorded for `zse info`.
     let mut source_types = serde_json::Map::new();
     for (i, (name, _)) in source.tensors.iter().enumerate() {
         progress(i, total, name)?;
-        let qt = (source.loader)(name)?;
-        source_types.insert(name.clone(), format!("{:?}", qt.dtype()).into());
-        let target = quant.target(name, qt.shape().dims(), qt.dtype());
-        let qt = if target == qt.dtype() {
-            qt
-        } else {
-            QTensor::quantize(&qt.dequantize(&Device::Cpu)?, target)?
+        let t = (source.loader)(name)?;
+        source_types.insert(name.clone(), t.dtype().to_string().into());
+        let t = match quant.candle_target(name, t.shape(), t.dtype()) {
+            Some(target) if BlockType::from(target) != t.dtype() => {
+                Stored::Candle(QTensor::quantize(&t.dequantize()?, target)?)
+            }
+            _ => t,
         };
-        tensors.push((name.clone(), qt));
+        tensors.push((name.clone(), t));
     }
     progress(total, total, "")?;
-    tensors.extend(source.extra_tensors);
+    tensors.extend(
+        source
+            .extra_tensors
+            .into_iter()
+            .map(|(n, t)| (n, Stored::Candle(t))),
+    );
 
     let sha = sha256_of(&source.hashed_files)?;
     let c = &source.config;
@@ -441,8 +514,11 @@ pub fn convert(
         let f = std::fs::File::create(&tmp).map_err(|e| Error::io(tmp.display(), e))?;
         let mut w = std::io::BufWriter::new(f);
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        gguf_file::write(&mut w, &md_refs, &t_refs)?;
+        let data = tensors
+            .iter()
+            .map(|(k, t)| t.data(k))
+            .collect::<Result<Vec<_>>>()?;
+        gguf_write::write(&mut w, &md_refs, &data)?;
         w.flush().map_err(|e| Error::io(tmp.display(), e))?;
         let f = w
             .into_inner()
@@ -513,7 +589,10 @@ mod tests {
             .iter()
             .map(|(n, s, _)| (n.to_string(), s.to_vec()))
             .collect();
-        let types: Vec<_> = tensors.iter().map(|(_, _, t)| *t).collect();
+        let types: Vec<_> = tensors
+            .iter()
+            .map(|(_, _, t)| t.map(BlockType::from))
+            .collect();
         requantizations(&names, &types, quant)
     }
 
@@ -534,7 +613,7 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(
             (r[0].name.as_str(), r[0].from, r[0].to),
-            ("blk.0.ffn_down.weight", Q4_1, Q4K)
+            ("blk.0.ffn_down.weight", Q4_1.into(), Q4K.into())
         );
         let names: Vec<_> = requantized(s, Quant::Int8)
             .into_iter()

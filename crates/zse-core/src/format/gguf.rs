@@ -3,8 +3,8 @@
 //! candle ships a GGUF reader, but it trusts the lengths it reads (a flipped bit in a
 //! string length becomes a multi-exabyte allocation and an abort). Every length and
 //! offset here is checked against the bytes that are actually there, so a truncated or
-//! corrupt file is an `Error::InvalidFile`, never a crash. Writing goes through
-//! candle's `gguf_file::write`, which is fine for data we produced ourselves.
+//! corrupt file is an `Error::InvalidFile`, never a crash. Tensor types are
+//! `BlockType`s, so the IQ4 types candle lacks are read too; writing is `gguf_write`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,7 +13,9 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::Device;
 
+use super::block_type::BlockType;
 use crate::error::{Error, Result};
+use crate::kernels::weights::dequantize;
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -27,7 +29,7 @@ const MAX_DIMS: usize = 4;
 pub struct TensorInfo {
     pub name: String,
     pub shape: Vec<usize>,
-    pub dtype: GgmlDType,
+    pub dtype: BlockType,
     /// Byte range of the tensor's data inside the file.
     pub start: usize,
     pub len: usize,
@@ -108,17 +110,22 @@ impl GgufFile {
         &self.map[info.start..info.start + info.len]
     }
 
-    /// Loads a tensor into a `QTensor` on `device`, keeping its block type.
+    /// Loads a tensor into a `QTensor` on `device`, keeping its block type where
+    /// candle holds it; a type candle lacks (IQ4) comes dequantized to F32, exactly
+    /// (ZSE's CPU kernels read those from `tensor_bytes` instead).
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let info = self.tensor_info(name).ok_or_else(|| {
             Error::invalid_file(&self.path, format!("tensor '{name}' is missing"))
         })?;
-        let t = qtensor_from_ggml(
-            info.dtype,
-            self.tensor_bytes(info),
-            info.shape.clone(),
-            device,
-        )?;
+        let bytes = self.tensor_bytes(info);
+        let t = match info.dtype.candle() {
+            Some(dtype) => qtensor_from_ggml(dtype, bytes, info.shape.clone(), device)?,
+            None => {
+                let values = dequantize(info.dtype, &info.shape, bytes)?;
+                let t = candle_core::Tensor::from_vec(values, info.shape.clone(), device)?;
+                QTensor::quantize(&t, GgmlDType::F32)?
+            }
+        };
         self.release(info, 0..info.len);
         Ok(t)
     }
@@ -184,28 +191,6 @@ pub fn value_as_u64(v: &Value) -> Option<u64> {
         Value::Bool(x) => Some(x as u64),
         _ => None,
     }
-}
-
-/// GGML's numeric type codes (ggml.h); candle keeps its own mapping private.
-pub fn dtype_from_code(code: u32) -> Option<GgmlDType> {
-    Some(match code {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
 }
 
 /// A cursor over the file's bytes whose every read is bounds-checked.
@@ -342,7 +327,7 @@ fn parse(buf: &[u8]) -> ParseResult<Parsed> {
             ne.push(r.u64("tensor dimension")?);
         }
         let code = r.u32("tensor type")?;
-        let dtype = dtype_from_code(code)
+        let dtype = BlockType::from_code(code)
             .ok_or_else(|| format!("tensor '{name}' has unsupported type code {code}"))?;
         let offset = r.u64("tensor offset")?;
         raw.push((name, ne, dtype, offset));
@@ -367,7 +352,7 @@ fn parse(buf: &[u8]) -> ParseResult<Parsed> {
         let block = dtype.block_size() as u64;
         if ne[0] % block != 0 {
             return Err(format!(
-                "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {block}",
+                "tensor '{name}': row length {} is not a multiple of the {dtype} block size {block}",
                 ne[0]
             ));
         }

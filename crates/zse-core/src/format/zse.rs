@@ -159,7 +159,7 @@ impl ZseFile {
                 _ => None,
             };
             *counts
-                .entry((kind, format!("{:?}", t.dtype), from, kernel))
+                .entry((kind, t.dtype.to_string(), from, kernel))
                 .or_default() += 1;
         }
         counts

@@ -1,5 +1,6 @@
 //! ZSE's CPU arithmetic, all of its SIMD in this one tree: matrix multiplication for
-//! quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and
+//! quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+//! IQ4_NL, IQ4_XS) and
 //! float ones (F32, F16, BF16), chosen at run time among the paths this CPU supports,
 //! so one wheel is fast everywhere, and the steps around it.
 //!
@@ -226,15 +227,34 @@ enum Input<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::BlockType;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    /// A pseudo-random matrix with a few large values, quantized by candle.
-    fn weights(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QTensor, Vec<f32>) {
+    fn hash(i: usize, seed: u64) -> u64 {
+        (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40
+    }
+
+    /// A pseudo-random matrix with a few large values, repacked, and its values as
+    /// GGML dequantizes them: quantized by candle, or for the IQ4 types (which
+    /// candle cannot quantize) random blocks, every index and sub-block scale.
+    fn weights(kind: BlockType, rows: usize, cols: usize, seed: u64) -> (QWeight, Vec<f32>) {
+        let Some(dtype) = kind.candle() else {
+            let bytes: Vec<u8> = (0..rows * cols / kind.block_size() * kind.type_size())
+                .map(|i| hash(i, seed) as u8)
+                .collect();
+            // Each block's f16 scale a modest one (bytes 0..2 of every block).
+            let mut bytes = bytes;
+            for blk in bytes.chunks_exact_mut(kind.type_size()) {
+                let d = half::f16::from_f32(0.002 + (blk[2] % 50) as f32 * 1e-4);
+                blk[..2].copy_from_slice(&d.to_le_bytes());
+            }
+            let deq = weights::dequantize(kind, &[rows, cols], &bytes).unwrap();
+            return (QWeight::from_ggml(kind, rows, cols, &bytes).unwrap(), deq);
+        };
         let vals: Vec<f32> = (0..rows * cols)
             .map(|i| {
-                let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
-                let v = (h % 2000) as f32 / 1000.0 - 1.0;
+                let v = (hash(i, seed) % 2000) as f32 / 1000.0 - 1.0;
                 if i % 97 == 0 {
                     v * 8.0
                 } else {
@@ -243,9 +263,12 @@ mod tests {
             })
             .collect();
         let t = Tensor::from_vec(vals, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, kind).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
         let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
-        (q, deq.to_vec1().unwrap())
+        (
+            QWeight::from_qtensor(&q).unwrap().unwrap(),
+            deq.to_vec1().unwrap(),
+        )
     }
 
     fn activations(m: usize, cols: usize) -> Vec<f32> {
@@ -257,19 +280,21 @@ mod tests {
     #[test]
     fn every_path_and_type_matches_the_float_reference_on_awkward_shapes() {
         for kind in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::F32,
-            GgmlDType::F16,
-            GgmlDType::BF16,
+            GgmlDType::Q4_0.into(),
+            GgmlDType::Q4_1.into(),
+            GgmlDType::Q5_0.into(),
+            GgmlDType::Q5_1.into(),
+            GgmlDType::Q8_0.into(),
+            GgmlDType::Q2K.into(),
+            GgmlDType::Q3K.into(),
+            GgmlDType::Q4K.into(),
+            GgmlDType::Q5K.into(),
+            GgmlDType::Q6K.into(),
+            BlockType::IQ4NL,
+            BlockType::IQ4XS,
+            GgmlDType::F32.into(),
+            GgmlDType::F16.into(),
+            GgmlDType::BF16.into(),
         ] {
             // Rows not a multiple of the tile or of four; an odd number of blocks;
             // activation rows below, at and beyond eight (and for floats, rows of
@@ -282,8 +307,7 @@ mod tests {
                 &[(1, 32, 1), (17, 96, 3), (37, 576, 8), (5, 1536, 70)]
             };
             for &(rows, cols, m) in shapes {
-                let (q, deq) = weights(kind, rows, cols, rows as u64);
-                let w = QWeight::from_qtensor(&q).unwrap().unwrap();
+                let (w, deq) = weights(kind, rows, cols, rows as u64);
                 let x = activations(m, cols);
                 let mut results = Vec::new();
                 for path in KernelPath::all_supported() {
@@ -302,7 +326,7 @@ mod tests {
                             let got = y[i * rows + r];
                             assert!(
                                 (got - exact).abs() <= tol * scale + 1e-4,
-                                "{kind:?} {path:?} {rows}x{cols} m={m}: {got} vs {exact}"
+                                "{kind} {path:?} {rows}x{cols} m={m}: {got} vs {exact}"
                             );
                         }
                     }
@@ -310,7 +334,7 @@ mod tests {
                 }
                 // Every path gives the portable path's bits (generic comes first).
                 for (path, y) in KernelPath::all_supported().iter().zip(&results).skip(1) {
-                    assert!(y == &results[0], "{kind:?}: {path:?} differs from generic");
+                    assert!(y == &results[0], "{kind}: {path:?} differs from generic");
                 }
             }
         }
@@ -318,14 +342,17 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
-        for kind in [GgmlDType::Q4_1, GgmlDType::F16] {
-            let (q, _) = weights(kind, 40, 576, 3);
-            let w = QWeight::from_qtensor(&q).unwrap().unwrap();
+        for kind in [
+            GgmlDType::Q4_1.into(),
+            BlockType::IQ4NL,
+            GgmlDType::F16.into(),
+        ] {
+            let (w, _) = weights(kind, 40, 576, 3);
             let x = activations(9, 576);
             for path in KernelPath::all_supported() {
                 let batch = w.matmul(&x, 9, path);
                 let alone = w.matmul(&x[4 * 576..5 * 576], 1, path);
-                assert_eq!(alone, batch[4 * 40..5 * 40].to_vec(), "{kind:?} {path:?}");
+                assert_eq!(alone, batch[4 * 40..5 * 40].to_vec(), "{kind} {path:?}");
             }
         }
     }

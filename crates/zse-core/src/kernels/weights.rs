@@ -24,6 +24,11 @@
 //! - the rows' scales (and minimums, and the K-quants' 8-bit half-block factors:
 //!   Q2_K's scale and minimum factors, Q3_K and Q6_K's scale factors).
 //!
+//! IQ4_NL and IQ4_XS store 4-bit indices into 16 fixed signed levels: the low plane
+//! keeps the indices, and the kernels look the levels up (one byte shuffle) and
+//! multiply them as Q8_0's signed bytes; IQ4_XS's 6-bit sub-block scales times its
+//! f16 scale are kept in f32, exactly, as Q4_K's.
+//!
 //! Float weights (F32, F16, BF16) keep GGML's rows as they are; the kernels multiply
 //! them by unquantized activations (`generic::float_dots`).
 //!
@@ -40,6 +45,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
 use crate::error::{Error, Result};
+use crate::format::block_type::BlockType;
 
 /// Values per block for every layout here.
 pub const QK: usize = 32;
@@ -64,6 +70,9 @@ pub enum Layout {
     Q6Halves,
     /// 8-bit signed, `w = d * q` (Q8_0).
     Q8,
+    /// 4-bit indices into `IQ4_LEVELS`, `w = d * IQ4_LEVELS[q]` (IQ4_NL, and IQ4_XS per
+    /// 32-value sub-block).
+    Q4Table,
     /// Floats, as GGML stores them.
     F32,
     F16,
@@ -72,7 +81,11 @@ pub enum Layout {
 
 impl Layout {
     /// The layout GGML's `dtype` is repacked into, if the kernels handle it.
-    pub fn of(dtype: GgmlDType) -> Option<Layout> {
+    pub fn of(dtype: BlockType) -> Option<Layout> {
+        let dtype = match dtype {
+            BlockType::IQ4NL | BlockType::IQ4XS => return Some(Layout::Q4Table),
+            BlockType::Ggml(t) => t,
+        };
         Some(match dtype {
             GgmlDType::Q4_0 => Layout::Q4Offset,
             GgmlDType::Q4_1 | GgmlDType::Q4K => Layout::Q4Min,
@@ -177,6 +190,11 @@ impl Layout {
         self.high_bits() * QUAD_VEC
     }
 }
+
+/// IQ4_NL's 16 levels (GGML's `kvalues_iq4nl`), which IQ4_XS shares.
+pub const IQ4_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Per-block factors of a weight matrix (scales or minimums): per group of rows and
 /// block, the group's rows' factors.
@@ -301,7 +319,8 @@ impl QWeight {
     }
 
     /// Whether the kernels handle `dtype` with rows of `cols` values.
-    pub fn handles(dtype: GgmlDType, cols: usize) -> bool {
+    pub fn handles(dtype: impl Into<BlockType>, cols: usize) -> bool {
+        let dtype = dtype.into();
         Layout::of(dtype).is_some_and(|l| {
             cols.is_multiple_of(dtype.block_size()) && cols.is_multiple_of(l.granule())
         })
@@ -344,31 +363,37 @@ impl QWeight {
     }
 
     /// Repacks GGML blocks of `dtype` holding `rows x cols` values.
-    pub fn from_ggml(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+    pub fn from_ggml(
+        dtype: impl Into<BlockType>,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+    ) -> Result<Self> {
         Self::from_ggml_releasing(dtype, rows, cols, data, &mut |_| {})
     }
 
     /// As `from_ggml`, calling `done` with each range of `data` once it is read, in
     /// order, a few hundred KiB at a time (a loader drops those pages of its file map).
     pub fn from_ggml_releasing(
-        dtype: GgmlDType,
+        dtype: impl Into<BlockType>,
         rows: usize,
         cols: usize,
         data: &[u8],
         done: &mut dyn FnMut(std::ops::Range<usize>),
     ) -> Result<Self> {
+        let dtype = dtype.into();
         let layout = match Layout::of(dtype) {
             Some(layout) if Self::handles(dtype, cols) => layout,
             _ => {
                 return Err(Error::Unsupported(format!(
-                    "CPU kernels do not handle {dtype:?} rows of {cols} values"
+                    "CPU kernels do not handle {dtype} rows of {cols} values"
                 )))
             }
         };
         let expected = rows * cols / dtype.block_size() * dtype.type_size();
         if data.len() != expected {
             return Err(Error::Compute(format!(
-                "{dtype:?} weights of {rows}x{cols} need {expected} bytes, got {}",
+                "{dtype} weights of {rows}x{cols} need {expected} bytes, got {}",
                 data.len()
             )));
         }
@@ -443,8 +468,11 @@ impl QWeight {
         let last = rows.saturating_sub(1) / rows_per_release * rows_per_release;
         done(last * src_row..rows * src_row);
         // Scales exact in f16 stay f16: every type's but the sub-block products of
-        // Q4_K and Q5_K.
-        let half = !matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K);
+        // Q4_K, Q5_K and IQ4_XS.
+        let half = !matches!(
+            dtype,
+            BlockType::Ggml(GgmlDType::Q4K | GgmlDType::Q5K) | BlockType::IQ4XS
+        );
         w.d = Scales::new(d, half);
         w.m = Scales::new(m, half);
         Ok(w)
@@ -524,6 +552,9 @@ impl QWeight {
             let mut v = (self.qs[low] >> shift) & ((1 << lb) - 1);
             if h > 0 {
                 v |= ((self.qh[high] >> hshift) & ((1 << h) - 1)) << lb;
+            }
+            if self.layout == Layout::Q4Table {
+                return IQ4_LEVELS[v as usize];
             }
             v as i8 - self.layout.offset()
         })
@@ -642,8 +673,22 @@ impl QWeight {
     }
 }
 
+/// A tensor of `dtype` with `shape` (candle's order) as f32 values, exactly as GGML
+/// dequantizes it: for the types candle cannot hold (IQ4) where something other than
+/// these kernels needs their values.
+pub fn dequantize(dtype: BlockType, shape: &[usize], data: &[u8]) -> Result<Vec<f32>> {
+    let cols = shape.last().copied().unwrap_or(1);
+    let rows = shape.iter().rev().skip(1).product::<usize>();
+    let w = QWeight::from_ggml(dtype, rows, cols, data)?;
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+        w.dequantize_row(r, row);
+    }
+    Ok(out)
+}
+
 /// Sub-block `j` (of 32 values) of GGML block `blk` of type `dtype`.
-fn unpack(dtype: GgmlDType, blk: &[u8], j: usize) -> Unpacked {
+fn unpack(dtype: BlockType, blk: &[u8], j: usize) -> Unpacked {
     let mut u = Unpacked {
         q: [0; QK],
         d: f16_at(blk, 0),
@@ -658,6 +703,25 @@ fn unpack(dtype: GgmlDType, blk: &[u8], j: usize) -> Unpacked {
             q[l] = b & 0x0F;
             q[l + 16] = b >> 4;
         }
+    };
+    let dtype = match dtype {
+        BlockType::IQ4NL => {
+            nibbles(&mut u.q, &blk[2..]);
+            return u;
+        }
+        BlockType::IQ4XS => {
+            // d, the 6-bit sub-block scales' high bit pairs (a u16, pair j for
+            // sub-block j) and low nibbles (4 bytes, two sub-blocks each), then 16
+            // bytes of nibbles per sub-block. The scale is `d * (s - 32)`, exact in
+            // f32.
+            let high = u16::from_le_bytes([blk[2], blk[3]]);
+            let s =
+                ((blk[4 + j / 2] >> (4 * (j % 2))) & 0x0F) | ((((high >> (2 * j)) & 3) as u8) << 4);
+            u.d *= s as f32 - 32.0;
+            nibbles(&mut u.q, &blk[8 + 16 * j..]);
+            return u;
+        }
+        BlockType::Ggml(t) => t,
     };
     match dtype {
         GgmlDType::Q4_0 => nibbles(&mut u.q, &blk[2..]),
@@ -820,6 +884,53 @@ mod tests {
                 assert_eq!(&got, row, "{dtype:?} row {r}");
             }
         }
+    }
+
+    /// IQ4 blocks packed here from GGML's layout (`block_iq4_nl`, `block_iq4_xs`):
+    /// value `e` of sub-block `j` has index `(3 * e + j) % 16`, IQ4_XS's sub-block `j`
+    /// the 6-bit scale `5 + 7 * j` (high bits set from sub-block 4 on).
+    #[test]
+    fn iq4_blocks_dequantize_as_ggml_defines_them() {
+        let index = |j: usize, e: usize| (3 * e + j) % 16;
+        let nibbles = |j: usize| -> Vec<u8> {
+            (0..16)
+                .map(|l| (index(j, l) | (index(j, l + 16) << 4)) as u8)
+                .collect()
+        };
+        let d = f16::from_f32(0.375);
+        // IQ4_NL: two rows of two blocks, block b as sub-block j = b + 2 * row.
+        let mut nl = Vec::new();
+        for j in 0..4 {
+            nl.extend_from_slice(&d.to_le_bytes());
+            nl.extend(nibbles(j));
+        }
+        let got = dequantize(BlockType::IQ4NL, &[2, 64], &nl).unwrap();
+        for (i, &v) in got.iter().enumerate() {
+            let (j, e) = (i / 32, i % 32);
+            assert_eq!(
+                v,
+                0.375 * IQ4_LEVELS[index(j, e)] as f32,
+                "IQ4_NL value {i}"
+            );
+        }
+        // IQ4_XS: one super-block of eight sub-blocks.
+        let scale = |j: usize| 5 + 7 * j;
+        let mut xs = d.to_le_bytes().to_vec();
+        let high: u16 = (0..8).map(|j| ((scale(j) >> 4) as u16) << (2 * j)).sum();
+        xs.extend(high.to_le_bytes());
+        xs.extend((0..4).map(|p| ((scale(2 * p) & 15) | ((scale(2 * p + 1) & 15) << 4)) as u8));
+        for j in 0..8 {
+            xs.extend(nibbles(j));
+        }
+        let got = dequantize(BlockType::IQ4XS, &[1, 256], &xs).unwrap();
+        for (i, &v) in got.iter().enumerate() {
+            let (j, e) = (i / 32, i % 32);
+            let dl = 0.375 * (scale(j) as f32 - 32.0);
+            assert_eq!(v, dl * IQ4_LEVELS[index(j, e)] as f32, "IQ4_XS value {i}");
+        }
+        // IQ4_XS rows need whole super-blocks; both need the bytes their shape does.
+        assert!(dequantize(BlockType::IQ4XS, &[1, 32], &xs[..18]).is_err());
+        assert!(dequantize(BlockType::IQ4NL, &[2, 64], &nl[..71]).is_err());
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!
 //! Weights multiply unsigned: two- to six-bit integers as stored (`q - offset`
 //! becomes `q * x - offset * sum(x)`, with the activations' exact block sums), Q8_0's
-//! signed ones as `|w| * (x * sign(w))`. The two paths differ only in the integer
+//! signed ones, and IQ4's levels (looked up from their 4-bit indices by a byte
+//! shuffle), as `|w| * (x * sign(w))`. The two paths differ only in the integer
 //! dot of 4-value lanes: AVX2 multiplies to 16-bit pairs and adds those (`maddubs` +
 //! `madd`); AVX-512 VNNI does it in one instruction. The pairs never saturate
 //! (|w| <= 128, |x| <= 127, two products), so both give the same integers.
@@ -27,7 +28,7 @@ macro_rules! x86_path {
 
         use crate::kernels::acts::Acts;
         use crate::kernels::generic::hsum8;
-        use crate::kernels::weights::{Layout, QWeight, GROUP};
+        use crate::kernels::weights::{Layout, QWeight, GROUP, IQ4_LEVELS};
         use crate::kernels::Out;
 
         /// `out(i, k)` = weight row `k` times activation row `i`, for the tile's
@@ -51,6 +52,8 @@ macro_rules! x86_path {
                 (Layout::Q3Halves, true) => tile_of::<Q3_HALVES, true>(w, rows, a, out),
                 (Layout::Q6Halves, true) => tile_of::<Q6_HALVES, true>(w, rows, a, out),
                 (Layout::Q8, true) => tile_of::<SIGNED8, true>(w, rows, a, out),
+                (Layout::Q4Table, true) => tile_of::<TABLE4, true>(w, rows, a, out),
+                (Layout::Q4Table, false) => tile_of::<TABLE4, false>(w, rows, a, out),
                 _ => return false,
             }
             true
@@ -66,6 +69,13 @@ macro_rules! x86_path {
         const SIGNED8: u8 = 5;
         const Q2_HALVES: u8 = 6;
         const Q3_HALVES: u8 = 7;
+        const TABLE4: u8 = 8;
+
+        /// IQ4's sixteen levels, the table a byte shuffle looks the indices up in.
+        #[inline]
+        unsafe fn iq4_levels() -> __m128i {
+            _mm_loadu_si128(IQ4_LEVELS.as_ptr() as *const __m128i)
+        }
 
         const fn layout(l: u8) -> Layout {
             match l {
@@ -76,6 +86,7 @@ macro_rules! x86_path {
                 Q6_HALVES => Layout::Q6Halves,
                 Q2_HALVES => Layout::Q2Halves,
                 Q3_HALVES => Layout::Q3Halves,
+                TABLE4 => Layout::Q4Table,
                 _ => Layout::Q8,
             }
         }
@@ -360,6 +371,7 @@ pub mod avx2 {
         let crumb = _mm256_set1_epi8(0x03);
         let high_mask = _mm256_set1_epi8((((1u32 << hb) - 1) << lbits) as i8);
         let offset = lay.offset() as i32;
+        let levels = _mm256_broadcastsi128_si256(iq4_levels());
         let mut acc = [_mm256_setzero_ps(); R];
         let mut summ = [_mm256_setzero_ps(); R];
         for b in 0..nb {
@@ -371,8 +383,8 @@ pub mod avx2 {
             for line in (0..lb).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(lo.wrapping_add(4 * lb + line) as *const i8);
             }
-            // The eight quads of the eight rows, unsigned (Q8: |w|), and for Q8
-            // the signed values whose signs the activations take.
+            // The eight quads of the eight rows, unsigned (Q8 and IQ4: |w|), and for
+            // those the signed values whose signs the activations take.
             let mut wq = [_mm256_setzero_si256(); 8];
             let mut ws = [_mm256_setzero_si256(); 8];
             if L == SIGNED8 {
@@ -393,6 +405,12 @@ pub mod avx2 {
                     let raw = _mm256_loadu_si256(lo.add(v * QUAD_VEC) as *const __m256i);
                     wq[v] = _mm256_and_si256(raw, nibble);
                     wq[v + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                }
+            }
+            if L == TABLE4 {
+                for q in 0..8 {
+                    ws[q] = _mm256_shuffle_epi8(levels, wq[q]);
+                    wq[q] = _mm256_sign_epi8(ws[q], ws[q]);
                 }
             }
             if hb > 0 {
@@ -428,7 +446,7 @@ pub mod avx2 {
                 let mut half = [_mm256_setzero_si256(); 2];
                 for q in 0..8 {
                     let xb = _mm256_set1_epi32((x.add(4 * q) as *const i32).read_unaligned());
-                    let xv = if L == SIGNED8 {
+                    let xv = if L == SIGNED8 || L == TABLE4 {
                         _mm256_sign_epi8(xb, ws[q])
                     } else {
                         xb
@@ -597,7 +615,9 @@ pub mod avx512 {
 
     /// Group `g`'s sixteen weight rows times activation rows `i..i + R`: per
     /// activation row, the rows' results (the steps of `avx2::micro`, sixteen lanes
-    /// wide; Q8_0's signs by mask, AVX-512 having no byte `sign`).
+    /// wide; Q8_0's signs by mask, AVX-512 having no byte `sign`; IQ4's levels
+    /// offset by 128 instead of signed, as AVX2's pairs could saturate on them but
+    /// VNNI's sums cannot: the integers are the same).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
     #[inline(never)]
     unsafe fn micro<const L: u8, const H: bool, const R: usize>(
@@ -625,8 +645,18 @@ pub mod avx512 {
         let nibble = _mm512_set1_epi8(0x0F);
         let crumb = _mm512_set1_epi8(0x03);
         let high_mask = _mm512_set1_epi8((((1u32 << hb) - 1) << lbits) as i8);
-        let offset = lay.offset() as i32;
+        // IQ4's levels go in as unsigned bytes, 128 up (VNNI's products never
+        // saturate), and come off with the activations' sum, as an offset does.
+        let offset = if L == TABLE4 {
+            128
+        } else {
+            lay.offset() as i32
+        };
         let zero = _mm512_setzero_si512();
+        let levels = _mm512_xor_si512(
+            _mm512_broadcast_i32x4(iq4_levels()),
+            _mm512_set1_epi8(i8::MIN),
+        );
         let mut acc = [_mm512_setzero_ps(); R];
         let mut summ = [_mm512_setzero_ps(); R];
         for b in 0..w.nb {
@@ -656,6 +686,11 @@ pub mod avx512 {
                     let raw = _mm512_loadu_si512(lo.add(v * QUAD_VEC) as *const _);
                     wq[v] = _mm512_and_si512(raw, nibble);
                     wq[v + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+                }
+            }
+            if L == TABLE4 {
+                for w in wq.iter_mut() {
+                    *w = _mm512_shuffle_epi8(levels, *w);
                 }
             }
             if hb > 0 {

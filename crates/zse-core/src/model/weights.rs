@@ -6,12 +6,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::ops::cpu::with_f32;
 use super::ops::{Backend, Ops};
 use crate::error::{Error, Result};
+use crate::format::BlockType;
 use crate::kernels::{KernelPath, QWeight};
 
 /// Where the model reads its tensors from (a `.zse` file, or a test's memory).
@@ -28,7 +29,7 @@ pub trait TensorSource {
 
 /// A tensor's bytes as its source maps them.
 pub struct RawTensor<'a> {
-    pub dtype: GgmlDType,
+    pub dtype: BlockType,
     /// `[out, in]` for a matrix, as `load` gives it.
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
