@@ -26,7 +26,7 @@ def main() -> None:
     # The peer's memory: a KV cache of llama.cpp's n_ctx=2048 positions in f16
     # (without a bound the prefix cache keeps every finished sequence, up to the
     # default budget). Prompts in one step, as llama.cpp's n_batch=512 does.
-    c = json.loads(zse._core.inspect(model))["config"]
+    c = zse.inspect(model, tokenizer=False)["config"]
     kv_bytes = LLAMA_N_CTX * c["num_layers"] * 2 * c["num_kv_heads"] * c["head_dim"] * 2
     engine = zse.Engine(model, kv_cache_mb=kv_bytes / 2**20, max_batch_tokens=max(512, len(prompt)))
     stream = engine.stream(

@@ -218,6 +218,10 @@ def test_info_describes_the_default_model(default_model: Path) -> None:
     assert "im_start" in info["chat_template"]
     assert info["source"]["source_name"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert len(info["source"]["source_sha256"]) == 64
+    # Without the tokenizer (read only when asked), the rest is the same.
+    lean = zse.inspect(default_model, tokenizer=False)
+    assert lean["tokenizer"] is None
+    assert lean == {**info, "tokenizer": None}
 
 
 def test_missing_source(tmp_path: Path) -> None:

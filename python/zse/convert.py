@@ -73,9 +73,11 @@ def convert(
     return result
 
 
-def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What is inside a ``.zse`` file (architecture, quantization, tokenizer, ...)."""
-    info: dict[str, Any] = json.loads(_core.inspect(str(path)))
+def inspect(path: str | os.PathLike[str], *, tokenizer: bool = True) -> dict[str, Any]:
+    """What is inside a ``.zse`` file (architecture, quantization, tokenizer, ...).
+    With ``tokenizer=False`` the tokenizer is not read (its ``"tokenizer"`` entry is
+    None): a large vocabulary takes most of a second to read."""
+    info: dict[str, Any] = json.loads(_core.inspect(str(path), tokenizer))
     return info
 
 

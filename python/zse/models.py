@@ -140,7 +140,7 @@ def _made_by_this_converter(path: Path) -> bool:
     """Whether a cached ``.zse`` file is what this converter writes from its source
     with the source's block types kept; a file it cannot read counts as stale."""
     try:
-        info = inspect(path)
+        info = inspect(path, tokenizer=False)
     except (OSError, _core.ZseError):
         return False
     source = info["source"]

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod grammar;
+pub mod heap;
 pub mod kernels;
 pub mod kv;
 pub mod model;

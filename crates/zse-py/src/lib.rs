@@ -552,12 +552,22 @@ fn convert(
     .to_string())
 }
 
-/// What is inside a `.zse` file, as a JSON object string, without loading weights.
+/// What is inside a `.zse` file, as a JSON object string, without loading weights;
+/// the tokenizer's type and size only where `tokenizer` asks (reading Gemma 3's
+/// 262k-token vocabulary takes most of a second, which checking a cached file's
+/// provenance before loading it should not spend).
 #[pyfunction]
-fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+#[pyo3(signature = (path, tokenizer = true))]
+fn inspect(py: Python<'_>, path: PathBuf, tokenizer: bool) -> PyResult<String> {
     let f = py.detach(|| ZseFile::open(&path)).map_err(to_py)?;
-    // Parsed once (Gemma's 262k-token vocabulary with 513k merges takes a while).
-    let tok = zse_core::text::Tokenizer::from_json(&f.tokenizer_json).map_err(to_py)?;
+    let tokenizer = if tokenizer {
+        let tok = py
+            .detach(|| zse_core::text::Tokenizer::from_json(&f.tokenizer_json))
+            .map_err(to_py)?;
+        serde_json::json!({"type": tok.model_type(), "vocab_size": tok.vocab_size()})
+    } else {
+        serde_json::Value::Null
+    };
     let types = f.tensor_types();
     Ok(serde_json::json!({
         "name": f.name,
@@ -566,7 +576,7 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
         "quantization": f.quantization,
         "tensor_types": types,
         "file_size": f.gguf().file_size(),
-        "tokenizer": {"type": tok.model_type(), "vocab_size": tok.vocab_size()},
+        "tokenizer": tokenizer,
         "chat_template": f.chat_template,
         "bos_token_id": f.bos_token_id,
         "eos_token_ids": f.eos_token_ids,

@@ -75,7 +75,7 @@ impl Engine {
                 format!("{fraction} (expected more than 0, at most 1)"),
             ));
         }
-        let file = ZseFile::open(path)?;
+        let mut file = ZseFile::open(path)?;
         let kv_budget = match opts.kv_cache_bytes {
             Some(_) => KvBudgetSource::Given,
             None => match gpu_memory(&opts.device)? {
@@ -109,6 +109,9 @@ impl Engine {
             .as_deref()
             .map(ChatTemplate::new)
             .transpose()?;
+        // Moved into the tokenizer's thread, and freed there once read (megabytes for
+        // a large vocabulary) rather than held until the weights are loaded.
+        let tokenizer_json = std::mem::take(&mut file.tokenizer_json);
         let tensors = ZseTensors {
             file: &file,
             device: &opts.device,
@@ -117,7 +120,13 @@ impl Engine {
         // The tokenizer is built on a thread of its own while the weights load: a
         // large vocabulary (Gemma 3's 262k tokens) takes about as long as the weights.
         let (tokenizer, model) = std::thread::scope(|s| {
-            let tokenizer = s.spawn(|| Tokenizer::from_json(&file.tokenizer_json));
+            let tokenizer = s.spawn(move || {
+                let tokenizer = Tokenizer::from_json(&tokenizer_json);
+                drop(tokenizer_json);
+                // Its build's garbage, handed back while the weights still load.
+                crate::heap::trim();
+                tokenizer
+            });
             let model = Model::load(
                 &file.config,
                 &tensors,
@@ -162,6 +171,7 @@ impl Engine {
             kv_budget,
         };
         drop(file);
+        crate::heap::trim();
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let window_blocks = limits.kv_window.map_or(0, |w| w.blocks);

@@ -60,13 +60,19 @@ impl std::fmt::Debug for GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_without(path, |_| false)
+    }
+
+    /// As `open`, with the metadata keys `skip` names passed over unread (checked
+    /// for bounds, never built: no allocation for what the caller does not use).
+    pub fn open_without(path: &Path, skip: fn(&str) -> bool) -> Result<Self> {
         let shown = path.display().to_string();
         let file = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
         // SAFETY: the map is read-only and private to this process; a file truncated
         // underneath us by another process is the one hazard mmap cannot rule out.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&shown, e))?;
         let len = map.len();
-        Self::from_map(shown, map, len, true)
+        Self::from_map(shown, map, len, true, skip)
     }
 
     /// A file held in memory (the fuzz target and tests), named `name` in errors.
@@ -75,13 +81,19 @@ impl GgufFile {
         let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
         map[..bytes.len()].copy_from_slice(bytes);
         let map = map.make_read_only().map_err(io)?;
-        Self::from_map(name.to_string(), map, bytes.len(), false)
+        Self::from_map(name.to_string(), map, bytes.len(), false, |_| false)
     }
 
     /// The file in the first `len` bytes of `map`.
-    fn from_map(shown: String, map: memmap2::Mmap, len: usize, file_backed: bool) -> Result<Self> {
+    fn from_map(
+        shown: String,
+        map: memmap2::Mmap,
+        len: usize,
+        file_backed: bool,
+        skip: fn(&str) -> bool,
+    ) -> Result<Self> {
         let (version, metadata, tensors) =
-            parse(&map[..len]).map_err(|message| Error::invalid_file(&shown, message))?;
+            parse(&map[..len], skip).map_err(|message| Error::invalid_file(&shown, message))?;
         Ok(Self {
             path: shown,
             map,
@@ -285,11 +297,49 @@ impl<'a> Reader<'a> {
             t => return Err(format!("unknown metadata value type {t}")),
         })
     }
+
+    /// Moves past a value as `value` would read it, building nothing.
+    fn skip(&mut self, type_code: u32, depth: usize) -> ParseResult<()> {
+        let fixed = |t: u32| match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        match type_code {
+            8 => {
+                let n = self.count("string value", 1)?;
+                self.take(n, "string value")?;
+            }
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err("arrays nested too deeply".into());
+                }
+                let item_type = self.u32("array item type")?;
+                let n = self.count("array length", 1)?;
+                match fixed(item_type) {
+                    // Within the file: `count` checked n bytes, so n * 8 cannot overflow.
+                    Some(size) => drop(self.take(n * size, "array")?),
+                    None => {
+                        for _ in 0..n {
+                            self.skip(item_type, depth + 1)?;
+                        }
+                    }
+                }
+            }
+            t => match fixed(t) {
+                Some(size) => drop(self.take(size, "value")?),
+                None => return Err(format!("unknown metadata value type {t}")),
+            },
+        }
+        Ok(())
+    }
 }
 
 type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>);
 
-fn parse(buf: &[u8]) -> ParseResult<Parsed> {
+fn parse(buf: &[u8], skip: fn(&str) -> bool) -> ParseResult<Parsed> {
     let mut r = Reader { buf, pos: 0 };
     let magic = r
         .take(4, "magic")
@@ -310,6 +360,10 @@ fn parse(buf: &[u8]) -> ParseResult<Parsed> {
     for _ in 0..n_kv {
         let key = r.string("metadata key")?;
         let t = r.u32("metadata type")?;
+        if skip(&key) {
+            r.skip(t, 0).map_err(|e| format!("metadata '{key}': {e}"))?;
+            continue;
+        }
         let v = r
             .value(t, 0)
             .map_err(|e| format!("metadata '{key}': {e}"))?;
@@ -413,7 +467,7 @@ mod tests {
     #[test]
     fn parses_what_candle_writes() {
         let buf = tiny_file();
-        let (version, md, tensors) = parse(&buf).unwrap();
+        let (version, md, tensors) = parse(&buf, |_| false).unwrap();
         assert_eq!(version, 2);
         assert!(matches!(md.get("general.architecture"), Some(Value::String(s)) if s == "llama"));
         assert_eq!(tensors[0].shape, vec![2, 32]);
@@ -424,7 +478,10 @@ mod tests {
     fn every_truncation_is_an_error_not_a_panic() {
         let buf = tiny_file();
         for cut in 0..buf.len() {
-            assert!(parse(&buf[..cut]).is_err(), "cut at {cut} parsed");
+            assert!(
+                parse(&buf[..cut], |_| false).is_err(),
+                "cut at {cut} parsed"
+            );
         }
     }
 
@@ -435,8 +492,38 @@ mod tests {
             for bit in [0u8, 3, 7] {
                 let mut b = buf.clone();
                 b[i] ^= 1 << bit;
-                let _ = parse(&b);
+                let _ = parse(&b, |_| false);
             }
+        }
+    }
+
+    #[test]
+    fn skipped_keys_are_passed_over_and_still_checked() {
+        let t = candle_core::Tensor::arange(0f32, 64., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 32))
+            .unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let words = Value::Array(vec![Value::String("ab".into()), Value::String("c".into())]);
+        let nested = Value::Array(vec![Value::Array(vec![Value::F32(1.0), Value::F32(2.0)])]);
+        let (flag, arch) = (Value::Bool(true), Value::String("llama".into()));
+        let md = [
+            ("tok.words", &words),
+            ("general.architecture", &arch),
+            ("tok.nested", &nested),
+            ("tok.flag", &flag),
+        ];
+        let data = crate::format::gguf_write::TensorData::of_qtensor("w", &q).unwrap();
+        let mut buf = Vec::new();
+        crate::format::gguf_write::write(&mut buf, &md, &[data]).unwrap();
+        let skip = |k: &str| k.starts_with("tok.");
+        let (_, all, tensors) = parse(&buf, |_| false).unwrap();
+        let (_, kept, same) = parse(&buf, skip).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["general.architecture"]);
+        assert_eq!(format!("{tensors:?}"), format!("{same:?}"));
+        for cut in 0..buf.len() {
+            assert!(parse(&buf[..cut], skip).is_err(), "cut at {cut} parsed");
         }
     }
 
@@ -444,6 +531,6 @@ mod tests {
     fn wrong_magic_is_named() {
         let mut buf = tiny_file();
         buf[0] = b'X';
-        assert!(parse(&buf).unwrap_err().contains("magic"));
+        assert!(parse(&buf, |_| false).unwrap_err().contains("magic"));
     }
 }

@@ -65,7 +65,12 @@ pub struct ZseFile {
 
 impl ZseFile {
     pub fn open(path: &Path) -> Result<Self> {
-        Self::from_gguf(GgufFile::open(path)?)
+        // The GGUF tokenizer's arrays, kept for llama.cpp's sake, are not what ZSE
+        // reads (`zse.tokenizer_json` is): passed over, not built (Gemma 3's hold
+        // 800k values, which would sit in memory beside the weights as they load).
+        Self::from_gguf(GgufFile::open_without(path, |k| {
+            k.starts_with("tokenizer.ggml.")
+        })?)
     }
 
     /// A file held in memory (the fuzz target and tests), named `name` in errors.
@@ -73,7 +78,7 @@ impl ZseFile {
         Self::from_gguf(GgufFile::from_bytes(name, bytes)?)
     }
 
-    fn from_gguf(gguf: GgufFile) -> Result<Self> {
+    fn from_gguf(mut gguf: GgufFile) -> Result<Self> {
         let p = gguf.path().to_string();
         let version = gguf.get_u64(keys::FORMAT_VERSION).ok_or_else(|| {
             Error::invalid_file(&p, "this is a GGUF file but not a .zse file (no zse.* metadata); run `zse convert` on it first")
@@ -100,6 +105,16 @@ impl ZseFile {
                 .collect(),
             _ => Vec::new(),
         };
+        // Moved out rather than copied: it is megabytes for a large vocabulary.
+        let tokenizer_json = match gguf.metadata.remove(keys::TOKENIZER_JSON) {
+            Some(Value::String(s)) => s,
+            _ => {
+                return Err(Error::invalid_file(
+                    &p,
+                    format!("{} is missing", keys::TOKENIZER_JSON),
+                ))
+            }
+        };
         let opt_str = |k: &str| gguf.get_str(k).map(str::to_string).unwrap_or_default();
         Ok(Self {
             config,
@@ -107,7 +122,7 @@ impl ZseFile {
                 .get_str(keys::MODEL_NAME)
                 .unwrap_or("model")
                 .to_string(),
-            tokenizer_json: need_str(keys::TOKENIZER_JSON)?,
+            tokenizer_json,
             chat_template: gguf.get_str(keys::CHAT_TEMPLATE).map(str::to_string),
             bos_token_id: gguf.get_u64(keys::BOS_TOKEN_ID).map(|v| v as u32),
             add_bos_token: matches!(gguf.get(keys::ADD_BOS_TOKEN), Some(Value::Bool(true))),
