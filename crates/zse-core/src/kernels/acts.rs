@@ -79,14 +79,30 @@ impl Acts {
 /// One row: llama.cpp's x86 rounding (scale by 127 / max, round half to even), the
 /// scale and the scaled sum rounded through f16.
 fn quantize_row(row: &[f32], qs: &mut [QBlock], sums: &mut [BlockSums]) {
+    // Written so that the compiler vectorises it (eight lanes of maxima; each half's
+    // values and sum in one loop without a data-dependent index): a prefill's
+    // activations are millions of values, and the scalar loop cost a fifth of it.
     for ((chunk, q), out) in row.chunks_exact(QK).zip(qs).zip(sums) {
-        let amax = chunk.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+        let mut lanes = [0f32; 8];
+        for c in chunk.chunks_exact(8) {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v.abs());
+            }
+        }
+        // The largest magnitude, whatever the order it is found in.
+        let amax = lanes.iter().fold(0f32, |acc, &v| acc.max(v));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut halves = [0i32; 2];
-        for (j, (q, &v)) in q.0.iter_mut().zip(chunk).enumerate() {
-            *q = (v * id).round_ties_even() as i8;
-            halves[j / 16] += *q as i32;
+        for ((qh, xh), sum) in
+            q.0.chunks_exact_mut(16)
+                .zip(chunk.chunks_exact(16))
+                .zip(&mut halves)
+        {
+            for (q, &v) in qh.iter_mut().zip(xh) {
+                *q = (v * id).round_ties_even() as i8;
+                *sum += *q as i32;
+            }
         }
         let sum = halves[0] + halves[1];
         let d16 = f16::from_f32(d).to_f32();
@@ -103,6 +119,32 @@ fn quantize_row(row: &[f32], qs: &mut [QBlock], sums: &mut [BlockSums]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_the_scaled_values_rounded_half_to_even() {
+        // Against the plain definition, on values with exact halves after scaling
+        // (127 / 63.5 = 2: 0.25 -> 0.5 -> 0, 0.75 -> 1.5 -> 2) and both signs.
+        let x: Vec<f32> = (0..64)
+            .map(|i| match i % 5 {
+                0 => 63.5,
+                1 => 0.25,
+                2 => -0.75,
+                3 => -(i as f32) / 3.0,
+                _ => i as f32 * 0.37,
+            })
+            .collect();
+        let a = Acts::quantize(&x, 1);
+        for (b, blk) in a.row(0).iter().enumerate() {
+            let chunk = &x[32 * b..32 * b + 32];
+            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (j, &q) in blk.0.iter().enumerate() {
+                let want = (chunk[j] * (127.0 / amax)).round_ties_even() as i8;
+                assert_eq!(q, want, "block {b} value {j}");
+            }
+        }
+        assert_eq!(a.row(0)[0].0[1], 0);
+        assert_eq!(a.row(0)[0].0[2], -2);
+    }
 
     #[test]
     fn blocks_round_trip_within_half_a_step() {

@@ -227,11 +227,11 @@ fn attend_rows(
         for (t, (r, inv)) in queries.iter().zip(inv.iter_mut()).enumerate() {
             let sc = &mut scores[t * span..t * span + r.visible];
             let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
+            // The exponentials apart from their (ordered) sum, so that they vectorise.
             for x in sc.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
+                *x = super::elementwise::exp(*x - max);
             }
+            let sum = sc.iter().fold(0f32, |sum, &x| sum + x);
             *inv = 1.0 / sum;
         }
         if !(allow_fast && fast::values(v, &view, queries, scores, &inv, &mut out)) {
