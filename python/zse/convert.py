@@ -6,11 +6,12 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 Quant = Literal["int4", "int8", "fp16", "keep", "q4_0", "q4_1", "q4_k", "q8_0"]
 
@@ -48,6 +49,9 @@ def convert(
         if not progress:
             return
         if bar is None:
+            # Imported here: it takes tens of milliseconds of every start otherwise.
+            from tqdm import tqdm
+
             desc = f"convert ({quant or 'default'})"
             bar = tqdm(total=total, unit="tensor", desc=desc, disable=None)
         bar.n = done
