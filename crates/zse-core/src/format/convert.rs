@@ -281,11 +281,16 @@ fn gguf_source(path: &Path) -> Result<Source> {
         default_quant: Quant::Keep,
         hashed_files: vec![path.to_path_buf()],
         loader: Box::new(move |n| match g.tensor_info(n) {
-            Some(info) if info.dtype.candle().is_none() => Ok(Stored::Bytes {
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                bytes: g.tensor_bytes(info).to_vec(),
-            }),
+            Some(info) if info.dtype.candle().is_none() => {
+                let bytes = g.tensor_bytes(info).to_vec();
+                // Copied: the map's pages go, as `qtensor` lets them.
+                g.release(info, 0..info.len);
+                Ok(Stored::Bytes {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes,
+                })
+            }
             _ => g.qtensor(n, &Device::Cpu).map(Stored::Candle),
         }),
         extra_tensors: Vec::new(),

@@ -240,11 +240,10 @@ mod tests {
     /// candle cannot quantize) random blocks, every index and sub-block scale.
     fn weights(kind: BlockType, rows: usize, cols: usize, seed: u64) -> (QWeight, Vec<f32>) {
         let Some(dtype) = kind.candle() else {
-            let bytes: Vec<u8> = (0..rows * cols / kind.block_size() * kind.type_size())
+            let mut bytes: Vec<u8> = (0..rows * cols / kind.block_size() * kind.type_size())
                 .map(|i| hash(i, seed) as u8)
                 .collect();
             // Each block's f16 scale a modest one (bytes 0..2 of every block).
-            let mut bytes = bytes;
             for blk in bytes.chunks_exact_mut(kind.type_size()) {
                 let d = half::f16::from_f32(0.002 + (blk[2] % 50) as f32 * 1e-4);
                 blk[..2].copy_from_slice(&d.to_le_bytes());

@@ -26,8 +26,8 @@
 //!
 //! IQ4_NL and IQ4_XS store 4-bit indices into 16 fixed signed levels: the low plane
 //! keeps the indices, and the kernels look the levels up (one byte shuffle) and
-//! multiply them as Q8_0's signed bytes; IQ4_XS's 6-bit sub-block scales times its
-//! f16 scale are kept in f32, exactly, as Q4_K's.
+//! multiply them as Q8_0's signed bytes (VNNI: 128 up, as an offset); IQ4_XS's 6-bit
+//! sub-block scales times its f16 scale are kept in f32, exactly, as Q4_K's.
 //!
 //! Float weights (F32, F16, BF16) keep GGML's rows as they are; the kernels multiply
 //! them by unquantized activations (`generic::float_dots`).

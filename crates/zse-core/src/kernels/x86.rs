@@ -13,7 +13,8 @@
 //! Weights multiply unsigned: two- to six-bit integers as stored (`q - offset`
 //! becomes `q * x - offset * sum(x)`, with the activations' exact block sums), Q8_0's
 //! signed ones, and IQ4's levels (looked up from their 4-bit indices by a byte
-//! shuffle), as `|w| * (x * sign(w))`. The two paths differ only in the integer
+//! shuffle), as `|w| * (x * sign(w))` (on AVX-512, IQ4's levels 128 up, taken off as
+//! an offset is: the same integers). The two paths differ only in the integer
 //! dot of 4-value lanes: AVX2 multiplies to 16-bit pairs and adds those (`maddubs` +
 //! `madd`); AVX-512 VNNI does it in one instruction. The pairs never saturate
 //! (|w| <= 128, |x| <= 127, two products), so both give the same integers.
