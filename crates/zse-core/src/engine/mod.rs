@@ -109,37 +109,26 @@ impl Engine {
             .as_deref()
             .map(ChatTemplate::new)
             .transpose()?;
-        // Moved into the tokenizer's thread, and freed there once read (megabytes for
-        // a large vocabulary) rather than held until the weights are loaded.
-        let tokenizer_json = std::mem::take(&mut file.tokenizer_json);
+        // The tokenizer is built before the weights load, not beside them: its build
+        // is short-lived garbage of twice its size (Gemma 3's 262k tokens: some 110
+        // MiB over 50), which beside the weights would set the load's peak memory.
+        // The JSON is moved out of the file and freed once read, and the garbage is
+        // handed back before the first weight is read.
+        let tokenizer = Tokenizer::from_json(&std::mem::take(&mut file.tokenizer_json))?;
+        crate::heap::trim();
         let tensors = ZseTensors {
             file: &file,
             device: &opts.device,
         };
         let backend = Backend::select(&opts.device, opts.cpu_kernels.as_deref())?;
-        // The tokenizer is built on a thread of its own while the weights load: a
-        // large vocabulary (Gemma 3's 262k tokens) takes about as long as the weights.
-        let (tokenizer, model) = std::thread::scope(|s| {
-            let tokenizer = s.spawn(move || {
-                let tokenizer = Tokenizer::from_json(&tokenizer_json);
-                drop(tokenizer_json);
-                // Its build's garbage, handed back while the weights still load.
-                crate::heap::trim();
-                tokenizer
-            });
-            let model = Model::load(
-                &file.config,
-                &tensors,
-                context_length,
-                opts.kv_dtype,
-                &opts.device,
-                backend,
-            );
-            let tokenizer = tokenizer.join().unwrap_or_else(|_| {
-                Err(Error::Tokenizer("the tokenizer's reader panicked".into()))
-            });
-            Ok::<_, Error>((tokenizer?, model?))
-        })?;
+        let model = Model::load(
+            &file.config,
+            &tensors,
+            context_length,
+            opts.kv_dtype,
+            &opts.device,
+            backend,
+        )?;
         let tokenizer = Arc::new(tokenizer.with_prompt_bos(prompt_bos));
         if tokenizer.vocab_size() > file.config.vocab_size {
             return Err(Error::invalid_file(

@@ -94,7 +94,7 @@ impl GgufFile {
     ) -> Result<Self> {
         let (version, metadata, tensors) =
             parse(&map[..len], skip).map_err(|message| Error::invalid_file(&shown, message))?;
-        Ok(Self {
+        let file = Self {
             path: shown,
             map,
             len,
@@ -102,7 +102,12 @@ impl GgufFile {
             version,
             metadata,
             tensors,
-        })
+        };
+        // The header is parsed into owned values: its pages (for a `.zse` file, the
+        // tokenizer's JSON, megabytes) are not needed again while the weights load.
+        let header = file.tensors.iter().map(|t| t.start).min().unwrap_or(len);
+        file.drop_pages(0..header);
+        Ok(file)
     }
 
     pub fn path(&self) -> &str {
@@ -147,8 +152,16 @@ impl GgufFile {
     /// whole model at once (the peak resident size would be twice the model's). A
     /// failure only costs memory.
     pub fn release(&self, info: &TensorInfo, range: std::ops::Range<usize>) {
+        let start = info.start + range.start;
+        let len = range.len().min(info.len.saturating_sub(range.start));
+        self.drop_pages(start..start + len);
+    }
+
+    /// Drops the pages of the file's bytes `range` from this process's memory (see
+    /// `release`).
+    fn drop_pages(&self, range: std::ops::Range<usize>) {
         // Dropped pages of an anonymous map would come back as zeros.
-        if !self.file_backed {
+        if !self.file_backed || range.is_empty() {
             return;
         }
         #[cfg(unix)]
@@ -158,12 +171,12 @@ impl GgufFile {
         let _ = unsafe {
             self.map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
-                info.start + range.start,
-                range.len().min(info.len.saturating_sub(range.start)),
+                range.start,
+                range.len(),
             )
         };
         #[cfg(not(unix))]
-        let _ = (info, range);
+        let _ = range;
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
