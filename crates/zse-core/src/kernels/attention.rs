@@ -76,7 +76,7 @@ pub fn paged_attention(
     seqs: &[SeqAttn<'_>],
     h: Heads,
 ) -> Vec<f32> {
-    attention_with(q, tokens, k, v, seqs, h, true)
+    attention_with(q, tokens, k, v, seqs, h, Loops::best())
 }
 
 /// One parallel item: query heads `heads` (all reading KV head `heads.start /
@@ -87,7 +87,7 @@ struct Item {
     rows: Range<usize>,
 }
 
-/// `paged_attention`, with the x86 loops allowed or not (tests compare the two).
+/// `paged_attention` with the given loops (tests compare them).
 fn attention_with(
     q: &[f32],
     tokens: usize,
@@ -95,7 +95,7 @@ fn attention_with(
     v: KvRows<'_>,
     seqs: &[SeqAttn<'_>],
     h: Heads,
-    allow_fast: bool,
+    loops: Loops,
 ) -> Vec<f32> {
     let (hd, nh, nkv) = (h.head_dim, h.num_heads, h.num_kv_heads);
     let groups = nh / nkv;
@@ -138,7 +138,7 @@ fn attention_with(
                     })
                 })
                 .collect();
-            attend_rows(&queries, (k, v), s, it.heads.start / groups, h, allow_fast)
+            attend_rows(&queries, (k, v), s, it.heads.start / groups, h, loops)
         })
         .collect();
     let mut out = vec![0f32; tokens * nh * hd];
@@ -172,7 +172,7 @@ fn attend_rows(
     s: &SeqAttn<'_>,
     g: usize,
     h: Heads,
-    allow_fast: bool,
+    loops: Loops,
 ) -> Vec<f32> {
     let (hd, nkv) = (h.head_dim, h.num_kv_heads);
     debug_assert_eq!(s.slots.len(), s.past + s.n);
@@ -208,7 +208,7 @@ fn attend_rows(
             scores.resize(n * span, 0.0);
         }
         let scores = &mut scores[..n * span];
-        if !(allow_fast && fast::scores(k, &view, queries, scale, scores)) {
+        if !fast::scores(loops, k, &view, queries, scale, scores) {
             for (j, &slot) in view.slots.iter().enumerate() {
                 k.head_into(slot, g, view.width, hd, row);
                 for (t, r) in queries.iter().enumerate() {
@@ -221,25 +221,26 @@ fn attend_rows(
         for (t, r) in queries.iter().enumerate() {
             scores[t * span..t * span + r.first].fill(f32::NEG_INFINITY);
         }
-        // Softmax per row, in position order; the weights stay unnormalised and
-        // `inv` scales each one as the values are summed (a masked key's is 0).
-        let mut inv = vec![0f32; n];
-        for (t, (r, inv)) in queries.iter().zip(inv.iter_mut()).enumerate() {
+        // Softmax per row, in position order, each weight then multiplied by the
+        // inverse of the sum (a masked key's is 0).
+        for (t, r) in queries.iter().enumerate() {
             let sc = &mut scores[t * span..t * span + r.visible];
             let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             // The exponentials apart from their (ordered) sum, so that they vectorise.
             for x in sc.iter_mut() {
                 *x = super::elementwise::exp(*x - max);
             }
-            let sum = sc.iter().fold(0f32, |sum, &x| sum + x);
-            *inv = 1.0 / sum;
+            let inv = 1.0 / sc.iter().fold(0f32, |sum, &x| sum + x);
+            for x in sc.iter_mut() {
+                *x *= inv;
+            }
         }
-        if !(allow_fast && fast::values(v, &view, queries, scores, &inv, &mut out)) {
+        if !fast::values(loops, v, &view, queries, scores, &mut out) {
             for (j, &slot) in view.slots.iter().enumerate() {
                 v.head_into(slot, g, view.width, hd, row);
                 for (t, (r, o)) in queries.iter().zip(out.chunks_exact_mut(hd)).enumerate() {
                     if j < r.visible {
-                        axpy(scores[t * span + j] * inv[t], row, o);
+                        axpy(scores[t * span + j], row, o);
                     }
                 }
             }
@@ -257,31 +258,65 @@ struct HeadView<'a> {
     hd: usize,
 }
 
+/// Which loops run `attend_rows`'s scores and weighted sums: the portable ones, or
+/// x86 forms of them on 256- or 512-bit vectors. Every form gives the portable bits:
+/// lanes hold independent sums, so the vector width changes no order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loops {
+    Portable,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+}
+
+impl Loops {
+    /// The widest this CPU runs.
+    pub(crate) fn best() -> Self {
+        use crate::kernels::KernelPath;
+        static BEST: std::sync::OnceLock<Loops> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if KernelPath::Avx512.supported() {
+                    return Loops::Avx512;
+                }
+                if KernelPath::Avx2.supported() {
+                    return Loops::Avx2;
+                }
+            }
+            Loops::Portable
+        })
+    }
+}
+
 /// The x86 forms of the two loops of `attend_rows`: the same operations in the same
 /// order (a multiply then an add per lane, lanes summed in order, values added in
-/// position order), with each cache row converted in registers and, for a single
-/// query row, the output kept in registers across all positions. They return false
-/// where they do not apply (no AVX2, a head size other than 64 or 128), and the
-/// portable loops run.
+/// position order), with each cache row converted in registers and the outputs of a
+/// few query rows kept in registers across all positions. They return false where
+/// they do not apply (portable loops asked for, a head size other than 64 or 128),
+/// and the portable loops run.
 mod fast {
-    use super::{HeadView, KvRows, Query};
+    use super::{HeadView, KvRows, Loops, Query};
 
-    /// `x86::$f::<HALF, CHUNKS>(args)` for the pool's precision (f16 or not) and a
-    /// head size of 64 or 128 (8 or 16 chunks of 8); `return false` for another.
+    /// `$module::$f::<HALF, CHUNKS>(args)` for the pool's precision (f16 or not)
+    /// and a head size of 64 or 128 (8 or 16 chunks of 8); `return false` for
+    /// another.
     #[cfg(target_arch = "x86_64")]
     macro_rules! by_shape {
-        ($half:expr, $hd:expr, $f:ident($($arg:expr),*)) => {
+        ($half:expr, $hd:expr, $module:ident::$f:ident($($arg:expr),*)) => {
             match ($half, $hd) {
-                (true, 64) => x86::$f::<true, 8>($($arg),*),
-                (true, 128) => x86::$f::<true, 16>($($arg),*),
-                (false, 64) => x86::$f::<false, 8>($($arg),*),
-                (false, 128) => x86::$f::<false, 16>($($arg),*),
+                (true, 64) => $module::$f::<true, 8>($($arg),*),
+                (true, 128) => $module::$f::<true, 16>($($arg),*),
+                (false, 64) => $module::$f::<false, 8>($($arg),*),
+                (false, 128) => $module::$f::<false, 16>($($arg),*),
                 _ => return false,
             }
         };
     }
 
     pub fn scores(
+        loops: Loops,
         k: KvRows<'_>,
         view: &HeadView<'_>,
         queries: &[Query<'_>],
@@ -289,52 +324,71 @@ mod fast {
         scores: &mut [f32],
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if let Some(base) = checked_base(k, view) {
+        if let Some(base) = checked_base(loops, k, view) {
             let span = view.slots.len();
-            // SAFETY: the features were checked at run time, and `checked_base` that
+            let (p, half, hd) = (base.0, base.1, view.hd);
+            // SAFETY: `checked_base` checked the features at run time, and that
             // every slot's head lies in the pool.
             unsafe {
-                by_shape!(
-                    base.1,
-                    view.hd,
-                    scores(base.0, view, queries, scale, scores, span)
-                )
+                match loops {
+                    Loops::Avx512 => by_shape!(
+                        half,
+                        hd,
+                        x86_512::scores(p, view, queries, scale, scores, span)
+                    ),
+                    _ => by_shape!(half, hd, x86::scores(p, view, queries, scale, scores, span)),
+                }
             };
             return true;
         }
-        let _ = (k, view, queries, scale, scores);
+        let _ = (loops, k, view, queries, scale, scores);
         false
     }
 
+    /// `out[t] += weights[t * span + j] * value j` for each query `t`, in position
+    /// order.
     pub fn values(
+        loops: Loops,
         v: KvRows<'_>,
         view: &HeadView<'_>,
         queries: &[Query<'_>],
         weights: &[f32],
-        inv: &[f32],
         out: &mut [f32],
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if let Some(base) = checked_base(v, view) {
+        if let Some(base) = checked_base(loops, v, view) {
+            let (p, half, hd) = (base.0, base.1, view.hd);
             // SAFETY: as in `scores`.
             unsafe {
-                by_shape!(
-                    base.1,
-                    view.hd,
-                    values(base.0, view, queries, weights, inv, out)
-                )
+                match loops {
+                    Loops::Avx512 => {
+                        by_shape!(half, hd, x86_512::values(p, view, queries, weights, out))
+                    }
+                    _ => by_shape!(half, hd, x86::values(p, view, queries, weights, out)),
+                }
             };
             return true;
         }
-        let _ = (v, view, queries, weights, inv, out);
+        let _ = (loops, v, view, queries, weights, out);
         false
     }
 
-    /// The pool's first byte and whether it holds f16, if the CPU has AVX2 and every
-    /// slot's row lies inside the pool.
+    /// The pool's first byte and whether it holds f16, if `loops` are x86 ones this
+    /// CPU runs, the head size is one they take, and every slot's row lies inside
+    /// the pool.
     #[cfg(target_arch = "x86_64")]
-    fn checked_base(rows: KvRows<'_>, view: &HeadView<'_>) -> Option<(*const u8, bool)> {
-        if !crate::kernels::KernelPath::Avx2.supported() || !matches!(view.hd, 64 | 128) {
+    fn checked_base(
+        loops: Loops,
+        rows: KvRows<'_>,
+        view: &HeadView<'_>,
+    ) -> Option<(*const u8, bool)> {
+        use crate::kernels::KernelPath;
+        let supported = match loops {
+            Loops::Portable => false,
+            Loops::Avx2 => KernelPath::Avx2.supported(),
+            Loops::Avx512 => KernelPath::Avx512.supported(),
+        };
+        if !supported || !matches!(view.hd, 64 | 128) {
             return None;
         }
         let max_slot = *view.slots.iter().max()? as usize;
@@ -365,7 +419,7 @@ mod fast {
 
         /// Where head `g` of `slot` starts.
         #[inline]
-        unsafe fn head_at<const H: bool>(
+        pub(super) unsafe fn head_at<const H: bool>(
             base: *const u8,
             view: &HeadView<'_>,
             slot: u32,
@@ -378,7 +432,7 @@ mod fast {
         /// lanes), as the lanes of one vector: transposed, then added row by row.
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
-        unsafe fn sum_lanes8(v: &[__m256; 8]) -> __m256 {
+        pub(super) unsafe fn sum_lanes8(v: &[__m256; 8]) -> __m256 {
             let lo = |a, b| _mm256_unpacklo_ps(a, b);
             let hi = |a, b| _mm256_unpackhi_ps(a, b);
             // Pairs interleaved: (v0 v1) lanes 0 1 | 4 5, and 2 3 | 6 7; likewise
@@ -502,7 +556,7 @@ mod fast {
             }
         }
 
-        /// `out[t] += weights[t * span + j] * inv[t] * value j`, in position order.
+        /// `out[t] += weights[t * span + j] * value j`, in position order.
         /// One query keeps its whole output in registers; several go two at a time,
         /// 32 values of the output at a time, in registers too.
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -511,12 +565,11 @@ mod fast {
             view: &HeadView<'_>,
             queries: &[Query<'_>],
             weights: &[f32],
-            inv: &[f32],
             out: &mut [f32],
         ) {
             let (hd, span) = (8 * C, view.slots.len());
             // Value `j`'s weight for query `t`.
-            let weight = |t: usize, j: usize| _mm256_set1_ps(weights[t * span + j] * inv[t]);
+            let weight = |t: usize, j: usize| _mm256_set1_ps(weights[t * span + j]);
             if let [r] = queries {
                 let mut o = [_mm256_setzero_ps(); C];
                 for j in 0..r.visible {
@@ -563,6 +616,211 @@ mod fast {
                     }
                 }
             }
+        }
+    }
+
+    /// The loops of `x86` on 512-bit vectors (AVX-512F): two pairs' eight-lane sums
+    /// side by side in one vector for the scores, sixteen output values per vector
+    /// for the weighted sums. Each lane does what it did on 256 bits, so the bits are
+    /// the same.
+    #[cfg(target_arch = "x86_64")]
+    mod x86_512 {
+        use std::arch::x86_64::*;
+
+        use super::x86::{head_at, sum_lanes8};
+        use super::{HeadView, Query};
+
+        /// `lo` in lanes 0..8 and `hi` in lanes 8..16.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        #[inline]
+        unsafe fn join(lo: __m256, hi: __m256) -> __m512 {
+            let lo = _mm512_castpd256_pd512(_mm256_castps_pd(lo));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(lo, _mm256_castps_pd(hi)))
+        }
+
+        /// Lanes 0..8 (`HI` false) or 8..16 of `v`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        #[inline]
+        unsafe fn half<const HI: bool>(v: __m512) -> __m256 {
+            let v = _mm512_castps_pd(v);
+            _mm256_castpd_ps(if HI {
+                _mm512_extractf64x4_pd::<1>(v)
+            } else {
+                _mm512_castpd512_pd256(v)
+            })
+        }
+
+        /// Chunk `c` (8 values) of the rows at `a` and `b`, side by side as f32.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        #[inline]
+        unsafe fn chunk_pair<const H: bool>(a: *const u8, b: *const u8, c: usize) -> __m512 {
+            if H {
+                let lo = _mm_loadu_si128(a.add(16 * c) as *const __m128i);
+                let hi = _mm_loadu_si128(b.add(16 * c) as *const __m128i);
+                _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+            } else {
+                join(
+                    _mm256_loadu_ps((a as *const f32).add(8 * c)),
+                    _mm256_loadu_ps((b as *const f32).add(8 * c)),
+                )
+            }
+        }
+
+        /// Values `16 * z..16 * z + 16` of the row at `p`, as f32.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        #[inline]
+        unsafe fn sixteen<const H: bool>(p: *const u8, z: usize) -> __m512 {
+            if H {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32 * z) as *const __m256i))
+            } else {
+                _mm512_loadu_ps((p as *const f32).add(16 * z))
+            }
+        }
+
+        /// As `x86::scores`, sixteen (query, key) pairs at a time.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        pub unsafe fn scores<const H: bool, const C: usize>(
+            base: *const u8,
+            view: &HeadView<'_>,
+            queries: &[Query<'_>],
+            scale: f32,
+            scores: &mut [f32],
+            span: usize,
+        ) {
+            let mut t = 0;
+            while t < queries.len() {
+                let tile = (base, view, t, scale, span);
+                t += match queries.len() - t {
+                    1 => score_tile::<H, C, 1, 16>(tile, queries, scores),
+                    2 | 3 => score_tile::<H, C, 2, 8>(tile, queries, scores),
+                    _ => score_tile::<H, C, 4, 4>(tile, queries, scores),
+                };
+            }
+        }
+
+        /// Queries `first..first + Q` against every key they see, `K` keys at a time
+        /// (`Q * K == 16`, `K` even); returns `Q`. Pair (t, kk)'s lanes are half
+        /// `kk % 2` of accumulator `t * K / 2 + kk / 2`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        unsafe fn score_tile<const H: bool, const C: usize, const Q: usize, const K: usize>(
+            (base, view, first, scale, span): (*const u8, &HeadView<'_>, usize, f32, usize),
+            queries: &[Query<'_>],
+            scores: &mut [f32],
+        ) -> usize {
+            let qs = &queries[first..first + Q];
+            let seen = qs.iter().map(|r| r.visible).max().unwrap_or(0);
+            let scale = _mm256_set1_ps(scale);
+            let mut j = 0;
+            while j < seen {
+                let n = K.min(seen - j);
+                // Past the last key, the last key again (computed, not stored).
+                let keys: [*const u8; K] = std::array::from_fn(|kk| {
+                    head_at::<H>(base, view, view.slots[j + kk.min(n - 1)])
+                });
+                let mut acc = [_mm512_setzero_ps(); 8];
+                for c in 0..C {
+                    let qc: [__m512; Q] = std::array::from_fn(|t| {
+                        let v = _mm256_loadu_ps(qs[t].q.as_ptr().add(8 * c));
+                        join(v, v)
+                    });
+                    for kp in 0..K / 2 {
+                        let kc = chunk_pair::<H>(keys[2 * kp], keys[2 * kp + 1], c);
+                        for t in 0..Q {
+                            let a = &mut acc[t * K / 2 + kp];
+                            *a = _mm512_add_ps(*a, _mm512_mul_ps(qc[t], kc));
+                        }
+                    }
+                }
+                // Pair p = t * K + kk, as x86::scores numbers them, eight at a time.
+                let pair = |p: usize| {
+                    let v = acc[p / 2];
+                    if p.is_multiple_of(2) {
+                        half::<false>(v)
+                    } else {
+                        half::<true>(v)
+                    }
+                };
+                let mut sums = [0f32; 16];
+                for (e, sums) in sums.chunks_exact_mut(8).enumerate() {
+                    let eight: [__m256; 8] = std::array::from_fn(|p| pair(8 * e + p));
+                    _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_mul_ps(sum_lanes8(&eight), scale));
+                }
+                for (t, r) in qs.iter().enumerate() {
+                    let row = (first + t) * span + j;
+                    for kk in 0..n.min(r.visible.saturating_sub(j)) {
+                        scores[row + kk] = sums[t * K + kk];
+                    }
+                }
+                j += n;
+            }
+            Q
+        }
+
+        /// As `x86::values`: `G` queries at a time, each output (`8 * C` values) in
+        /// registers across all positions (`G` of 4 for a head size of 64, 2 for 128).
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        pub unsafe fn values<const H: bool, const C: usize>(
+            base: *const u8,
+            view: &HeadView<'_>,
+            queries: &[Query<'_>],
+            weights: &[f32],
+            out: &mut [f32],
+        ) {
+            let mut t = 0;
+            while t < queries.len() {
+                let tile = (base, view, t, weights);
+                t += match (C, queries.len() - t) {
+                    (8, 1) | (16, 1) => value_tile::<H, C, 1>(tile, queries, out),
+                    (8, 2 | 3) | (16, _) => value_tile::<H, C, 2>(tile, queries, out),
+                    _ => value_tile::<H, C, 4>(tile, queries, out),
+                };
+            }
+        }
+
+        /// Queries `first..first + G`; returns `G`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        unsafe fn value_tile<const H: bool, const C: usize, const G: usize>(
+            (base, view, first, weights): (*const u8, &HeadView<'_>, usize, &[f32]),
+            queries: &[Query<'_>],
+            out: &mut [f32],
+        ) -> usize {
+            // At most 8 vectors per output row: a head size of at most 128.
+            const MAX_Z: usize = 8;
+            let (z, hd, span) = (C / 2, 8 * C, view.slots.len());
+            let qs = &queries[first..first + G];
+            // Every query sees the first `both` values; the rest are some queries'.
+            let both = qs.iter().map(|r| r.visible).min().unwrap_or(0);
+            let mut o = [[_mm512_setzero_ps(); MAX_Z]; G];
+            for j in 0..both {
+                let p = head_at::<H>(base, view, view.slots[j]);
+                let v: [__m512; MAX_Z] = std::array::from_fn(|zz| {
+                    if zz < z {
+                        sixteen::<H>(p, zz)
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for (t, o) in o.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(weights[(first + t) * span + j]);
+                    for (oz, vz) in o.iter_mut().zip(&v).take(z) {
+                        *oz = _mm512_add_ps(*oz, _mm512_mul_ps(a, *vz));
+                    }
+                }
+            }
+            for (t, (r, o)) in qs.iter().zip(&mut o).enumerate() {
+                for j in both..r.visible {
+                    let p = head_at::<H>(base, view, view.slots[j]);
+                    let a = _mm512_set1_ps(weights[(first + t) * span + j]);
+                    for (zz, oz) in o.iter_mut().enumerate().take(z) {
+                        *oz = _mm512_add_ps(*oz, _mm512_mul_ps(a, sixteen::<H>(p, zz)));
+                    }
+                }
+                let dst = out.as_mut_ptr().add((first + t) * hd);
+                for (zz, oz) in o.iter().enumerate().take(z) {
+                    _mm512_storeu_ps(dst.add(16 * zz), *oz);
+                }
+            }
+            G
         }
     }
 }
@@ -753,6 +1011,22 @@ mod tests {
         assert_eq!(alone, chunk[(s.n - 1) * s.num_heads * hd..].to_vec());
     }
 
+    /// The x86 loops this CPU runs (every one is tested where it runs).
+    fn fast_loops() -> Vec<Loops> {
+        use crate::kernels::KernelPath;
+        let mut loops = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        for (l, path) in [
+            (Loops::Avx2, KernelPath::Avx2),
+            (Loops::Avx512, KernelPath::Avx512),
+        ] {
+            if path.supported() {
+                loops.push(l);
+            }
+        }
+        loops
+    }
+
     #[test]
     fn fast_loops_give_the_portable_bits() {
         for hd in [64, 128] {
@@ -791,9 +1065,15 @@ mod tests {
                             ..h
                         },
                     ] {
-                        let fast = attention_with(&q, n, kr, vr, &[seq], h, true);
-                        let portable = attention_with(&q, n, kr, vr, &[seq], h, false);
-                        assert_eq!(fast, portable, "hd {hd}, n {n}, window {:?}", h.window);
+                        let portable = attention_with(&q, n, kr, vr, &[seq], h, Loops::Portable);
+                        for loops in fast_loops() {
+                            let fast = attention_with(&q, n, kr, vr, &[seq], h, loops);
+                            assert_eq!(
+                                fast, portable,
+                                "{loops:?}, hd {hd}, n {n}, window {:?}",
+                                h.window
+                            );
+                        }
                     }
                 }
             }
@@ -810,9 +1090,11 @@ mod tests {
             let seqs = decoding(&slots);
             let q: Vec<f32> = (0..nh * seqs.len() * hd).map(|i| pseudo(i + 4)).collect();
             let (kr, vr) = (KvRows::F16(&k16), KvRows::F16(&v16));
-            let fast = attention_with(&q, seqs.len(), kr, vr, &seqs, h, true);
-            let portable = attention_with(&q, seqs.len(), kr, vr, &seqs, h, false);
-            assert_eq!(fast, portable, "hd {hd}, decoding batch");
+            let portable = attention_with(&q, seqs.len(), kr, vr, &seqs, h, Loops::Portable);
+            for loops in fast_loops() {
+                let fast = attention_with(&q, seqs.len(), kr, vr, &seqs, h, loops);
+                assert_eq!(fast, portable, "{loops:?}, hd {hd}, decoding batch");
+            }
         }
     }
 
