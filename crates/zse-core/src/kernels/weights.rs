@@ -43,6 +43,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format::block_type::BlockType;
@@ -295,6 +296,131 @@ pub struct GroupView<'a> {
     pub halves: &'a [i8],
 }
 
+/// `buf` as `n` consecutive slices of `len` values (empty ones where `len` is 0).
+fn split_even<T>(buf: &mut [T], n: usize, len: usize) -> Vec<&mut [T]> {
+    let mut rest = buf;
+    (0..n)
+        .map(|_| {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            part
+        })
+        .collect()
+}
+
+/// Group `g`'s stretch of each of a `QWeight`'s buffers, during repacking.
+struct GroupOut<'a> {
+    g: usize,
+    qs: &'a mut [u8],
+    qh: &'a mut [u8],
+    halves: &'a mut [i8],
+    d: &'a mut [f32],
+    m: &'a mut [f32],
+}
+
+impl GroupOut<'_> {
+    /// Repacks the group's rows (those below `rows`) of GGML `data`.
+    fn repack(&mut self, dtype: BlockType, layout: Layout, nb: usize, rows: usize, data: &[u8]) {
+        let src_row = data.len() / rows.max(1);
+        let (per_src, blocks_per_src) = (dtype.type_size(), dtype.block_size() / QK);
+        let fb = layout.factor_bytes();
+        for rr in 0..GROUP.min(rows.saturating_sub(self.g * GROUP)) {
+            let r = self.g * GROUP + rr;
+            let src = &data[r * src_row..(r + 1) * src_row];
+            for (s, blk) in src.chunks_exact(per_src).enumerate() {
+                for j in 0..blocks_per_src {
+                    let b = s * blocks_per_src + j;
+                    debug_assert!(b < nb);
+                    let u = unpack(dtype, blk, j);
+                    self.put(layout, rr, b, &u.q);
+                    self.d[b * GROUP + rr] = u.d;
+                    if layout.has_min() {
+                        self.m[b * GROUP + rr] = u.m;
+                    }
+                    if layout.has_halves() {
+                        let at = b * fb + rr;
+                        self.halves[at] = u.halves[0];
+                        self.halves[at + GROUP] = u.halves[1];
+                    }
+                    if layout.has_min_halves() {
+                        let at = b * fb + rr + 2 * GROUP;
+                        self.halves[at] = u.min_halves[0];
+                        self.halves[at + GROUP] = u.min_halves[1];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes block `b` of the group's row `rr` from its unsigned integers, quad by
+    /// quad (the four values of a quad are adjacent bytes in every plane).
+    fn put(&mut self, layout: Layout, rr: usize, b: usize, q: &[u8; QK]) {
+        // Monomorphised per plane shape: whole plane bytes with constant shifts
+        // (value by value through `place`, with its run-time divisions, this was a
+        // third of loading a model).
+        match (layout.low_bits(), layout.high_bits()) {
+            (8, _) => self.put_planes::<8, 0>(rr, b, q),
+            (4, 0) => self.put_planes::<4, 0>(rr, b, q),
+            (4, 1) => self.put_planes::<4, 1>(rr, b, q),
+            (4, _) => self.put_planes::<4, 2>(rr, b, q),
+            (_, 0) => self.put_planes::<2, 0>(rr, b, q),
+            _ => self.put_planes::<2, 1>(rr, b, q),
+        }
+    }
+
+    /// `put` for `LB` low bits and `H` high bits per value: each byte of the row's
+    /// four lanes in a plane whole at once (`place`'s arithmetic, folded: quad
+    /// `LB * s + p` sits in low plane `p` at bit `LB * s`, quad `8 / H * p + s` in
+    /// high plane `p` at bit `H * s`).
+    #[inline(always)]
+    fn put_planes<const LB: usize, const H: usize>(&mut self, rr: usize, b: usize, q: &[u8; QK]) {
+        let lane = 4 * rr;
+        let low = b * LB * QUAD_VEC + lane;
+        for p in 0..LB {
+            let bytes: [u8; 4] = std::array::from_fn(|k| {
+                (0..8 / LB).fold(0u8, |byte, s| {
+                    byte | (q[4 * (LB * s + p) + k] & low_mask(LB)) << (LB * s)
+                })
+            });
+            self.qs[low + p * QUAD_VEC..][..4].copy_from_slice(&bytes);
+        }
+        if let Some(per) = 8usize.checked_div(H) {
+            let high = b * H * QUAD_VEC + lane;
+            for p in 0..H {
+                let bytes: [u8; 4] = std::array::from_fn(|k| {
+                    (0..per).fold(0u8, |byte, s| {
+                        byte | ((q[4 * (per * p + s) + k] >> LB) & low_mask(H)) << (H * s)
+                    })
+                });
+                self.qh[high + p * QUAD_VEC..][..4].copy_from_slice(&bytes);
+            }
+        }
+    }
+}
+
+/// The low `bits` bits of a byte (all eight for 8).
+#[inline(always)]
+const fn low_mask(bits: usize) -> u8 {
+    if bits >= 8 {
+        0xFF
+    } else {
+        (1u8 << bits) - 1
+    }
+}
+
+/// Where value `j` of row `rr` (of its group) in block cell `cell` lies, for a
+/// layout of `lb` low and `h` high bits: its byte in the low planes and the shift of
+/// its low bits there, and its byte in the high planes and the shift of its high
+/// bits there.
+#[inline(always)]
+fn place(lb: usize, h: usize, cell: usize, rr: usize, j: usize) -> (usize, usize, usize, usize) {
+    let (quad, lane) = (j / 4, 4 * rr + j % 4);
+    let (low, shift) = ((quad % lb) * QUAD_VEC + lane, lb * (quad / lb));
+    let per = 8 / h.max(1);
+    let high = cell * h * QUAD_VEC + (quad / per) * QUAD_VEC + lane;
+    (cell * lb * QUAD_VEC + low, shift, high, h * (quad % per))
+}
+
 /// One GGML block, unpacked: its values as unsigned integers (before the layout's
 /// offset), its scale and minimum, and its halves' factors of the scale and of the
 /// minimum.
@@ -433,40 +559,41 @@ impl QWeight {
         };
         let mut d = vec![0f32; cells * GROUP];
         let mut m = vec![0f32; if layout.has_min() { cells * GROUP } else { 0 }];
+        // Each group of rows owns a contiguous stretch of every buffer, so groups
+        // repack in parallel; a batch of them at a time, its source then released.
+        let mut outs: Vec<GroupOut<'_>> = {
+            let per = |bytes: usize| nb * bytes;
+            let mut qs = split_even(&mut w.qs, groups, per(layout.low_bytes()));
+            let mut qh = split_even(&mut w.qh, groups, per(layout.high_bytes()));
+            let mut halves = split_even(&mut w.halves, groups, per(layout.factor_bytes()));
+            let mut d = split_even(&mut d, groups, per(GROUP));
+            let mut m = split_even(
+                &mut m,
+                groups,
+                if layout.has_min() { per(GROUP) } else { 0 },
+            );
+            (0..groups)
+                .map(|g| GroupOut {
+                    g,
+                    qs: std::mem::take(&mut qs[g]),
+                    qh: std::mem::take(&mut qh[g]),
+                    halves: std::mem::take(&mut halves[g]),
+                    d: std::mem::take(&mut d[g]),
+                    m: std::mem::take(&mut m[g]),
+                })
+                .collect()
+        };
         let src_row = data.len() / rows.max(1);
-        let per_src = dtype.type_size();
-        let blocks_per_src = dtype.block_size() / QK;
-        let rows_per_release = (RELEASE_BYTES / src_row.max(1)).max(1);
-        for r in 0..rows {
-            if r > 0 && r % rows_per_release == 0 {
-                done((r - rows_per_release) * src_row..r * src_row);
-            }
-            let src = &data[r * src_row..(r + 1) * src_row];
-            for (s, blk) in src.chunks_exact(per_src).enumerate() {
-                for j in 0..blocks_per_src {
-                    let b = s * blocks_per_src + j;
-                    let u = unpack(dtype, blk, j);
-                    w.put(r, b, &u.q);
-                    let at = w.factor_at(r, b);
-                    d[at] = u.d;
-                    if layout.has_min() {
-                        m[at] = u.m;
-                    }
-                    if layout.has_halves() {
-                        let at = w.halves_at(r, b);
-                        w.halves[at] = u.halves[0];
-                        w.halves[at + GROUP] = u.halves[1];
-                    }
-                    if layout.has_min_halves() {
-                        let at = w.halves_at(r, b) + 2 * GROUP;
-                        w.halves[at] = u.min_halves[0];
-                        w.halves[at + GROUP] = u.min_halves[1];
-                    }
-                }
-            }
+        let groups_per_release = (RELEASE_BYTES / (GROUP * src_row).max(1)).max(1);
+        for batch in outs.chunks_mut(groups_per_release) {
+            batch
+                .par_iter_mut()
+                .for_each(|out| out.repack(dtype, layout, nb, rows, data));
+            let first = batch[0].g * GROUP;
+            let end = ((batch[batch.len() - 1].g + 1) * GROUP).min(rows);
+            done(first * src_row..end * src_row);
         }
-        let last = rows.saturating_sub(1) / rows_per_release * rows_per_release;
-        done(last * src_row..rows * src_row);
+        drop(outs);
         // Scales exact in f16 stay f16: every type's but the sub-block products of
         // Q4_K, Q5_K and IQ4_XS.
         let half = !matches!(
@@ -497,46 +624,11 @@ impl QWeight {
         self.cell(r, b) * self.layout.factor_bytes() + r % GROUP
     }
 
-    /// Where value `j` of row `r`'s block `b` lies: its byte in the low planes and
-    /// the shift of its low bits there, and its byte in the high planes and the
-    /// shift of its high bits there.
+    /// Where value `j` of row `r`'s block `b` lies (see `place`).
     #[inline]
     fn place(&self, r: usize, b: usize, j: usize) -> (usize, usize, usize, usize) {
-        let (quad, lane) = (j / 4, 4 * (r % GROUP) + j % 4);
-        let cell = self.cell(r, b);
-        let lb = self.layout.low_bits();
-        let (low, shift) = ((quad % lb) * QUAD_VEC + lane, lb * (quad / lb));
-        let h = self.layout.high_bits().max(1);
-        let per = 8 / h;
-        let high = cell * self.layout.high_bytes() + (quad / per) * QUAD_VEC + lane;
-        (
-            cell * self.layout.low_bytes() + low,
-            shift,
-            high,
-            h * (quad % per),
-        )
-    }
-
-    /// Writes block `b` of row `r` from its unsigned integers, quad by quad (the
-    /// four values of a quad are adjacent bytes in every plane).
-    fn put(&mut self, r: usize, b: usize, q: &[u8; QK]) {
         let (lb, h) = (self.layout.low_bits(), self.layout.high_bits());
-        for (quad, vals) in q.chunks_exact(4).enumerate() {
-            let (low, shift, high, hshift) = self.place(r, b, 4 * quad);
-            let lows = &mut self.qs[low..low + 4];
-            if self.layout == Layout::Q8 {
-                lows.copy_from_slice(vals);
-                continue;
-            }
-            for (p, &v) in lows.iter_mut().zip(vals) {
-                *p |= (v & ((1 << lb) - 1)) << shift;
-            }
-            if h > 0 {
-                for (p, &v) in self.qh[high..high + 4].iter_mut().zip(vals) {
-                    *p |= ((v >> lb) & ((1 << h) - 1)) << hshift;
-                }
-            }
-        }
+        place(lb, h, self.cell(r, b), r % GROUP, j)
     }
 
     /// The 32 values of block `b` of row `r` as integers (`w = d * q (+ m)`), in
