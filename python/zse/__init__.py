@@ -5,30 +5,33 @@
 >>> engine.chat([{"role": "user", "content": "Hi"}], max_tokens=16).text
 """
 
-from ._core import (
-    ContextLengthExceededError,
-    DeviceUnavailableError,
-    EngineOverloadedError,
-    EngineStoppedError,
-    ModelFileError,
-    TemplateError,
-    UnsupportedModelError,
-    ZseError,
-    __version__,
-)
-from .convert import RequantizeWarning, convert, inspect
-from .engine import (
-    AsyncDeltaStream,
-    AsyncTextStream,
-    Completion,
-    Delta,
-    Engine,
-    TextStream,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-)
-from .models import cache_dir, default_model_path, pull
+from . import _gc
+
+with _gc.collector_paused():
+    from ._core import (
+        ContextLengthExceededError,
+        DeviceUnavailableError,
+        EngineOverloadedError,
+        EngineStoppedError,
+        ModelFileError,
+        TemplateError,
+        UnsupportedModelError,
+        ZseError,
+        __version__,
+    )
+    from .convert import RequantizeWarning, convert, inspect
+    from .engine import (
+        AsyncDeltaStream,
+        AsyncTextStream,
+        Completion,
+        Delta,
+        Engine,
+        TextStream,
+        TokenLogprob,
+        TopLogprob,
+        Usage,
+    )
+    from .models import cache_dir, default_model_path, pull
 
 __all__ = [
     "AsyncDeltaStream",

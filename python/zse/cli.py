@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from . import _core
+from ._gc import collector_paused
 from .convert import Quant, RequantizeWarning, convert, inspect, missing_kernels_line
 from .engine import (
     DEFAULT_KV_CACHE_MB,
@@ -132,7 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # import here: a third of a second off the time to the first token.
     with ThreadPoolExecutor(max_workers=1) as pool:
         engine = pool.submit(open_engine, opts)
-        from .server.run import serve
+        with collector_paused():
+            from .server.run import serve
 
         return serve(opts, engine)
 

@@ -11,6 +11,7 @@ A second signal cancels at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -43,6 +44,10 @@ def serve(opts: ServeOptions, engine: Future[Engine] | None = None) -> int:
         config = ServerConfig.from_options(opts, loaded)
         app = create_app(loaded, config)
         _banner(opts, loaded, config)
+        # What start-up built (modules, the app, schemas) lives as long as the
+        # process: out of the collector's sight, full collections while serving
+        # need not walk it.
+        gc.freeze()
         asyncio.run(_run(app, app.state.ctx, opts))
     finally:
         loaded.close()
