@@ -28,7 +28,6 @@ macro_rules! x86_path {
         use std::ops::Range;
 
         use crate::kernels::acts::Acts;
-        use crate::kernels::generic::hsum8;
         use crate::kernels::weights::{Layout, QWeight, GROUP, IQ4_LEVELS};
         use crate::kernels::Out;
 
@@ -319,7 +318,7 @@ pub mod avx2 {
                     lanes.as_mut_ptr(),
                     _mm256_add_ps(acc[kk][r][0], acc[kk][r][1]),
                 );
-                y[kk][r] = hsum8(&lanes);
+                y[kk][r] = crate::kernels::generic::hsum8(&lanes);
             }
         }
         y
@@ -546,20 +545,64 @@ pub mod avx512 {
             }
         }
         let mut y = [[0f32; R]; K];
-        for kk in 0..K {
-            for r in 0..R {
-                // Lanes l and l + 8 first, as the generic code sums them.
-                let v = acc[kk][r];
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(
-                    lanes.as_mut_ptr(),
-                    _mm256_add_ps(_mm512_castps512_ps256(v), hi),
-                );
-                y[kk][r] = hsum8(&lanes);
+        // Sixteen sums at a time (the last group padded with zeros).
+        let n = K * R;
+        for first in (0..n).step_by(16) {
+            let group: [__m512; 16] = std::array::from_fn(|a| {
+                let a = first + a;
+                if a < n {
+                    acc[a / R][a % R]
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&group));
+            for (a, &v) in sums.iter().enumerate().take(n - first) {
+                let a = first + a;
+                y[a / R][a % R] = v;
             }
         }
         y
+    }
+
+    /// The lane sums of sixteen vectors, each summed as `generic::float_dots` sums
+    /// its lanes (lanes l and l + 8, then `hsum8`'s tree), in lane order: the same
+    /// additions, sixteen vectors' at once by shuffling them together.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
+    #[inline]
+    unsafe fn reduce16(v: &[__m512; 16]) -> __m512 {
+        // Lanes l + l + 8: vectors 2i and 2i + 1 in the halves of t[i].
+        let t: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            )
+        });
+        // hsum8's x[l] = s[l] + s[l + 4]: vectors 4i..4i + 4 in the quarters of u[i].
+        let u: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (t[2 * i], t[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            )
+        });
+        // x[0] + x[2] and x[1] + x[3], then their sum, within each quarter.
+        let w: [__m512; 2] = std::array::from_fn(|i| {
+            let (a, b) = (u[2 * i], u[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xEE>(a, b),
+            )
+        });
+        let s = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(w[0], w[1]),
+            _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
+        );
+        // Lane 4q + j holds vector 4j + q: back in vector order.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, s)
     }
 
     use crate::kernels::weights::{QK, QUAD_VEC};
