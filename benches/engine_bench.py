@@ -19,8 +19,10 @@ another, as its server would run them.
 Bandwidth: a decode step reads every weight once, so decode tokens/s times the bytes
 of weights is the rate weights stream from memory; it is shown against the machine's
 copy bandwidth (bytes read plus bytes written per second by memcpy over 512 MiB,
-measured here, in this run). Machines here are shared and noisy: the figures are
-medians over runs, and the comparison that matters is the ratio within one run.
+measured here, in this run). Machines here are shared and noisy: the engines take
+turns, a process each per round (--runs rounds, each a warm-up and one measured run),
+so that drift over the run reaches them alike; each figure is the median over the
+rounds, and each ratio the median of the rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -86,31 +89,43 @@ def main() -> None:
     prompt = tokenizer.tokenize(text)[: args.prompt_tokens]
     name = tokenizer.model_name
     tokenizer.close()
-    work = [json.dumps(prompt), str(args.decode_tokens), str(args.runs), str(args.streams)]
+    # One measured run per process; the rounds alternate the engines.
+    work = [json.dumps(prompt), str(args.decode_tokens), "1", str(args.streams)]
 
     bandwidth = copy_bandwidth()
-    rows: list[tuple[str, dict[str, Any]]] = []
-    ours = run(sys.executable, "zse_runner.py", [str(model), *work], args.threads)
-    if ours is None:
-        sys.exit(1)
-    rows.append(("zse", ours))
+    engines: list[tuple[str, str, str, list[str]]] = [
+        ("zse", sys.executable, "zse_runner.py", [str(model)])
+    ]
     llama_server = llama_server_binary(args.llama_server)
     if llama_server:
-        peer = [llama_server, str(gguf), *work]
-        theirs = run(sys.executable, "llama_server_runner.py", peer, args.threads)
-        if theirs:
-            rows.append(("llama-server", theirs))
+        engines.append(
+            ("llama-server", sys.executable, "llama_server_runner.py", [llama_server, str(gguf)])
+        )
     llama_py = os.environ.get("ZSE_BENCH_LLAMA_PYTHON")
     if llama_py:
-        theirs = run(llama_py, "llama_cpp_runner.py", [str(gguf), *work], args.threads)
-        if theirs:
-            rows.append(("llama-cpp-python", theirs))
+        engines.append(("llama-cpp-python", llama_py, "llama_cpp_runner.py", [str(gguf)]))
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for _ in range(args.runs):
+        got = {}
+        for label, python, runner, pre in engines:
+            r = run(python, runner, [*pre, *work], args.threads)
+            if r is not None:
+                got[label] = r
+        if "zse" not in got:
+            sys.exit(1)
+        rounds.append(got)
+    ours = median_result([r["zse"] for r in rounds])
+    rows = [
+        (label, median_result([r[label] for r in rounds if label in r]))
+        for label, *_ in engines
+        if any(label in r for r in rounds)
+    ]
 
     weights = ours["weight_bytes"]
     print(
         f"model: {name} ({gguf.name}), prompt {len(prompt)} tokens, "
         f"decode {args.decode_tokens} tokens, {args.streams} streams, "
-        f"median of {args.runs} runs; zse kernels: {ours['kernels']}"
+        f"median of {args.runs} rounds; zse kernels: {ours['kernels']}"
     )
     print(
         f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per decoded token "
@@ -129,9 +144,21 @@ def main() -> None:
         share = weights * r["decode_tok_s"] / bandwidth
         cells = " | ".join(fmt.format(r[key]) for _, key, fmt in cols)
         print(f"| {label} | {cells} | {share:.0%} |")
-    for label, r in rows[1:]:
-        cells = " | ".join(f"x{ours[key] / r[key]:.2f}" for _, key, _ in cols)
+    for label, _ in rows[1:]:
+        pairs = [(r["zse"], r[label]) for r in rounds if label in r]
+        cells = " | ".join(
+            f"x{statistics.median(a[key] / b[key] for a, b in pairs):.2f}" for _, key, _ in cols
+        )
         print(f"| zse / {label} | {cells} | |")
+
+
+def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first result with each number replaced by its median over `results`."""
+    merged = dict(results[0])
+    for key, value in merged.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            merged[key] = statistics.median(r[key] for r in results)
+    return merged
 
 
 if __name__ == "__main__":
