@@ -156,8 +156,15 @@ async def cold_start(server: Server, eos: int, logs: Path | None) -> float:
             try:
                 timing = await one_stream(client, server.url, "Hello", 4, eos)
                 return timing.started + timing.ttft - t0
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.HTTPStatusError):
-                # llama-server answers 503 while it loads the model.
+            except (httpx.ConnectError, httpx.RemoteProtocolError):
+                await asyncio.sleep(0.02)
+            except httpx.HTTPStatusError as e:
+                # llama-server answers 503 while it loads the model; anything else
+                # (a model without a chat template: 400) would be retried forever.
+                if e.response.status_code != 503:
+                    raise RuntimeError(
+                        f"{server.name} answered {e.response.status_code} to a chat request"
+                    ) from e
                 await asyncio.sleep(0.02)
 
 
