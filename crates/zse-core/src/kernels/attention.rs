@@ -262,7 +262,7 @@ struct HeadView<'a> {
 /// x86 forms of them on 256- or 512-bit vectors. Every form gives the portable bits:
 /// lanes hold independent sums, so the vector width changes no order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Loops {
+enum Loops {
     Portable,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx2,
@@ -272,12 +272,12 @@ pub(crate) enum Loops {
 
 impl Loops {
     /// The widest this CPU runs.
-    pub(crate) fn best() -> Self {
-        use crate::kernels::KernelPath;
+    fn best() -> Self {
         static BEST: std::sync::OnceLock<Loops> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
+                use crate::kernels::KernelPath;
                 if KernelPath::Avx512.supported() {
                     return Loops::Avx512;
                 }
