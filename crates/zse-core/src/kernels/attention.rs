@@ -400,6 +400,25 @@ mod fast {
             .then_some((base, half))
     }
 
+    /// A score tile's results: pair (t, kk) of `sums` (at `t * k + kk`) is query
+    /// `first + t`'s score of key `j + kk`, stored where that query sees the key
+    /// (`n` keys in the tile; rows of `span` scores).
+    #[cfg(target_arch = "x86_64")]
+    fn store_tile(
+        scores: &mut [f32],
+        qs: &[Query<'_>],
+        (first, span, j, n): (usize, usize, usize, usize),
+        k: usize,
+        sums: &[f32],
+    ) {
+        for (t, r) in qs.iter().enumerate() {
+            let row = (first + t) * span + j;
+            for kk in 0..n.min(r.visible.saturating_sub(j)) {
+                scores[row + kk] = sums[t * k + kk];
+            }
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     mod x86 {
         use std::arch::x86_64::*;
@@ -544,12 +563,7 @@ mod fast {
                     }
                     let mut sums = [0f32; 8];
                     _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_mul_ps(sum_lanes8(&acc), scale));
-                    for (t, r) in qs.iter().enumerate() {
-                        let row = (self.first + t) * self.span + j;
-                        for kk in 0..n.min(r.visible.saturating_sub(j)) {
-                            scores[row + kk] = sums[t * K + kk];
-                        }
-                    }
+                    super::store_tile(scores, qs, (self.first, self.span, j, n), K, &sums);
                     j += n;
                 }
                 Q
@@ -745,12 +759,7 @@ mod fast {
                     let eight: [__m256; 8] = std::array::from_fn(|p| pair(8 * e + p));
                     _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_mul_ps(sum_lanes8(&eight), scale));
                 }
-                for (t, r) in qs.iter().enumerate() {
-                    let row = (first + t) * span + j;
-                    for kk in 0..n.min(r.visible.saturating_sub(j)) {
-                        scores[row + kk] = sums[t * K + kk];
-                    }
-                }
+                super::store_tile(scores, qs, (first, span, j, n), K, &sums);
                 j += n;
             }
             Q
