@@ -27,9 +27,12 @@ def test_store_keeps_only_salted_hashes_and_knows_each_state(tmp_path: Path) -> 
     record, key = store.create("ci", rpm=5, tpm=100)
     assert key.startswith(record.prefix) and record.name == "ci"
     assert store.verify(key) == (store.get(record.id), "active")
-    # Neither the key nor its secret is in the file.
+    # Neither the key nor its secret (all after the prefix: the secret's URL-safe
+    # base64 may hold underscores itself) is in the file.
     raw = (tmp_path / "keys.db").read_bytes()
-    assert key.encode() not in raw and key.split("_")[-1].encode() not in raw
+    secret = key.removeprefix(record.prefix)
+    assert len(secret) == 43
+    assert key.encode() not in raw and secret.encode() not in raw
     # A right id with a wrong secret, garbage, an empty string: invalid.
     for bad in (record.prefix + "x" * 43, "sk-nope", "", "zse__"):
         assert store.verify(bad) == (None, "invalid")
