@@ -319,9 +319,16 @@ struct GroupOut<'a> {
 }
 
 impl GroupOut<'_> {
-    /// Repacks the group's rows (those below `rows`) of GGML `data`.
-    fn repack(&mut self, dtype: BlockType, layout: Layout, nb: usize, rows: usize, data: &[u8]) {
-        let src_row = data.len() / rows.max(1);
+    /// Repacks the group's rows (those below `rows`, `src_row` bytes each) of GGML
+    /// `data`.
+    fn repack(
+        &mut self,
+        dtype: BlockType,
+        layout: Layout,
+        rows: usize,
+        src_row: usize,
+        data: &[u8],
+    ) {
         let (per_src, blocks_per_src) = (dtype.type_size(), dtype.block_size() / QK);
         let fb = layout.factor_bytes();
         for rr in 0..GROUP.min(rows.saturating_sub(self.g * GROUP)) {
@@ -330,7 +337,6 @@ impl GroupOut<'_> {
             for (s, blk) in src.chunks_exact(per_src).enumerate() {
                 for j in 0..blocks_per_src {
                     let b = s * blocks_per_src + j;
-                    debug_assert!(b < nb);
                     let u = unpack(dtype, blk, j);
                     self.put(layout, rr, b, &u.q);
                     self.d[b * GROUP + rr] = u.d;
@@ -588,7 +594,7 @@ impl QWeight {
         for batch in outs.chunks_mut(groups_per_release) {
             batch
                 .par_iter_mut()
-                .for_each(|out| out.repack(dtype, layout, nb, rows, data));
+                .for_each(|out| out.repack(dtype, layout, rows, src_row, data));
             let first = batch[0].g * GROUP;
             let end = ((batch[batch.len() - 1].g + 1) * GROUP).min(rows);
             done(first * src_row..end * src_row);
