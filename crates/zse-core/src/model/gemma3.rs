@@ -134,10 +134,10 @@ impl Layers for Gemma3 {
             };
             let h = ops.rms_norm(&x, attn_norm, self.eps)?;
             let a = layer.attn.forward(ops, i, &h, rope, self.eps, step, pool)?;
-            x = (x + ops.rms_norm(&a, post_attn, self.eps)?)?;
+            x = ops.add(&x, &ops.rms_norm(&a, post_attn, self.eps)?)?;
             let h = ops.rms_norm(&x, ffn_norm, self.eps)?;
             let m = layer.mlp.forward(ops, &h)?;
-            x = (x + ops.rms_norm(&m, post_ffn, self.eps)?)?;
+            x = ops.add(&x, &ops.rms_norm(&m, post_ffn, self.eps)?)?;
         }
         Ok(x)
     }

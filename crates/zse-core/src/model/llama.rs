@@ -161,11 +161,12 @@ impl Layers for Llama {
     ) -> Result<Tensor> {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = ops.rms_norm(&x, &layer.attn_norm, self.eps)?;
-            x = (x + layer
+            let a = layer
                 .attn
-                .forward(ops, i, &h, &self.rope, self.eps, step, pool)?)?;
+                .forward(ops, i, &h, &self.rope, self.eps, step, pool)?;
+            x = ops.add(&x, &a)?;
             let h = ops.rms_norm(&x, &layer.ffn_norm, self.eps)?;
-            x = (x + layer.mlp.forward(ops, &h)?)?;
+            x = ops.add(&x, &layer.mlp.forward(ops, &h)?)?;
         }
         Ok(x)
     }

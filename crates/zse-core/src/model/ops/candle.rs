@@ -205,6 +205,10 @@ impl Ops for CandleOps {
         Ok(candle_nn::ops::rms_norm(&rows, weight, eps)?.reshape(x.shape())?)
     }
 
+    fn add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok((x + y)?)
+    }
+
     fn gated(&self, act: Activation, gate_up: &Tensor) -> Result<Tensor> {
         let width = gate_up.dim(1)? / 2;
         let (gate, up) = (

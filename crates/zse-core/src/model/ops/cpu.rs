@@ -81,6 +81,25 @@ impl Ops for CpuOps {
         Ok(Tensor::from_vec(y, x.shape(), &self.device)?)
     }
 
+    /// On this thread. Candle's own sum of large tensors runs on its pool, whose
+    /// worker then spins for a while: on two cores, beside the kernels' workers, it
+    /// took a core's share from the next matmul.
+    fn add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if x.shape() != y.shape() {
+            return Err(Error::Compute(format!(
+                "adding {:?} to {:?}",
+                y.shape(),
+                x.shape()
+            )));
+        }
+        let sum = with_f32(x, |a| {
+            with_f32(y, |b| {
+                a.iter().zip(b).map(|(a, b)| a + b).collect::<Vec<f32>>()
+            })
+        })??;
+        Ok(Tensor::from_vec(sum, x.shape(), &self.device)?)
+    }
+
     fn gated(&self, act: Activation, gate_up: &Tensor) -> Result<Tensor> {
         let (tokens, both) = gate_up.dims2()?;
         let width = both / 2;

@@ -201,6 +201,9 @@ pub trait Ops: Send + Sync {
     /// a row), scaled by `weight`; the shape is kept.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor>;
 
+    /// `x + y`, two activations of one shape: the residual stream's sum.
+    fn add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor>;
+
     /// `act(gate) * up` of rows `[gate | up]` (`[tokens, 2 * width]`) ->
     /// `[tokens, width]`.
     fn gated(&self, act: Activation, gate_up: &Tensor) -> Result<Tensor>;
