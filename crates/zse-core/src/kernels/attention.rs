@@ -13,6 +13,8 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::ops::Range;
 
+use super::elementwise::{exp, exp_lanes, LANES};
+
 /// One layer's keys or values in the pool: a row per slot, `kv_heads * head_dim` wide.
 #[derive(Clone, Copy)]
 pub enum KvRows<'a> {
@@ -218,23 +220,7 @@ fn attend_rows(
                 }
             }
         }
-        for (t, r) in queries.iter().enumerate() {
-            scores[t * span..t * span + r.first].fill(f32::NEG_INFINITY);
-        }
-        // Softmax per row, in position order, each weight then multiplied by the
-        // inverse of the sum (a masked key's is 0).
-        for (t, r) in queries.iter().enumerate() {
-            let sc = &mut scores[t * span..t * span + r.visible];
-            let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            // The exponentials apart from their (ordered) sum, so that they vectorise.
-            for x in sc.iter_mut() {
-                *x = super::elementwise::exp(*x - max);
-            }
-            let inv = 1.0 / sc.iter().fold(0f32, |sum, &x| sum + x);
-            for x in sc.iter_mut() {
-                *x *= inv;
-            }
-        }
+        softmax(scores, span, queries);
         if !fast::values(loops, v, &view, queries, scores, &mut out) {
             for (j, &slot) in view.slots.iter().enumerate() {
                 v.head_into(slot, g, view.width, hd, row);
@@ -247,6 +233,47 @@ fn attend_rows(
         }
     });
     out
+}
+
+/// Rows whose sums [`softmax`] runs side by side.
+const SUM_ROWS: usize = 8;
+
+/// Softmax of each query's row of `scores` (`span` apart), in place. A key masked
+/// out of a row (before the query's first, under a window) weighs 0. The
+/// exponentials vectorise, value by value. Each row's sum runs in key order (a
+/// masked key adds an exact 0), each addition waiting on the last: so
+/// [`SUM_ROWS`] rows' sums run side by side, each in its own order. Each weight
+/// is then multiplied by the inverse of its row's sum.
+fn softmax(scores: &mut [f32], span: usize, queries: &[Query<'_>]) {
+    for (t, r) in queries.iter().enumerate() {
+        let row = &mut scores[t * span..t * span + r.visible];
+        row[..r.first].fill(0.0);
+        let row = &mut row[r.first..];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let (runs, tail) = row.as_chunks_mut::<LANES>();
+        for run in runs {
+            run.iter_mut().for_each(|x| *x -= max);
+            exp_lanes(run);
+        }
+        tail.iter_mut().for_each(|x| *x = exp(*x - max));
+    }
+    for (group, rows) in queries.chunks(SUM_ROWS).enumerate() {
+        let top = group * SUM_ROWS;
+        let mut sums = [0f32; SUM_ROWS];
+        // The keys every row of the group sees, all rows a step, then each row's own.
+        let shared = rows.iter().map(|r| r.visible).min().unwrap_or(0);
+        for j in 0..shared {
+            for (t, sum) in sums.iter_mut().enumerate().take(rows.len()) {
+                *sum += scores[(top + t) * span + j];
+            }
+        }
+        for ((t, r), sum) in rows.iter().enumerate().zip(&mut sums) {
+            let row = &mut scores[(top + t) * span..(top + t) * span + r.visible];
+            *sum = row[shared..].iter().fold(*sum, |s, &x| s + x);
+            let inv = 1.0 / *sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
 }
 
 /// The cache rows one tile reads: KV head `g` of the given slots.
@@ -1021,6 +1048,42 @@ mod tests {
     }
 
     /// The x86 loops this CPU runs (every one is tested where it runs).
+    #[test]
+    fn softmax_sums_each_row_in_key_order_whatever_its_neighbours() {
+        // Rows of a causal tile under a window: growing lengths, the first few keys
+        // masked, more rows than one group of sums, scores spread past exp's
+        // fast range.
+        let span = 70;
+        let queries: Vec<Query<'_>> = (0..11)
+            .map(|t| Query {
+                q: &[],
+                first: t / 3,
+                visible: span - 10 + t - t % 2,
+            })
+            .collect();
+        let scores: Vec<f32> = (0..queries.len() * span)
+            .map(|i| pseudo(i) * if i % 7 == 0 { 400.0 } else { 4.0 })
+            .collect();
+        let mut got = scores.clone();
+        softmax(&mut got, span, &queries);
+        for (t, r) in queries.iter().enumerate() {
+            let row = &scores[t * span..t * span + r.visible];
+            let max = row[r.first..]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let e: Vec<f32> = (row.iter().enumerate())
+                .map(|(j, &x)| if j < r.first { 0.0 } else { exp(x - max) })
+                .collect();
+            let inv = 1.0 / e.iter().fold(0f32, |s, &x| s + x);
+            let want: Vec<u32> = e.iter().map(|x| (x * inv).to_bits()).collect();
+            let have: Vec<u32> = got[t * span..t * span + r.visible]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(have, want, "row {t}");
+        }
+    }
+
     fn fast_loops() -> Vec<Loops> {
         use crate::kernels::KernelPath;
         let mut loops = Vec::new();

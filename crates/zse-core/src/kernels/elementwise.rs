@@ -183,6 +183,45 @@ pub(crate) fn exp(x: f32) -> f32 {
     s2.mul_add(j, s2) * s1
 }
 
+/// Values per step of [`exp_lanes`] and of the attention softmax's sums.
+pub(crate) const LANES: usize = 16;
+
+/// `exp` of each of [`LANES`] values in place, the bits `exp` gives value by
+/// value: every lane takes all of `exp`'s branches and keeps its own, so the
+/// loop is straight-line code that the compiler vectorises. (Attention's scores
+/// after a sharp peak lie far below it, outside the fast range, often enough
+/// that a whole run falling back to `exp` one value at a time cost more than the
+/// vectors saved.)
+#[inline(always)]
+pub(crate) fn exp_lanes(x: &mut [f32; LANES]) {
+    for v in x.iter_mut() {
+        let z = v.mul_add(std::f32::consts::LOG2_E, SHIFT);
+        let n = z - SHIFT;
+        let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, *v));
+        let e = z.to_bits() << 23;
+        let u = b * b;
+        let j = C[0]
+            .mul_add(b, C[1])
+            .mul_add(u, C[2].mul_add(b, C[3]))
+            .mul_add(u, C[4] * b);
+        let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+        let fast = j.mul_add(k, k);
+        let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+        let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+        let s2 = f32::from_bits(e.wrapping_sub(g));
+        let scaled = s2.mul_add(j, s2) * s1;
+        let far = s1 * s1;
+        // `exp`'s tests on |n|, in its order (NaN fails both, as there).
+        *v = if n.abs() <= 126.0 {
+            fast
+        } else if n.abs() > 192.0 {
+            far
+        } else {
+            scaled
+        };
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::swiglu_portable;
@@ -324,6 +363,30 @@ mod tests {
         ];
         for (b, f) in bits.iter().zip(f) {
             assert_eq!(f.to_bits(), *b);
+        }
+    }
+
+    #[test]
+    fn exp_lanes_gives_exp_of_each_value() {
+        // In range, then with one lane past it (-inf, a masked score), then NaN.
+        let base: [f32; LANES] = std::array::from_fn(|i| -20.0 + 1.37 * i as f32);
+        let odd = [
+            -120.0,
+            -95.0,
+            100.0,
+            200.0,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for odd in std::iter::once(None).chain(odd.map(Some)) {
+            let mut x = base;
+            if let Some(v) = odd {
+                x[5] = v;
+            }
+            let want = x.map(exp);
+            exp_lanes(&mut x);
+            assert_eq!(x.map(f32::to_bits), want.map(f32::to_bits), "{odd:?}");
         }
     }
 
