@@ -544,37 +544,45 @@ pub mod avx512 {
                 }
             }
         }
+        // Sixteen sums at a time (the last group padded with zeros), stored in
+        // place: `acc` and `y` both hold weight row kk's sums at kk * R + r. Read
+        // through a function, not gathered into an array, which the compiler
+        // built in memory with a copy and a fill per call.
         let mut y = [[0f32; R]; K];
-        // Sixteen sums at a time (the last group padded with zeros).
         let n = K * R;
+        let flat = acc.as_ptr().cast::<__m512>();
+        let sums = y.as_mut_ptr().cast::<f32>();
         for first in (0..n).step_by(16) {
-            let group: [__m512; 16] = std::array::from_fn(|a| {
+            let v = reduce16(|a| {
                 let a = first + a;
                 if a < n {
-                    acc[a / R][a % R]
+                    // SAFETY: a < K * R, the vectors `acc` holds.
+                    unsafe { *flat.add(a) }
                 } else {
                     _mm512_setzero_ps()
                 }
             });
-            let mut sums = [0f32; 16];
-            _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&group));
-            for (a, &v) in sums.iter().enumerate().take(n - first) {
-                let a = first + a;
-                y[a / R][a % R] = v;
-            }
+            let keep = if n - first >= 16 {
+                !0
+            } else {
+                (1u16 << (n - first)) - 1
+            };
+            // SAFETY: the lanes kept are y's values first..n.
+            unsafe { _mm512_mask_storeu_ps(sums.add(first), keep, v) };
         }
         y
     }
 
-    /// The lane sums of sixteen vectors, each summed as `generic::float_dots` sums
-    /// its lanes (lanes l and l + 8, then `hsum8`'s tree), in lane order: the same
-    /// additions, sixteen vectors' at once by shuffling them together.
+    /// The lane sums of sixteen vectors (`v(0)` to `v(15)`), each summed as
+    /// `generic::float_dots` sums its lanes (lanes l and l + 8, then `hsum8`'s
+    /// tree), in lane order: the same additions, sixteen vectors' at once by
+    /// shuffling them together.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw")]
     #[inline]
-    unsafe fn reduce16(v: &[__m512; 16]) -> __m512 {
+    unsafe fn reduce16(v: impl Fn(usize) -> __m512) -> __m512 {
         // Lanes l + l + 8: vectors 2i and 2i + 1 in the halves of t[i].
         let t: [__m512; 8] = std::array::from_fn(|i| {
-            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            let (a, b) = (v(2 * i), v(2 * i + 1));
             _mm512_add_ps(
                 _mm512_shuffle_f32x4::<0x44>(a, b),
                 _mm512_shuffle_f32x4::<0xEE>(a, b),
