@@ -33,12 +33,12 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// RMSNorm of each row of `x` (rows of `weight.len()`), in llama.cpp's order: the
-/// squares summed in f64, the row scaled by `1 / sqrt(mean + eps)`, then by the
-/// weight.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+/// RMSNorm of each row of `x` (rows of `weight.len()`) into `out`, in llama.cpp's
+/// order: the squares summed in f64, the row scaled by `1 / sqrt(mean + eps)`,
+/// then by the weight.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "rms_norm lengths");
     let n = weight.len().max(1);
-    let mut out = vec![0f32; x.len()];
     for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
         let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
         let mean = (sum / n as f64) as f32;
@@ -47,7 +47,6 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
             *o = (v * scale) * w;
         }
     }
-    out
 }
 
 /// `out[i] = silu(gate[i]) * up[i]`. Every path gives the same bits; on AVX2 with
@@ -326,7 +325,8 @@ mod tests {
         let x: Vec<f32> = (0..3 * 48)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
             .collect();
-        let y = rms_norm(&x, &w, 1e-5);
+        let mut y = vec![0f32; x.len()];
+        rms_norm(&x, &w, 1e-5, &mut y);
         for (r, (row, out)) in x.chunks(48).zip(y.chunks(48)).enumerate() {
             let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 48.0;
             for ((&v, &o), &w) in row.iter().zip(out).zip(&w) {
@@ -336,7 +336,9 @@ mod tests {
                     "row {r}"
                 );
             }
-            assert_eq!(rms_norm(row, &w, 1e-5), out, "row {r} alone");
+            let mut alone = vec![0f32; 48];
+            rms_norm(row, &w, 1e-5, &mut alone);
+            assert_eq!(alone, out, "row {r} alone");
         }
     }
 

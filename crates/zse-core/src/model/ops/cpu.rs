@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use super::{Activation, AttentionShape, Backend, Ops, Step};
 use crate::error::{Error, Result};
@@ -47,6 +48,24 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
         .to_vec1::<f32>()?))
 }
 
+/// Below this many values a step's elementwise work stays on the calling thread
+/// (a decode step's rows): handing it to the pool would cost more than it saves.
+const PAR_VALUES: usize = 1 << 15;
+
+/// Calls `f(first_row, block)` over blocks of `out`'s rows (`width` values each),
+/// in parallel where there are values enough: a prefill's elementwise steps are
+/// otherwise the time one thread works while the others wait. Each row is computed
+/// on its own, so the blocks change no bits.
+fn by_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let width = width.max(1);
+    if out.len() < PAR_VALUES {
+        return f(0, out);
+    }
+    let rows = out.len().div_ceil(width);
+    let block = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    (out.par_chunks_mut(block * width).enumerate()).for_each(|(b, o)| f(b * block, o));
+}
+
 impl Ops for CpuOps {
     fn backend(&self) -> Backend {
         Backend::Kernels(self.path)
@@ -75,8 +94,14 @@ impl Ops for CpuOps {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-        let y = with_f32(x, |xs| {
-            with_f32(weight, |w| elementwise::rms_norm(xs, w, eps))
+        let mut y = vec![0f32; x.elem_count()];
+        with_f32(x, |xs| {
+            with_f32(weight, |w| {
+                by_rows(&mut y, w.len(), |r, o| {
+                    let first = r * w.len();
+                    elementwise::rms_norm(&xs[first..first + o.len()], w, eps, o)
+                })
+            })
         })??;
         Ok(Tensor::from_vec(y, x.shape(), &self.device)?)
     }
@@ -92,9 +117,16 @@ impl Ops for CpuOps {
                 x.shape()
             )));
         }
-        let sum = with_f32(x, |a| {
+        let mut sum = vec![0f32; x.elem_count()];
+        let width = x.dims().last().copied().unwrap_or(1);
+        with_f32(x, |a| {
             with_f32(y, |b| {
-                a.iter().zip(b).map(|(a, b)| a + b).collect::<Vec<f32>>()
+                by_rows(&mut sum, width, |r, o| {
+                    let at = r * width;
+                    for ((o, a), b) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                        *o = a + b;
+                    }
+                })
             })
         })??;
         Ok(Tensor::from_vec(sum, x.shape(), &self.device)?)
@@ -105,13 +137,16 @@ impl Ops for CpuOps {
         let width = both / 2;
         let mut out = vec![0f32; tokens * width];
         with_f32(gate_up, |rows| {
-            for (row, o) in rows.chunks_exact(both).zip(out.chunks_exact_mut(width)) {
-                let (gate, up) = row.split_at(width);
-                match act {
-                    Activation::Silu => elementwise::swiglu(self.path, gate, up, o),
-                    Activation::GeluTanh => elementwise::geglu(gate, up, o),
+            by_rows(&mut out, width, |r, block| {
+                let rows = rows[r * both..].chunks_exact(both);
+                for (row, o) in rows.zip(block.chunks_exact_mut(width)) {
+                    let (gate, up) = row.split_at(width);
+                    match act {
+                        Activation::Silu => elementwise::swiglu(self.path, gate, up, o),
+                        Activation::GeluTanh => elementwise::geglu(gate, up, o),
+                    }
                 }
-            }
+            })
         })?;
         Ok(Tensor::from_vec(out, (tokens, width), &self.device)?)
     }
@@ -119,21 +154,24 @@ impl Ops for CpuOps {
     fn rope(&self, x: &Tensor, rope: &Rope, step: &Step<'_>) -> Result<Tensor> {
         let (tokens, width) = x.dims2()?;
         let (hd, half) = (rope.head_dim(), rope.head_dim() / 2);
+        let positions: &[u32] = &step.positions;
         let mut out = vec![0f32; tokens * width];
         with_f32(x, |rows| {
             with_f32(rope.cos(), |cos| {
                 with_f32(rope.sin(), |sin| {
-                    for ((row, o), &pos) in rows
-                        .chunks_exact(width)
-                        .zip(out.chunks_exact_mut(width))
-                        .zip(&step.positions)
-                    {
-                        let at = pos as usize * half;
-                        let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
-                        for (head, o) in row.chunks_exact(hd).zip(o.chunks_exact_mut(hd)) {
-                            elementwise::rope_head(head, c, s, rope.style(), o);
+                    by_rows(&mut out, width, |r, block| {
+                        for ((row, o), &pos) in rows[r * width..]
+                            .chunks_exact(width)
+                            .zip(block.chunks_exact_mut(width))
+                            .zip(&positions[r..])
+                        {
+                            let at = pos as usize * half;
+                            let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+                            for (head, o) in row.chunks_exact(hd).zip(o.chunks_exact_mut(hd)) {
+                                elementwise::rope_head(head, c, s, rope.style(), o);
+                            }
                         }
-                    }
+                    })
                 })
             })
         })???;
@@ -191,5 +229,86 @@ impl Ops for CpuOps {
                 Error::Compute("the CPU kernels need the KV pool in CPU memory".into())
             })?;
         Ok(Tensor::from_vec(out, (tokens, nh * hd), &self.device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::elementwise::RopeStyle;
+    use crate::model::Logits;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("f32 values")
+    }
+
+    /// `[tokens, width]` of varied values.
+    fn rows(tokens: usize, width: usize, seed: usize) -> Tensor {
+        let v = (0..tokens * width)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 / 400.0 - 2.5)
+            .collect();
+        Tensor::from_vec(v, (tokens, width), &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn a_prefills_elementwise_steps_give_every_row_what_it_gets_alone() -> Result<()> {
+        // Enough values for parallel blocks (PAR_VALUES), rows not a multiple of
+        // any block.
+        let ops = CpuOps::new(KernelPath::best());
+        let (tokens, width, past) = (601, 64, 3);
+        assert!(tokens * width >= PAR_VALUES);
+        let (x, y, gate_up) = (
+            rows(tokens, width, 1),
+            rows(tokens, width, 2),
+            rows(tokens, 2 * width, 3),
+        );
+        let w = rows(1, width, 4).flatten_all()?;
+        let rope = Rope::new(
+            16,
+            10_000.0,
+            None,
+            RopeStyle::Neox,
+            past + tokens,
+            &Device::Cpu,
+        )?;
+        let ids = vec![1u32; tokens];
+        let slots: Vec<u32> = (0..(past + tokens) as u32).collect();
+        let item = |n: usize, past: usize| BatchItem {
+            tokens: &ids[..n],
+            past,
+            slots: &slots[..past + n],
+            window_slots: &slots[..past + n],
+            logits: Logits::None,
+        };
+        let items = [item(tokens, past)];
+        let step = ops.begin(&items, 2, past + tokens)?;
+        let all = [
+            ops.rms_norm(&x, &w, 1e-5)?,
+            ops.add(&x, &y)?,
+            ops.gated(Activation::Silu, &gate_up)?,
+            ops.rope(&x, &rope, &step)?,
+        ]
+        .map(|t| values(&t));
+        for t in (0..tokens).step_by(37).chain([tokens - 1]) {
+            let row = |m: &Tensor| m.narrow(0, t, 1).and_then(|r| r.contiguous());
+            let one = [item(1, past + t)];
+            let one_step = ops.begin(&one, 2, past + tokens)?;
+            let alone = [
+                ops.rms_norm(&row(&x)?, &w, 1e-5)?,
+                ops.add(&row(&x)?, &row(&y)?)?,
+                ops.gated(Activation::Silu, &row(&gate_up)?)?,
+                ops.rope(&row(&x)?, &rope, &one_step)?,
+            ];
+            for (k, (all, alone)) in all.iter().zip(&alone).enumerate() {
+                assert_eq!(
+                    &all[t * width..(t + 1) * width],
+                    values(alone),
+                    "step {k}, row {t}"
+                );
+            }
+        }
+        Ok(())
     }
 }
