@@ -159,7 +159,9 @@ impl QWeight {
             true => Input::Floats(x, m),
             false => Input::Quantized(Acts::quantize(x, m)),
         };
-        let mut y = vec![0f32; m * self.rows];
+        // Not zeroed first: the tiles write every element (a prefill's outputs are
+        // megabytes, and filling them cost more than the elementwise steps).
+        let mut y: Vec<f32> = Vec::with_capacity(m * self.rows);
         let out = Out {
             ptr: y.as_mut_ptr(),
             ld: self.rows,
@@ -169,12 +171,19 @@ impl QWeight {
             .for_each(|tile| {
                 let first = tile * ROWS_PER_TASK;
                 let rows = first..(first + ROWS_PER_TASK).min(self.rows);
-                // SAFETY: tiles cover disjoint weight rows of `y`, which outlives them.
+                // SAFETY: tiles cover disjoint weight rows of `y`'s capacity, which
+                // outlives them.
                 unsafe { self.tile(rows, &input, path, out) };
             });
+        // SAFETY: the tiles cover every weight row, and each writes its rows for
+        // every activation row (`tile`'s contract): all `m * rows` elements.
+        unsafe { y.set_len(m * self.rows) };
         y
     }
 
+    /// Writes `(i, k)` for every activation row `i` and every weight row `k` in
+    /// `rows`: `matmul` relies on it to leave no element of its output unwritten.
+    ///
     /// # Safety
     /// As `Out::set` for every `(i, k)` of the tile.
     unsafe fn tile(&self, rows: std::ops::Range<usize>, input: &Input, path: KernelPath, out: Out) {
