@@ -68,8 +68,9 @@ pub struct SeqAttn<'a> {
 }
 
 /// Attention for a whole batch in one parallel pass over items of (sequence, query
-/// heads, tile of query rows). `q: [num_heads, tokens, head_dim]` (rotated, packed
-/// over the batch); returns `[tokens, num_heads * head_dim]`.
+/// heads, tile of query rows). `q: [tokens, num_heads * head_dim]` (rotated, packed
+/// over the batch, as the projection gives them: each query head is read where it
+/// lies); returns the same shape.
 pub fn paged_attention(
     q: &[f32],
     tokens: usize,
@@ -130,7 +131,7 @@ fn attention_with(
                 .clone()
                 .flat_map(|head| {
                     it.rows.clone().map(move |i| {
-                        let at = (head * tokens + s.offset + i) * hd;
+                        let at = ((s.offset + i) * nh + head) * hd;
                         let visible = s.past + i + 1;
                         Query {
                             q: &q[at..at + hd],
@@ -929,7 +930,7 @@ mod tests {
         head_dim: usize,
     }
 
-    /// `paged_attention` for one sequence with `q: [num_heads, n, head_dim]`.
+    /// `paged_attention` for one sequence with `q: [n, num_heads * head_dim]`.
     fn one(q: &[f32], k: KvRows<'_>, v: KvRows<'_>, slots: &[u32], s: AttnShape) -> Vec<f32> {
         let seq = SeqAttn {
             slots,
@@ -983,7 +984,7 @@ mod tests {
                 let row = |t: &[f32], slot: u32| t[slot as usize * width + g * hd..][..hd].to_vec();
                 let keys: Vec<_> = visible.iter().map(|&sl| row(k, sl)).collect();
                 let values: Vec<_> = visible.iter().map(|&sl| row(v, sl)).collect();
-                let qi = &q[(h * s.n + i) * hd..][..hd];
+                let qi = &q[(i * s.num_heads + h) * hd..][..hd];
                 let want = reference(qi, &keys, &values);
                 let got = &out[i * s.num_heads * hd + h * hd..][..hd];
                 for (a, b) in got.iter().zip(&want) {
@@ -1022,10 +1023,8 @@ mod tests {
         let out = paged_attention(q, s.n, kr, vr, &[seq(s.n, s.past)], h);
         check_plain(&data, &out, Some(window));
         // The chunk's last query alone (its tile starts at its own window).
-        let last: Vec<f32> = (0..s.num_heads)
-            .flat_map(|head| q[(head * s.n + s.n - 1) * hd..][..hd].to_vec())
-            .collect();
-        let alone = paged_attention(&last, 1, kr, vr, &[seq(1, s.past + s.n - 1)], h);
+        let last = &q[(s.n - 1) * s.num_heads * hd..];
+        let alone = paged_attention(last, 1, kr, vr, &[seq(1, s.past + s.n - 1)], h);
         assert_eq!(alone, out[(s.n - 1) * s.num_heads * hd..].to_vec());
     }
 
@@ -1035,19 +1034,16 @@ mod tests {
         let chunk = one(&q, KvRows::F32(&k), KvRows::F32(&v), &slots, s);
         let hd = s.head_dim;
         // The last query alone, with everything before it as past.
-        let last: Vec<f32> = (0..s.num_heads)
-            .flat_map(|h| q[(h * s.n + s.n - 1) * hd..(h * s.n + s.n) * hd].to_vec())
-            .collect();
+        let last = &q[(s.n - 1) * s.num_heads * hd..];
         let alone_shape = AttnShape {
             n: 1,
             past: s.past + s.n - 1,
             ..s
         };
-        let alone = one(&last, KvRows::F32(&k), KvRows::F32(&v), &slots, alone_shape);
+        let alone = one(last, KvRows::F32(&k), KvRows::F32(&v), &slots, alone_shape);
         assert_eq!(alone, chunk[(s.n - 1) * s.num_heads * hd..].to_vec());
     }
 
-    /// The x86 loops this CPU runs (every one is tested where it runs).
     #[test]
     fn softmax_sums_each_row_in_key_order_whatever_its_neighbours() {
         // Rows of a causal tile under a window: growing lengths, the first few keys
@@ -1084,6 +1080,7 @@ mod tests {
         }
     }
 
+    /// The x86 loops this CPU runs (every one is tested where it runs).
     fn fast_loops() -> Vec<Loops> {
         use crate::kernels::KernelPath;
         let mut loops = Vec::new();
@@ -1210,11 +1207,9 @@ mod tests {
         let q: Vec<f32> = (0..nh * tokens * hd).map(|i| pseudo(i + 2)).collect();
         let batched = paged_attention(&q, tokens, KvRows::F16(&k), KvRows::F16(&v), &seqs, h);
         for (i, s) in seqs.iter().enumerate() {
-            let qi: Vec<f32> = (0..nh)
-                .flat_map(|head| q[(head * tokens + i) * hd..][..hd].to_vec())
-                .collect();
+            let qi = &q[i * nh * hd..(i + 1) * nh * hd];
             let alone_seq = SeqAttn { offset: 0, ..*s };
-            let alone = paged_attention(&qi, 1, KvRows::F16(&k), KvRows::F16(&v), &[alone_seq], h);
+            let alone = paged_attention(qi, 1, KvRows::F16(&k), KvRows::F16(&v), &[alone_seq], h);
             assert_eq!(alone, batched[i * nh * hd..(i + 1) * nh * hd].to_vec());
         }
     }

@@ -194,16 +194,7 @@ impl Ops for CpuOps {
         with_f32(k, |k| {
             with_f32(v, |v| pool.write_rows(layer, new_slots, k, v))
         })???;
-        // The kernel reads queries head by head: `[heads, tokens, head_dim]`.
         let (hd, nh) = (shape.head_dim, shape.num_heads);
-        let mut by_head = vec![0f32; tokens * nh * hd];
-        with_f32(q, |rows| {
-            for (t, row) in rows.chunks_exact(nh * hd).enumerate() {
-                for (head, x) in row.chunks_exact(hd).enumerate() {
-                    by_head[(head * tokens + t) * hd..][..hd].copy_from_slice(x);
-                }
-            }
-        })?;
         let mut seqs = Vec::with_capacity(step.items.len());
         let mut offset = 0;
         for it in step.items {
@@ -221,13 +212,10 @@ impl Ops for CpuOps {
             head_dim: hd,
             window: shape.window,
         };
-        let out = pool
-            .with_rows(layer, |k, v| {
-                paged_attention(&by_head, tokens, k, v, &seqs, heads)
-            })?
-            .ok_or_else(|| {
-                Error::Compute("the CPU kernels need the KV pool in CPU memory".into())
-            })?;
+        let out = with_f32(q, |q| {
+            pool.with_rows(layer, |k, v| paged_attention(q, tokens, k, v, &seqs, heads))
+        })??
+        .ok_or_else(|| Error::Compute("the CPU kernels need the KV pool in CPU memory".into()))?;
         Ok(Tensor::from_vec(out, (tokens, nh * hd), &self.device)?)
     }
 }
