@@ -156,17 +156,7 @@ const C: [f32; 5] = [
 /// attention takes it too: inlined, it is several times cheaper than libm's call).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    // x = n ln 2 + b, |b| <= ln 2 / 2, with n rounded to an integer by adding 1.5 * 2^23
-    // (which leaves n in the low bits of z) and ln 2 in two parts, so that b is exact.
-    let z = x.mul_add(std::f32::consts::LOG2_E, SHIFT);
-    let n = z - SHIFT;
-    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
-    let e = z.to_bits() << 23;
-    let u = b * b;
-    let j = C[0]
-        .mul_add(b, C[1])
-        .mul_add(u, C[2].mul_add(b, C[3]))
-        .mul_add(u, C[4] * b);
+    let Reduced { n, e, j } = reduce(x);
     if n.abs() <= 126.0 {
         // 2^n from n's bits in z.
         let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
@@ -182,6 +172,35 @@ pub(crate) fn exp(x: f32) -> f32 {
     s2.mul_add(j, s2) * s1
 }
 
+/// `exp`'s argument reduction and polynomial, before 2^n scales it.
+struct Reduced {
+    /// n, an integer.
+    n: f32,
+    /// n's bits shifted into an f32's exponent field.
+    e: u32,
+    /// e^b - 1.
+    j: f32,
+}
+
+#[inline(always)]
+fn reduce(x: f32) -> Reduced {
+    // x = n ln 2 + b, |b| <= ln 2 / 2, with n rounded to an integer by adding 1.5 * 2^23
+    // (which leaves n in the low bits of z) and ln 2 in two parts, so that b is exact.
+    let z = x.mul_add(std::f32::consts::LOG2_E, SHIFT);
+    let n = z - SHIFT;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let u = b * b;
+    let j = C[0]
+        .mul_add(b, C[1])
+        .mul_add(u, C[2].mul_add(b, C[3]))
+        .mul_add(u, C[4] * b);
+    Reduced {
+        n,
+        e: z.to_bits() << 23,
+        j,
+    }
+}
+
 /// Values per step of [`exp_lanes`] and of the attention softmax's sums.
 pub(crate) const LANES: usize = 16;
 
@@ -194,15 +213,7 @@ pub(crate) const LANES: usize = 16;
 #[inline(always)]
 pub(crate) fn exp_lanes(x: &mut [f32; LANES]) {
     for v in x.iter_mut() {
-        let z = v.mul_add(std::f32::consts::LOG2_E, SHIFT);
-        let n = z - SHIFT;
-        let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, *v));
-        let e = z.to_bits() << 23;
-        let u = b * b;
-        let j = C[0]
-            .mul_add(b, C[1])
-            .mul_add(u, C[2].mul_add(b, C[3]))
-            .mul_add(u, C[4] * b);
+        let Reduced { n, e, j } = reduce(*v);
         let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
         let fast = j.mul_add(k, k);
         let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
