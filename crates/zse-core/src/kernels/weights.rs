@@ -329,6 +329,24 @@ impl GroupOut<'_> {
         src_row: usize,
         data: &[u8],
     ) {
+        // Monomorphised per plane shape, so that the per-block loop has its planes'
+        // shifts as constants.
+        let args = (dtype, layout, rows, src_row, data);
+        match (layout.low_bits(), layout.high_bits()) {
+            (8, _) => self.repack_planes::<8, 0>(args),
+            (4, 0) => self.repack_planes::<4, 0>(args),
+            (4, 1) => self.repack_planes::<4, 1>(args),
+            (4, _) => self.repack_planes::<4, 2>(args),
+            (_, 0) => self.repack_planes::<2, 0>(args),
+            _ => self.repack_planes::<2, 1>(args),
+        }
+    }
+
+    /// `repack` for `LB` low bits and `H` high bits per value.
+    fn repack_planes<const LB: usize, const H: usize>(
+        &mut self,
+        (dtype, layout, rows, src_row, data): (BlockType, Layout, usize, usize, &[u8]),
+    ) {
         let (per_src, blocks_per_src) = (dtype.type_size(), dtype.block_size() / QK);
         let fb = layout.factor_bytes();
         for rr in 0..GROUP.min(rows.saturating_sub(self.g * GROUP)) {
@@ -338,7 +356,7 @@ impl GroupOut<'_> {
                 for j in 0..blocks_per_src {
                     let b = s * blocks_per_src + j;
                     let u = unpack(dtype, blk, j);
-                    self.put(layout, rr, b, &u.q);
+                    self.put_planes::<LB, H>(rr, b, &u.q);
                     self.d[b * GROUP + rr] = u.d;
                     if layout.has_min() {
                         self.m[b * GROUP + rr] = u.m;
@@ -358,23 +376,8 @@ impl GroupOut<'_> {
         }
     }
 
-    /// Writes block `b` of the group's row `rr` from its unsigned integers, quad by
-    /// quad (the four values of a quad are adjacent bytes in every plane).
-    fn put(&mut self, layout: Layout, rr: usize, b: usize, q: &[u8; QK]) {
-        // Monomorphised per plane shape: whole plane bytes with constant shifts
-        // (value by value through `place`, with its run-time divisions, this was a
-        // third of loading a model).
-        match (layout.low_bits(), layout.high_bits()) {
-            (8, _) => self.put_planes::<8, 0>(rr, b, q),
-            (4, 0) => self.put_planes::<4, 0>(rr, b, q),
-            (4, 1) => self.put_planes::<4, 1>(rr, b, q),
-            (4, _) => self.put_planes::<4, 2>(rr, b, q),
-            (_, 0) => self.put_planes::<2, 0>(rr, b, q),
-            _ => self.put_planes::<2, 1>(rr, b, q),
-        }
-    }
-
-    /// `put` for `LB` low bits and `H` high bits per value: each byte of the row's
+    /// Writes block `b` of the group's row `rr` from its unsigned integers, for
+    /// `LB` low bits and `H` high bits per value: each byte of the row's
     /// four lanes in a plane whole at once (`place`'s arithmetic, folded: quad
     /// `LB * s + p` sits in low plane `p` at bit `LB * s`, quad `8 / H * p + s` in
     /// high plane `p` at bit `H * s`).
