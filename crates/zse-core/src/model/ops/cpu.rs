@@ -106,9 +106,9 @@ impl Ops for CpuOps {
         Ok(Tensor::from_vec(y, x.shape(), &self.device)?)
     }
 
-    /// On this thread. Candle's own sum of large tensors runs on its pool, whose
-    /// worker then spins for a while: on two cores, beside the kernels' workers, it
-    /// took a core's share from the next matmul.
+    /// On the kernels' pool (`by_rows`), not candle's: candle sums large tensors
+    /// on a pool of its own, whose worker then spins for a while, and on two cores,
+    /// beside the kernels' workers, that took a core's share from the next matmul.
     fn add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         if x.shape() != y.shape() {
             return Err(Error::Compute(format!(
