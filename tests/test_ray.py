@@ -229,9 +229,21 @@ def test_a_prompt_prefix_keeps_to_one_replica(cluster: Cluster) -> None:
 
 def test_a_keys_rate_limit_holds_across_replicas(cluster: Cluster) -> None:
     url = cluster.url("/v1/chat/completions")
+    # Which replica each prompt's affinity key goes to (rendezvous hashing over the
+    # replicas' random ids), asked with the unlimited key: then the limited key's
+    # requests alternate between the two replicas, rather than landing on one of
+    # them by chance (1 run in 32 with six distinct prompts).
+    by_replica: dict[str, list[str]] = {}
+    for i in range(40):
+        system = f"Limit {i}."
+        r = httpx.post(url, json=_chat("Hi", system=system, max_tokens=1), headers=_auth())
+        by_replica.setdefault(r.headers[REPLICA], []).append(system)
+    assert len(by_replica) == 2, by_replica
+    systems = [s for pair in zip(*by_replica.values(), strict=False) for s in pair]
+    assert len(systems) >= cluster.rpm + 4, by_replica
     answers = [
-        httpx.post(url, json=_chat("Hi", system=f"Limit {i}."), headers=_auth(cluster.limited_key))
-        for i in range(cluster.rpm + 4)
+        httpx.post(url, json=_chat("Hi", system=system), headers=_auth(cluster.limited_key))
+        for system in systems[: cluster.rpm + 4]
     ]
     ok = [r for r in answers if r.status_code == 200]
     refused = [r for r in answers if r.status_code == 429]
