@@ -162,14 +162,22 @@ pub(crate) fn exp(x: f32) -> f32 {
         let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
         return j.mul_add(k, k);
     }
-    // 2^n in two factors, each in range; past 192, the square of one (0 or inf).
-    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
-    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    // Past 192, the square of one factor (0 or inf).
+    let (s1, s2) = two_factors(n, e);
     if n.abs() > 192.0 {
         return s1 * s1;
     }
-    let s2 = f32::from_bits(e.wrapping_sub(g));
     s2.mul_add(j, s2) * s1
+}
+
+/// 2^n as two factors `(s1, s2)`, each in f32's range, for |n| past 126.
+#[inline(always)]
+fn two_factors(n: f32, e: u32) -> (f32, f32) {
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    (
+        f32::from_bits(g.wrapping_add(0x7f00_0000)),
+        f32::from_bits(e.wrapping_sub(g)),
+    )
 }
 
 /// `exp`'s argument reduction and polynomial, before 2^n scales it.
@@ -216,9 +224,7 @@ pub(crate) fn exp_lanes(x: &mut [f32; LANES]) {
         let Reduced { n, e, j } = reduce(*v);
         let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
         let fast = j.mul_add(k, k);
-        let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
-        let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
-        let s2 = f32::from_bits(e.wrapping_sub(g));
+        let (s1, s2) = two_factors(n, e);
         let scaled = s2.mul_add(j, s2) * s1;
         let far = s1 * s1;
         // `exp`'s tests on |n|, in its order (NaN fails both, as there).
@@ -381,7 +387,8 @@ mod tests {
 
     #[test]
     fn exp_lanes_gives_exp_of_each_value() {
-        // In range, then with one lane past it (-inf, a masked score), then NaN.
+        // All lanes in range, then one lane past it in turn: into the two-factor
+        // range, beyond it (0 or inf), infinities (-inf: a masked score) and NaN.
         let base: [f32; LANES] = std::array::from_fn(|i| -20.0 + 1.37 * i as f32);
         let odd = [
             -120.0,

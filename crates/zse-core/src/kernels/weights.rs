@@ -331,21 +331,25 @@ impl GroupOut<'_> {
     ) {
         // Monomorphised per plane shape, so that the per-block loop has its planes'
         // shifts as constants.
-        let args = (dtype, layout, rows, src_row, data);
+        let (d, l) = (dtype, layout);
         match (layout.low_bits(), layout.high_bits()) {
-            (8, _) => self.repack_planes::<8, 0>(args),
-            (4, 0) => self.repack_planes::<4, 0>(args),
-            (4, 1) => self.repack_planes::<4, 1>(args),
-            (4, _) => self.repack_planes::<4, 2>(args),
-            (_, 0) => self.repack_planes::<2, 0>(args),
-            _ => self.repack_planes::<2, 1>(args),
+            (8, _) => self.repack_planes::<8, 0>(d, l, rows, src_row, data),
+            (4, 0) => self.repack_planes::<4, 0>(d, l, rows, src_row, data),
+            (4, 1) => self.repack_planes::<4, 1>(d, l, rows, src_row, data),
+            (4, _) => self.repack_planes::<4, 2>(d, l, rows, src_row, data),
+            (_, 0) => self.repack_planes::<2, 0>(d, l, rows, src_row, data),
+            _ => self.repack_planes::<2, 1>(d, l, rows, src_row, data),
         }
     }
 
     /// `repack` for `LB` low bits and `H` high bits per value.
     fn repack_planes<const LB: usize, const H: usize>(
         &mut self,
-        (dtype, layout, rows, src_row, data): (BlockType, Layout, usize, usize, &[u8]),
+        dtype: BlockType,
+        layout: Layout,
+        rows: usize,
+        src_row: usize,
+        data: &[u8],
     ) {
         let (per_src, blocks_per_src) = (dtype.type_size(), dtype.block_size() / QK);
         let fb = layout.factor_bytes();
