@@ -306,11 +306,23 @@ mod tests {
         ] {
             // Rows not a multiple of the tile or of four; an odd number of blocks;
             // activation rows below, at and beyond eight (and for floats, rows of
-            // sixteen lanes but not of a block).
+            // sixteen lanes but not of a block; batches of one to five, and every
+            // count of rows left over past blocks of six).
             let shapes: &[(usize, usize, usize)] = if kind.block_size() == 256 {
                 &[(1, 256, 1), (19, 512, 9), (6, 1536, 70)]
             } else if kind.block_size() == 1 {
-                &[(1, 16, 1), (17, 48, 3), (37, 576, 8), (5, 208, 13)]
+                &[
+                    (1, 16, 1),
+                    (4, 16, 2),
+                    (17, 48, 3),
+                    (3, 32, 4),
+                    (2, 16, 5),
+                    (37, 576, 8),
+                    (7, 48, 9),
+                    (6, 32, 10),
+                    (9, 64, 11),
+                    (5, 208, 13),
+                ]
             } else {
                 &[(1, 32, 1), (17, 96, 3), (37, 576, 8), (5, 1536, 70)]
             };

@@ -139,7 +139,9 @@ macro_rules! x86_path {
 
         /// Activation rows go `FLOAT_R` at a time past `FLOAT_K` weight rows (each
         /// weight vector loaded once serves `FLOAT_R` rows, each activation vector
-        /// `FLOAT_K`); the rest one at a time past one weight row at a time.
+        /// `FLOAT_K`). The rows left over go together past the same weight rows
+        /// (a prefill's last few); in a batch of fewer than `FLOAT_R` (decoding)
+        /// they go together past one weight row at a time.
         #[target_feature(enable = $features)]
         unsafe fn float_tile_of<const F: u8>(
             w: &QWeight,
@@ -151,30 +153,52 @@ macro_rules! x86_path {
             assert!(rows.end <= w.rows && x.len() == m * w.cols && w.cols % 16 == 0);
             let mut i = 0;
             while i + FLOAT_R <= m {
-                let mut k = rows.start;
-                while k + FLOAT_K <= rows.end {
-                    let y = float_micro::<F, FLOAT_K, FLOAT_R>(w, k, x, i);
-                    for (kk, y) in y.iter().enumerate() {
-                        for (r, &v) in y.iter().enumerate() {
-                            out.set(i + r, k + kk, v);
-                        }
-                    }
-                    k += FLOAT_K;
-                }
-                for k in k..rows.end {
-                    let y = float_micro::<F, 1, FLOAT_R>(w, k, x, i);
-                    for (r, &v) in y[0].iter().enumerate() {
-                        out.set(i + r, k, v);
-                    }
-                }
+                float_block::<F, FLOAT_K, FLOAT_R>((w, rows.clone(), x, i, out));
                 i += FLOAT_R;
             }
-            // One weight row at a time: a single sequential stream, which the
-            // hardware prefetcher follows. Interleaving four rows' streams (1 KiB
-            // apart for SmolLM2) halved single-stream F16 decode on AMD EPYC.
-            for i in i..m {
-                for k in rows.clone() {
-                    out.set(i, k, float_micro::<F, 1, 1>(w, k, x, i)[0][0]);
+            // A prefill's weight rows are in cache by now, so several of them go
+            // at once, keeping enough sums in flight. When decoding, one weight
+            // row at a time: a single sequential stream, which the hardware
+            // prefetcher follows (interleaving four rows' streams, 1 KiB apart for
+            // SmolLM2, halved single-stream F16 decode on AMD EPYC), each read
+            // once for all the activation rows.
+            // (AVX2's `FLOAT_R` of three leaves at most two.)
+            let tail = (w, rows, x, i, out);
+            match (m >= FLOAT_R, m - i) {
+                (_, 0) => {}
+                (true, 1) => float_block::<F, FLOAT_K, 1>(tail),
+                (true, 2) => float_block::<F, FLOAT_K, 2>(tail),
+                (true, 3) => float_block::<F, FLOAT_K, 3>(tail),
+                (true, 4) => float_block::<F, FLOAT_K, 4>(tail),
+                (false, 1) => float_block::<F, 1, 1>(tail),
+                (false, 2) => float_block::<F, 1, 2>(tail),
+                (false, 3) => float_block::<F, 1, 3>(tail),
+                (false, 4) => float_block::<F, 1, 4>(tail),
+                (true, _) => float_block::<F, FLOAT_K, 5>(tail),
+                (false, _) => float_block::<F, 1, 5>(tail),
+            }
+        }
+
+        /// Activation rows `i..i + R` times the tile's weight rows, `K` at a time
+        /// (then one at a time).
+        #[target_feature(enable = $features)]
+        unsafe fn float_block<const F: u8, const K: usize, const R: usize>(
+            (w, rows, x, i, out): (&QWeight, Range<usize>, &[f32], usize, Out),
+        ) {
+            let mut k = rows.start;
+            while k + K <= rows.end {
+                let y = float_micro::<F, K, R>(w, k, x, i);
+                for (kk, y) in y.iter().enumerate() {
+                    for (r, &v) in y.iter().enumerate() {
+                        out.set(i + r, k + kk, v);
+                    }
+                }
+                k += K;
+            }
+            for k in k..rows.end {
+                let y = float_micro::<F, 1, R>(w, k, x, i);
+                for (r, &v) in y[0].iter().enumerate() {
+                    out.set(i + r, k, v);
                 }
             }
         }
